@@ -1,0 +1,154 @@
+//! `muster-controller`: holds the fleet's state and serves the agent and admin APIs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use muster_controller::pki::{self, DataDir, Pki};
+use muster_controller::server::{self, ControllerOptions, ServeOptions};
+
+/// The Muster controller: fleet state, the agents' and operators' gRPC APIs (mutual TLS) and the
+/// HTTP endpoints (health; metrics and network boot in later releases).
+#[derive(Parser, Debug)]
+#[command(name = "muster-controller", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create the CA, server and admin certificates and the CLI's musterconfig in a new data dir.
+    ///
+    /// Prints the CA pin (`sha256:<hex>`) that agents are started with (`--ca-hash`). Refuses to
+    /// overwrite an existing CA.
+    Init {
+        /// Data directory.
+        #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+        /// Extra name or IP address for the server certificate (besides localhost, 127.0.0.1,
+        /// ::1 and this host's name). Repeatable. Agents must reach the controller by one of them.
+        #[arg(long = "san", value_name = "HOST_OR_IP")]
+        sans: Vec<String>,
+    },
+    /// Serve the gRPC and HTTP listeners. An empty data dir is initialised first.
+    ///
+    /// Prints `muster-controller listening grpc=ADDR http=ADDR` once both listeners are bound and
+    /// writes the same to DATA_DIR/ports.json, so port 0 works for scripts.
+    Serve {
+        /// Data directory (created and initialised if empty).
+        #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+        /// gRPC (mutual TLS) listen address for agents and the CLI.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        grpc_listen: SocketAddr,
+        /// Plain HTTP listen address (health, metrics, network boot).
+        #[arg(long, default_value = "0.0.0.0:7480")]
+        http_listen: SocketAddr,
+        /// Extra server certificate name, used only when the data dir is initialised. Repeatable.
+        #[arg(long = "san", value_name = "HOST_OR_IP")]
+        sans: Vec<String>,
+        /// Lifetime of machine client certificates; agents renew at ~70% of it.
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        machine_cert_ttl: Duration,
+    },
+    /// Print the CA pin of an initialised data dir.
+    Pin {
+        #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+    },
+}
+
+fn default_data_dir() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self is owned by the effective uid.
+    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    match std::env::var_os("HOME") {
+        Some(home) if !root => PathBuf::from(home).join(".muster/controller"),
+        _ => PathBuf::from("/var/lib/muster"),
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(60) || d > Duration::from_secs(366 * 24 * 3600) {
+        return Err("must be between 1m and 366d".into());
+    }
+    Ok(d)
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    use std::io::IsTerminal;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Init { data_dir, sans } => {
+            let dir = DataDir::new(&data_dir);
+            let out = pki::init(&dir, &sans, "https://127.0.0.1:7443")
+                .with_context(|| format!("initialising {}", data_dir.display()))?;
+            println!("{}", out.pin);
+            eprintln!("CA, server and admin certificates written to {}", data_dir.display());
+            eprintln!("CLI config: {} (export MUSTERCONFIG={0})", out.musterconfig.display());
+            eprintln!("Start agents with: --ca-hash {}", out.pin);
+            Ok(())
+        }
+        Cmd::Pin { data_dir } => {
+            let pki = Pki::load(&DataDir::new(&data_dir)).context("loading the CA")?;
+            println!("{}", pki.pin);
+            Ok(())
+        }
+        Cmd::Serve { data_dir, grpc_listen, http_listen, sans, machine_cert_ttl } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+            rt.block_on(async move {
+                let running = server::start(ServeOptions {
+                    data_dir: data_dir.clone(),
+                    grpc_listen,
+                    http_listen,
+                    sans,
+                    controller: ControllerOptions { machine_cert_ttl },
+                })
+                .await
+                .with_context(|| format!("starting the controller with data dir {}", data_dir.display()))?;
+                println!("muster-controller listening grpc={} http={}", running.ports.grpc, running.ports.http);
+                println!("ca-hash {}", running.pin);
+                running.wait(shutdown_signal()).await.context("controller stopped")
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,509 @@
+//! The controller process: shared fleet state, the gRPC services (agent and admin) on the TLS
+//! listener, and the plain HTTP listener.
+//!
+//! State that can be derived is derived: a machine's `ready`/`unreachable` comes from its last
+//! heartbeat and heartbeat interval at the moment it is asked for, and identity warnings from
+//! the whole fleet's inventory. Heartbeats update memory; a flusher writes them to the store in
+//! batches.
+
+mod admin_api;
+mod agent_api;
+pub mod auth;
+pub mod error;
+mod http;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use muster_proto::model::{is_placeholder_uuid, normalize_mac, MachineId, Role, State};
+use muster_proto::pb;
+use muster_proto::pin::CaPin;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::pki::{self, unix_ms, DataDir, Pki};
+use crate::store::{MachineRecord, SqliteStore, Store, StoreError};
+
+pub use error::ApiError;
+
+/// Heartbeat interval assumed for a machine that has not said its own.
+pub const DEFAULT_HEARTBEAT_MS: u32 = 5_000;
+/// A machine is `unreachable` after this many missed heartbeats.
+pub const MISSED_HEARTBEATS: i64 = 3;
+/// Largest gRPC message accepted from agents.
+pub const MAX_AGENT_MESSAGE: usize = 256 * 1024;
+/// Largest gRPC message accepted from admins.
+pub const MAX_ADMIN_MESSAGE: usize = 4 * 1024 * 1024;
+const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Controller settings beyond where it listens.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// Lifetime of machine client certificates.
+    pub machine_cert_ttl: Duration,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        Self { machine_cert_ttl: pki::DEFAULT_MACHINE_CERT_TTL }
+    }
+}
+
+/// An open agent stream.
+struct Session {
+    conn_id: u64,
+    tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+    cancel: CancellationToken,
+}
+
+/// What the controller knows of a machine only while it runs.
+#[derive(Default)]
+struct Live {
+    last_seen_ms: i64,
+    heartbeat_ms: u32,
+    dirty: bool,
+    session: Option<Session>,
+}
+
+/// The controller's shared state; cheap to clone.
+#[derive(Clone)]
+pub struct Controller {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    pki: Pki,
+    opts: ControllerOptions,
+    live: Mutex<HashMap<MachineId, Live>>,
+    next_conn: std::sync::atomic::AtomicU64,
+    rng: ring::rand::SystemRandom,
+}
+
+impl Controller {
+    pub fn new(store: Arc<dyn Store>, pki: Pki, opts: ControllerOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                pki,
+                opts,
+                live: Mutex::new(HashMap::new()),
+                next_conn: std::sync::atomic::AtomicU64::new(1),
+                rng: ring::rand::SystemRandom::new(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.inner.pki
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<MachineId, Live>> {
+        // A poisoned map only means a panic elsewhere mid-update of plain data; keep serving.
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn random_bytes<const N: usize>(&self) -> Result<[u8; N], ApiError> {
+        let mut b = [0u8; N];
+        ring::rand::SecureRandom::fill(&self.inner.rng, &mut b)
+            .map_err(|_| ApiError::Internal("no randomness available".into()))?;
+        Ok(b)
+    }
+
+    /// Records a heartbeat (or any sign of life) in memory.
+    fn touch(&self, id: &MachineId, heartbeat_ms: Option<u32>) {
+        let now = unix_ms(SystemTime::now());
+        let mut live = self.live();
+        let l = live.entry(id.clone()).or_default();
+        l.last_seen_ms = now;
+        l.dirty = true;
+        if let Some(hb) = heartbeat_ms {
+            l.heartbeat_ms = hb;
+        }
+    }
+
+    /// Registers a new session for `id`, replacing (and so ending) an older one.
+    fn register(&self, id: &MachineId, tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>) -> (u64, CancellationToken) {
+        let conn_id = self.inner.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let mut live = self.live();
+        let l = live.entry(id.clone()).or_default();
+        if let Some(old) = l.session.replace(Session { conn_id, tx, cancel: cancel.clone() }) {
+            old.cancel.cancel();
+        }
+        (conn_id, cancel)
+    }
+
+    fn unregister(&self, id: &MachineId, conn_id: u64) {
+        let mut live = self.live();
+        if let Some(l) = live.get_mut(id) {
+            if l.session.as_ref().is_some_and(|s| s.conn_id == conn_id) {
+                l.session = None;
+            }
+        }
+    }
+
+    /// Ends a machine's open stream with `status` (revocation, deletion). Returns whether one was open.
+    fn close_session(&self, id: &MachineId, status: Status) -> bool {
+        let session = self.live().get_mut(id).and_then(|l| l.session.take());
+        match session {
+            Some(s) => {
+                // try_send: the session's queue may be full of acks; cancelling ends it regardless.
+                let _ = s.tx.try_send(Err(status));
+                s.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Pushes a message to a machine's open stream, if any.
+    fn push(&self, id: &MachineId, msg: pb::ControllerMessage) {
+        let tx = self.live().get(id).and_then(|l| l.session.as_ref().map(|s| s.tx.clone()));
+        if let Some(tx) = tx {
+            if tx.try_send(Ok(msg)).is_err() {
+                tracing::warn!(machine = %id, "agent stream is backed up; the update will be resent on reconnect");
+            }
+        }
+    }
+
+    /// Writes heartbeat times gathered in memory to the store.
+    pub async fn flush_last_seen(&self) -> Result<(), StoreError> {
+        let batch: Vec<(MachineId, i64)> = {
+            let mut live = self.live();
+            live.iter_mut()
+                .filter(|(_, l)| l.dirty)
+                .map(|(id, l)| {
+                    l.dirty = false;
+                    (id.clone(), l.last_seen_ms)
+                })
+                .collect()
+        };
+        self.inner.store.record_last_seen(batch).await
+    }
+
+    /// The state of `m` now.
+    fn derive_state(&self, m: &MachineRecord, now_ms: i64) -> (State, bool, i64, u32) {
+        let live = self.live();
+        let l = live.get(&m.id);
+        let last_seen = l.map_or(0, |l| l.last_seen_ms).max(m.last_seen_ms);
+        let hb = l.map(|l| l.heartbeat_ms).filter(|h| *h > 0).unwrap_or(if m.heartbeat_ms > 0 {
+            m.heartbeat_ms
+        } else {
+            DEFAULT_HEARTBEAT_MS
+        });
+        let connected = l.is_some_and(|l| l.session.is_some());
+        let state = if m.revoked {
+            State::Revoked
+        } else if !m.approved {
+            State::Pending
+        } else if last_seen > 0 && now_ms - last_seen <= MISSED_HEARTBEATS * i64::from(hb) {
+            State::Ready
+        } else {
+            State::Unreachable
+        };
+        (state, connected, last_seen, hb)
+    }
+
+    /// Converts records to the API view, with derived state and fleet-wide identity warnings.
+    pub fn view(&self, machines: &[MachineRecord]) -> Vec<pb::Machine> {
+        let now = unix_ms(SystemTime::now());
+        let mut by_uuid: HashMap<String, Vec<&MachineId>> = HashMap::new();
+        for m in machines.iter().filter(|m| !m.revoked) {
+            let uuid = smbios_uuid(m);
+            if !uuid.is_empty() && !is_placeholder_uuid(&uuid) {
+                by_uuid.entry(uuid).or_default().push(&m.id);
+            }
+        }
+        machines
+            .iter()
+            .map(|m| {
+                let (state, connected, last_seen, hb) = self.derive_state(m, now);
+                let uuid = smbios_uuid(m);
+                let mut warnings = Vec::new();
+                if is_placeholder_uuid(&uuid) {
+                    warnings.push(format!(
+                        "SMBIOS UUID {uuid} is a firmware placeholder; it does not identify this machine"
+                    ));
+                }
+                if let Some(others) = by_uuid.get(&uuid).filter(|v| v.len() > 1) {
+                    let others: Vec<&str> = others.iter().filter(|o| ***o != m.id).map(|o| o.as_str()).collect();
+                    warnings.push(format!("SMBIOS UUID {uuid} is also reported by machine(s) {}", others.join(", ")));
+                }
+                if !m.revoked && m.cert_not_after_ms > 0 && m.cert_not_after_ms < now {
+                    warnings.push("client certificate has expired; the agent could not renew it".into());
+                }
+                let smbios = m.inventory.smbios.clone().unwrap_or_default();
+                pb::Machine {
+                    id: m.id.to_string(),
+                    hostname: m.hostname.clone(),
+                    state: pb::MachineState::from(state).into(),
+                    role: pb::Role::from(m.role).into(),
+                    cluster: m.cluster.clone(),
+                    uuid,
+                    serial: smbios.serial,
+                    macs: macs(m),
+                    labels: m.labels.clone().into_iter().collect(),
+                    last_seen_unix_ms: last_seen,
+                    warnings,
+                    enrolled_unix_ms: m.enrolled_ms,
+                    inventory: Some(m.inventory.clone()),
+                    cert_serial: m.cert_serial.clone(),
+                    cert_not_after_unix_ms: m.cert_not_after_ms,
+                    connected,
+                    heartbeat_interval_ms: hb,
+                    token_id: m.token_id.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Finds the one machine `query` names: id, unique id prefix, hostname or MAC.
+    pub async fn resolve(&self, query: &str) -> Result<MachineRecord, ApiError> {
+        let q = query.trim();
+        if q.is_empty() {
+            return Err(ApiError::invalid("query", "a machine id, id prefix, hostname or MAC is required"));
+        }
+        if let Ok(id) = q.parse::<MachineId>() {
+            if let Some(m) = self.inner.store.get_machine(&id).await? {
+                return Ok(m);
+            }
+        }
+        let all = self.inner.store.list_machines().await?;
+        let lower = q.to_ascii_lowercase();
+        let mac = normalize_mac(q);
+        let matchers: [(&str, Box<dyn Fn(&MachineRecord) -> bool>); 3] = [
+            ("id prefix", Box::new(|m: &MachineRecord| m.id.as_str().starts_with(&lower))),
+            ("hostname", Box::new(|m: &MachineRecord| m.hostname.eq_ignore_ascii_case(q))),
+            ("MAC", Box::new(|m: &MachineRecord| mac.as_ref().is_some_and(|mac| macs(m).contains(mac)))),
+        ];
+        for (what, f) in matchers {
+            let found: Vec<&MachineRecord> = all.iter().filter(|m| f(m)).collect();
+            match found.len() {
+                0 => continue,
+                1 => return Ok(found[0].clone()),
+                n => {
+                    let ids: Vec<&str> = found.iter().take(5).map(|m| m.id.as_str()).collect();
+                    return Err(ApiError::invalid(
+                        "query",
+                        format!("{q:?} is ambiguous: {n} machines match by {what} ({}); use the full id", ids.join(", ")),
+                    ));
+                }
+            }
+        }
+        Err(ApiError::NotFound(format!("no machine matches {q:?} (by id, id prefix, hostname or MAC)")))
+    }
+
+    fn assignment_msg(m: &MachineRecord) -> pb::ControllerMessage {
+        pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::Assignment(pb::Assignment {
+                role: pb::Role::from(m.role).into(),
+                cluster: m.cluster.clone(),
+                labels: m.labels.clone().into_iter().collect(),
+                approved: m.approved,
+            })),
+        }
+    }
+}
+
+fn smbios_uuid(m: &MachineRecord) -> String {
+    m.inventory.smbios.as_ref().map(|s| s.uuid.to_ascii_lowercase()).unwrap_or_default()
+}
+
+fn macs(m: &MachineRecord) -> Vec<String> {
+    let mut v: Vec<String> = m.inventory.nics.iter().filter_map(|n| normalize_mac(&n.mac)).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Where the controller listens and keeps its data.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    /// Extra server certificate names, used when the data dir is initialised.
+    pub sans: Vec<String>,
+    pub controller: ControllerOptions,
+}
+
+/// The bound addresses, as written to `ports.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ports {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub pid: u32,
+}
+
+/// A running controller.
+pub struct Running {
+    pub ports: Ports,
+    pub pin: CaPin,
+    pub controller: Controller,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Running {
+    /// Stops serving and waits for the listeners to close.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.await.map_err(|e| ServeError::Runtime(e.to_string()))?
+    }
+
+    /// Waits until the server stops by itself (an error) or `shutdown` fires.
+    pub async fn wait(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+        tokio::select! {
+            r = &mut self.task => r.map_err(|e| ServeError::Runtime(e.to_string()))?,
+            () = shutdown => self.stop().await,
+        }
+    }
+}
+
+/// Why the controller could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The endpoint URL local clients should use for a bound address.
+pub fn local_endpoint(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        match addr {
+            SocketAddr::V4(_) => "127.0.0.1".to_string(),
+            SocketAddr::V6(_) => "[::1]".to_string(),
+        }
+    } else {
+        match addr {
+            SocketAddr::V4(a) => a.ip().to_string(),
+            SocketAddr::V6(a) => format!("[{}]", a.ip()),
+        }
+    };
+    format!("https://{ip}:{}", addr.port())
+}
+
+/// Initialises the data dir if it is empty, opens the store, binds both listeners, writes
+/// `ports.json` and the musterconfig endpoint, and starts serving.
+pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
+    let dir = DataDir::new(&opts.data_dir);
+    if !dir.has_ca() {
+        let out = pki::init(&dir, &opts.sans, &local_endpoint(opts.grpc_listen))?;
+        tracing::info!(dir = %dir.root().display(), pin = %out.pin, "initialised a new controller data dir");
+    }
+    let pki = Pki::load(&dir)?;
+    let pin = pki.pin;
+    let store = Arc::new(SqliteStore::open(&dir.state_db())?);
+    let tls = tls::server_config(&pki)?;
+
+    let grpc = TcpListener::bind(opts.grpc_listen)
+        .await
+        .map_err(|source| ServeError::Bind { what: "gRPC", addr: opts.grpc_listen, source })?;
+    let http_l = TcpListener::bind(opts.http_listen)
+        .await
+        .map_err(|source| ServeError::Bind { what: "HTTP", addr: opts.http_listen, source })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind { what: "gRPC", addr: opts.grpc_listen, source })?;
+    let http_addr = http_l.local_addr().map_err(|source| ServeError::Bind { what: "HTTP", addr: opts.http_listen, source })?;
+    let ports = Ports { grpc: grpc_addr, http: http_addr, pid: std::process::id() };
+
+    pki::set_musterconfig_endpoint(&dir, &local_endpoint(grpc_addr))?;
+    let ports_json = serde_json::to_vec_pretty(&ports).map_err(|e| ServeError::Runtime(e.to_string()))?;
+    crate::fsutil::write_atomic(&dir.ports(), &ports_json, 0o644)
+        .map_err(|source| ServeError::Write { path: dir.ports(), source })?;
+
+    let controller = Controller::new(store, pki, opts.controller.clone());
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(controller.clone(), grpc, tls, http_l, shutdown_rx));
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, "controller serving");
+    Ok(Running { ports, pin, controller, shutdown: Some(shutdown_tx), task })
+}
+
+async fn serve(
+    controller: Controller,
+    grpc: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    http_l: TcpListener,
+    shutdown: oneshot::Receiver<()>,
+) -> Result<(), ServeError> {
+    let stop = CancellationToken::new();
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_loop(grpc, tls));
+    let agent = pb::agent_service_server::AgentServiceServer::new(agent_api::AgentApi::new(controller.clone()))
+        .max_decoding_message_size(MAX_AGENT_MESSAGE);
+    let admin = pb::admin_service_server::AdminServiceServer::new(admin_api::AdminApi::new(controller.clone()))
+        .max_decoding_message_size(MAX_ADMIN_MESSAGE);
+    let grpc_stop = stop.clone();
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(agent)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned()),
+    );
+    let http_stop = stop.clone();
+    let router = http::router(controller.clone());
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_l, router).with_graceful_shutdown(http_stop.cancelled_owned()).await
+    });
+    let flusher = {
+        let c = controller.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop.cancelled() => break,
+                }
+                if let Err(e) = c.flush_last_seen().await {
+                    tracing::warn!(error = %e, "could not record heartbeats");
+                }
+            }
+        })
+    };
+    let _ = shutdown.await;
+    // Close agent streams so the gRPC server's graceful shutdown does not wait on them.
+    let ids: Vec<MachineId> = controller.live().keys().cloned().collect();
+    for id in ids {
+        controller.close_session(&id, Status::unavailable("controller is shutting down"));
+    }
+    stop.cancel();
+    let _ = flusher.await;
+    if let Err(e) = controller.flush_last_seen().await {
+        tracing::warn!(error = %e, "could not record heartbeats at shutdown");
+    }
+    grpc_task.await.map_err(|e| ServeError::Runtime(e.to_string()))??;
+    http_task.await.map_err(|e| ServeError::Runtime(e.to_string()))?.map_err(|e| ServeError::Runtime(e.to_string()))?;
+    Ok(())
+}
+
+/// A role as given on the wire, for the API's argument checks.
+pub(crate) fn role_arg(v: i32) -> Result<Role, ApiError> {
+    Role::from_wire(v).map_err(|e| ApiError::invalid("role", e.to_string()))
+}

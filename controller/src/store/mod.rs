@@ -1,0 +1,176 @@
+//! Fleet state behind a trait, so the embedded SQLite default and an etcd backend (for HA) are
+//! interchangeable. Records are whole documents; every change is one transaction, and
+//! read-modify-write goes through [`Store::update_machine`] / [`Store::update_token`] so a
+//! backend can make it atomic (a SQLite transaction, an etcd compare-and-swap).
+
+mod sqlite;
+
+use async_trait::async_trait;
+use muster_proto::model::{Labels, MachineId, Role};
+use muster_proto::pb;
+use muster_proto::token::JoinToken;
+use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteStore;
+
+/// A join token as stored: the secret is only ever kept as a digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    /// SHA-256 of the whole token.
+    #[serde(with = "hex_bytes")]
+    pub digest: Vec<u8>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub labels: Labels,
+    /// Machines enrolled with it are approved at once (else they land `pending`).
+    pub auto_accept: bool,
+    pub revoked: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A machine as the controller records it. Its state is derived (see `server`), not stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineRecord {
+    pub id: MachineId,
+    pub hostname: String,
+    pub approved: bool,
+    pub revoked: bool,
+    pub role: Role,
+    pub cluster: String,
+    pub labels: Labels,
+    pub inventory: pb::Inventory,
+    pub enrolled_ms: i64,
+    pub last_seen_ms: i64,
+    pub heartbeat_ms: u32,
+    pub token_id: String,
+    pub cert_serial: String,
+    pub cert_not_after_ms: i64,
+}
+
+/// Why a join token was not accepted. Only `Invalid` is said to a caller that does not hold the
+/// token's secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejection {
+    #[error("invalid join token")]
+    Invalid,
+    #[error("join token has expired")]
+    Expired,
+    #[error("join token has been revoked")]
+    Revoked,
+    #[error("join token has no uses left (single-use tokens work once)")]
+    Exhausted,
+}
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {id:?} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Token(#[from] TokenRejection),
+    #[error("corrupt {kind} record {id:?}: {reason}")]
+    Corrupt { kind: &'static str, id: String, reason: String },
+    #[error("state store: {0}")]
+    Backend(String),
+}
+
+/// A read-modify-write step, run inside the backend's transaction. An error aborts it.
+pub type UpdateFn<T> = Box<dyn FnOnce(&mut T) -> Result<(), StoreError> + Send>;
+/// Builds the machine record from the token that admitted it.
+pub type BuildFn = Box<dyn FnOnce(&TokenRecord) -> MachineRecord + Send>;
+
+/// The controller's state store.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError>;
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    async fn update_token(&self, id: &str, f: UpdateFn<TokenRecord>) -> Result<TokenRecord, StoreError>;
+    /// In one transaction: check `token` (digest in constant time, expiry, revocation, uses),
+    /// take one use, and insert the machine `build` makes. Two racing callers of a single-use
+    /// token: exactly one succeeds.
+    async fn enroll(&self, token: &JoinToken, now_ms: i64, build: BuildFn) -> Result<MachineRecord, StoreError>;
+    async fn get_machine(&self, id: &MachineId) -> Result<Option<MachineRecord>, StoreError>;
+    async fn list_machines(&self) -> Result<Vec<MachineRecord>, StoreError>;
+    async fn update_machine(&self, id: &MachineId, f: UpdateFn<MachineRecord>) -> Result<MachineRecord, StoreError>;
+    async fn delete_machine(&self, id: &MachineId) -> Result<(), StoreError>;
+    /// Records heartbeat times in one batch (missing machines are skipped).
+    async fn record_last_seen(&self, seen: Vec<(MachineId, i64)>) -> Result<(), StoreError>;
+}
+
+/// Checks a presented token against its record at `now_ms`.
+pub fn check_token(record: &TokenRecord, token: &JoinToken, now_ms: i64) -> Result<(), TokenRejection> {
+    if !token.matches_digest(&record.digest) {
+        return Err(TokenRejection::Invalid);
+    }
+    if record.revoked {
+        return Err(TokenRejection::Revoked);
+    }
+    if record.expires_ms <= now_ms {
+        return Err(TokenRejection::Expired);
+    }
+    if record.uses_left == 0 {
+        return Err(TokenRejection::Exhausted);
+    }
+    Ok(())
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn token() -> JoinToken {
+        JoinToken::parse("abc123.0123456789abcdefghijklmnopqrstuv").unwrap()
+    }
+
+    fn record(t: &JoinToken) -> TokenRecord {
+        TokenRecord {
+            id: t.id().into(),
+            digest: t.digest().to_vec(),
+            created_ms: 0,
+            expires_ms: 1000,
+            uses_total: 1,
+            uses_left: 1,
+            labels: Labels::new(),
+            auto_accept: true,
+            revoked: false,
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn token_checks() {
+        let t = token();
+        let r = record(&t);
+        assert_eq!(check_token(&r, &t, 999), Ok(()));
+        assert_eq!(check_token(&r, &t, 1000), Err(TokenRejection::Expired));
+        let wrong = JoinToken::parse("abc123.0123456789abcdefghijklmnopqrstuw").unwrap();
+        assert_eq!(check_token(&r, &wrong, 0), Err(TokenRejection::Invalid));
+        // A wrong secret learns nothing more, even about a revoked or used token.
+        let mut used = r.clone();
+        used.uses_left = 0;
+        used.revoked = true;
+        assert_eq!(check_token(&used, &wrong, 0), Err(TokenRejection::Invalid));
+        assert_eq!(check_token(&used, &t, 0), Err(TokenRejection::Revoked));
+        used.revoked = false;
+        assert_eq!(check_token(&used, &t, 0), Err(TokenRejection::Exhausted));
+    }
+}

@@ -1,0 +1,396 @@
+//! The embedded default store: SQLite in WAL mode, one JSON document per record.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use muster_proto::model::MachineId;
+use muster_proto::token::JoinToken;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{check_token, BuildFn, MachineRecord, Store, StoreError, TokenRecord, UpdateFn};
+
+const SCHEMA_VERSION: i64 = 1;
+
+/// SQLite-backed [`Store`]. Calls run on tokio's blocking pool; one connection, serialized.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn corrupt(kind: &'static str, id: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { kind, id: id.to_owned(), reason: e.to_string() }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        Self::setup(conn)
+    }
+
+    /// An in-memory database, for tests.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::setup(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    fn setup(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(backend)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Backend(format!(
+                "database schema version {version} is newer than this controller understands ({SCHEMA_VERSION})"
+            )));
+        }
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS machines (
+                 id TEXT PRIMARY KEY, doc TEXT NOT NULL, last_seen_ms INTEGER NOT NULL DEFAULT 0);
+             PRAGMA user_version = 1;",
+        )
+        .map_err(backend)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| StoreError::Backend("store lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn load_machine(id: &str, doc: &str, last_seen_ms: i64) -> Result<MachineRecord, StoreError> {
+    let mut m: MachineRecord = serde_json::from_str(doc).map_err(|e| corrupt("machine", id, e))?;
+    m.last_seen_ms = m.last_seen_ms.max(last_seen_ms);
+    Ok(m)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(backend)
+}
+
+fn get_token_tx(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+    let doc: Option<String> = tx
+        .query_row("SELECT doc FROM tokens WHERE id = ?1", [id], |r| r.get(0))
+        .optional()
+        .map_err(backend)?;
+    doc.map(|d| serde_json::from_str(&d).map_err(|e| corrupt("token", id, e))).transpose()
+}
+
+fn get_machine_tx(conn: &Connection, id: &str) -> Result<Option<MachineRecord>, StoreError> {
+    let row: Option<(String, i64)> = conn
+        .query_row("SELECT doc, last_seen_ms FROM machines WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(backend)?;
+    row.map(|(doc, seen)| load_machine(id, &doc, seen)).transpose()
+}
+
+fn put_machine_tx(conn: &Connection, m: &MachineRecord, insert: bool) -> Result<(), StoreError> {
+    let doc = to_json(m)?;
+    let sql = if insert {
+        "INSERT INTO machines (id, doc, last_seen_ms) VALUES (?1, ?2, ?3)"
+    } else {
+        "UPDATE machines SET doc = ?2, last_seen_ms = MAX(last_seen_ms, ?3) WHERE id = ?1"
+    };
+    let n = conn.execute(sql, params![m.id.as_str(), doc, m.last_seen_ms]).map_err(|e| match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            StoreError::Conflict(format!("machine {} exists already", m.id))
+        }
+        e => backend(e),
+    })?;
+    if n != 1 {
+        return Err(StoreError::NotFound { kind: "machine", id: m.id.to_string() });
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError> {
+        self.run(move |c| {
+            let doc = to_json(&token)?;
+            c.execute("INSERT INTO tokens (id, doc) VALUES (?1, ?2)", params![token.id, doc]).map_err(|e| {
+                match e {
+                    rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                        StoreError::Conflict(format!("token {} exists already", token.id))
+                    }
+                    e => backend(e),
+                }
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.run(|c| {
+            let mut stmt = c.prepare("SELECT id, doc FROM tokens ORDER BY id").map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, doc) = row.map_err(backend)?;
+                out.push(serde_json::from_str(&doc).map_err(|e| corrupt("token", &id, e))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_token(&self, id: &str, f: UpdateFn<TokenRecord>) -> Result<TokenRecord, StoreError> {
+        let id = id.to_owned();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let mut t = get_token_tx(&tx, &id)?.ok_or(StoreError::NotFound { kind: "token", id: id.clone() })?;
+            f(&mut t)?;
+            tx.execute("UPDATE tokens SET doc = ?2 WHERE id = ?1", params![id, to_json(&t)?]).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(t)
+        })
+        .await
+    }
+
+    async fn enroll(&self, token: &JoinToken, now_ms: i64, build: BuildFn) -> Result<MachineRecord, StoreError> {
+        let token = token.clone();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let mut record = get_token_tx(&tx, token.id())?.ok_or(super::TokenRejection::Invalid)?;
+            check_token(&record, &token, now_ms)?;
+            record.uses_left -= 1;
+            tx.execute("UPDATE tokens SET doc = ?2 WHERE id = ?1", params![record.id, to_json(&record)?])
+                .map_err(backend)?;
+            let machine = build(&record);
+            put_machine_tx(&tx, &machine, true)?;
+            tx.commit().map_err(backend)?;
+            Ok(machine)
+        })
+        .await
+    }
+
+    async fn get_machine(&self, id: &MachineId) -> Result<Option<MachineRecord>, StoreError> {
+        let id = id.clone();
+        self.run(move |c| get_machine_tx(c, id.as_str())).await
+    }
+
+    async fn list_machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        self.run(|c| {
+            let mut stmt = c.prepare("SELECT id, doc, last_seen_ms FROM machines ORDER BY id").map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, doc, seen) = row.map_err(backend)?;
+                out.push(load_machine(&id, &doc, seen)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_machine(&self, id: &MachineId, f: UpdateFn<MachineRecord>) -> Result<MachineRecord, StoreError> {
+        let id = id.clone();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let mut m = get_machine_tx(&tx, id.as_str())?
+                .ok_or_else(|| StoreError::NotFound { kind: "machine", id: id.to_string() })?;
+            f(&mut m)?;
+            if m.id != id {
+                return Err(StoreError::Conflict("a machine's id cannot change".into()));
+            }
+            put_machine_tx(&tx, &m, false)?;
+            tx.commit().map_err(backend)?;
+            Ok(m)
+        })
+        .await
+    }
+
+    async fn delete_machine(&self, id: &MachineId) -> Result<(), StoreError> {
+        let id = id.clone();
+        self.run(move |c| {
+            let n = c.execute("DELETE FROM machines WHERE id = ?1", [id.as_str()]).map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::NotFound { kind: "machine", id: id.to_string() });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_last_seen(&self, seen: Vec<(MachineId, i64)>) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.run(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            {
+                let mut stmt = tx
+                    .prepare("UPDATE machines SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE id = ?1")
+                    .map_err(backend)?;
+                for (id, ms) in &seen {
+                    stmt.execute(params![id.as_str(), ms]).map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::super::TokenRejection;
+    use super::*;
+    use muster_proto::model::{Labels, Role};
+
+    fn token(n: u8) -> JoinToken {
+        JoinToken::from_random(&[n; 38]).unwrap()
+    }
+
+    fn token_record(t: &JoinToken, uses: u32) -> TokenRecord {
+        TokenRecord {
+            id: t.id().into(),
+            digest: t.digest().to_vec(),
+            created_ms: 0,
+            expires_ms: 10_000,
+            uses_total: uses,
+            uses_left: uses,
+            labels: Labels::from([("rack".to_string(), "r1".to_string())]),
+            auto_accept: true,
+            revoked: false,
+            description: String::new(),
+        }
+    }
+
+    fn machine(id: u8, t: &TokenRecord) -> MachineRecord {
+        MachineRecord {
+            id: MachineId::from_random([id; 8]),
+            hostname: format!("node-{id}"),
+            approved: t.auto_accept,
+            revoked: false,
+            role: Role::None,
+            cluster: String::new(),
+            labels: t.labels.clone(),
+            inventory: Default::default(),
+            enrolled_ms: 1,
+            last_seen_ms: 1,
+            heartbeat_ms: 5000,
+            token_id: t.id.clone(),
+            cert_serial: String::new(),
+            cert_not_after_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn single_use_token_race_has_one_winner() {
+        let s = SqliteStore::in_memory().unwrap();
+        let t = token(1);
+        s.insert_token(token_record(&t, 1)).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..8u8 {
+            let (s, t) = (s.clone(), t.clone());
+            tasks.push(tokio::spawn(async move { s.enroll(&t, 5, Box::new(move |r| machine(i, r))).await }));
+        }
+        let mut ok = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(m) => {
+                    ok += 1;
+                    assert_eq!(m.labels.get("rack").map(String::as_str), Some("r1"));
+                }
+                Err(StoreError::Token(TokenRejection::Exhausted)) => {}
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert_eq!(ok, 1);
+        assert_eq!(s.list_machines().await.unwrap().len(), 1);
+        assert_eq!(s.list_tokens().await.unwrap()[0].uses_left, 0);
+    }
+
+    #[tokio::test]
+    async fn rejected_token_changes_nothing() {
+        let s = SqliteStore::in_memory().unwrap();
+        let t = token(2);
+        s.insert_token(token_record(&t, 3)).await.unwrap();
+        let err = s.enroll(&t, 10_000, Box::new(|r| machine(1, r))).await.unwrap_err();
+        assert!(matches!(err, StoreError::Token(TokenRejection::Expired)));
+        let err = s.enroll(&token(3), 5, Box::new(|r| machine(1, r))).await.unwrap_err();
+        assert!(matches!(err, StoreError::Token(TokenRejection::Invalid)));
+        assert!(s.list_machines().await.unwrap().is_empty());
+        assert_eq!(s.list_tokens().await.unwrap()[0].uses_left, 3);
+    }
+
+    #[tokio::test]
+    async fn update_is_atomic_and_errors_abort() {
+        let s = SqliteStore::in_memory().unwrap();
+        let t = token(4);
+        s.insert_token(token_record(&t, 1)).await.unwrap();
+        let m = s.enroll(&t, 5, Box::new(|r| machine(7, r))).await.unwrap();
+        let err = s
+            .update_machine(
+                &m.id,
+                Box::new(|m| {
+                    m.cluster = "changed".into();
+                    Err(StoreError::Conflict("no".into()))
+                }),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)));
+        assert_eq!(s.get_machine(&m.id).await.unwrap().unwrap().cluster, "");
+        s.update_machine(&m.id, Box::new(|m| {
+            m.cluster = "lab".into();
+            Ok(())
+        }))
+        .await
+        .unwrap();
+        s.record_last_seen(vec![(m.id.clone(), 99), (MachineId::from_random([9; 8]), 5)]).await.unwrap();
+        let got = s.get_machine(&m.id).await.unwrap().unwrap();
+        assert_eq!((got.cluster.as_str(), got.last_seen_ms), ("lab", 99));
+        s.delete_machine(&m.id).await.unwrap();
+        assert!(matches!(s.delete_machine(&m.id).await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            s.update_machine(&m.id, Box::new(|_| Ok(()))).await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn persists_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let t = token(5);
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.insert_token(token_record(&t, 2)).await.unwrap();
+            s.enroll(&t, 5, Box::new(|r| machine(1, r))).await.unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.list_machines().await.unwrap().len(), 1);
+        assert_eq!(s.list_tokens().await.unwrap()[0].uses_left, 1);
+        let mode: String = s.conn.lock().unwrap().pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+}
