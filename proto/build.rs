@@ -6,6 +6,7 @@ const SERDE: &str = "#[derive(serde::Serialize, serde::Deserialize)] #[serde(def
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // Build scripts are single-threaded; prost-build reads PROTOC from the environment.
+    #[allow(clippy::disallowed_methods)]
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
@@ -16,6 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("muster.v1.Disk", SERDE)
         .type_attribute("muster.v1.Nic", SERDE)
         .type_attribute("muster.v1.Smbios", SERDE)
+        .type_attribute("muster.v1.HealthSnapshot", SERDE)
+        .type_attribute("muster.v1.FilesystemUsage", SERDE)
+        .type_attribute("muster.v1.NetworkCounters", SERDE)
+        .type_attribute("muster.v1.Temperature", SERDE)
+        .type_attribute("muster.v1.ServiceCheck", SERDE)
         .compile_protos(&["proto/muster/v1/agent.proto", "proto/muster/v1/admin.proto"], &["proto"])?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod fsutil;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod store;

@@ -164,8 +164,11 @@ pub fn init(dir: &DataDir, extra_sans: &[String], endpoint: &str) -> Result<Init
         return Err(PkiError::CaExists(dir.root().to_owned()));
     }
     let sans_checked: Vec<SanType> = extra_sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
-    fsutil::create_dir_private(dir.root())
-        .map_err(|source| PkiError::Io { action: "create", path: dir.root().to_owned(), source })?;
+    fsutil::create_dir_private(dir.root()).map_err(|source| PkiError::Io {
+        action: "create",
+        path: dir.root().to_owned(),
+        source,
+    })?;
     let rng = SystemRandom::new();
     let now = SystemTime::now();
 
@@ -216,8 +219,11 @@ pub fn init(dir: &DataDir, extra_sans: &[String], endpoint: &str) -> Result<Init
     let admin_cert = ap.signed_by(&admin_key, &issuer)?;
 
     let write = |path: PathBuf, content: &str, mode: u32| {
-        fsutil::write_atomic(&path, content.as_bytes(), mode)
-            .map_err(|source| PkiError::Io { action: "write", path, source })
+        fsutil::write_atomic(&path, content.as_bytes(), mode).map_err(|source| PkiError::Io {
+            action: "write",
+            path,
+            source,
+        })
     };
     // The key first and the certificate last: has_ca() is true from the first write on.
     write(dir.ca_key(), &issuer.key().serialize_pem(), 0o600)?;
@@ -225,7 +231,12 @@ pub fn init(dir: &DataDir, extra_sans: &[String], endpoint: &str) -> Result<Init
     write(dir.server_cert(), &server_cert.pem(), 0o644)?;
     write(dir.admin_key(), &admin_key.serialize_pem(), 0o600)?;
     write(dir.admin_cert(), &admin_cert.pem(), 0o644)?;
-    let mc = MusterConfig::new(vec![endpoint.to_owned()], ca_pem.clone(), admin_cert.pem(), admin_key.serialize_pem());
+    let mc = MusterConfig::new(
+        vec![endpoint.to_owned()],
+        ca_pem.clone(),
+        admin_cert.pem(),
+        admin_key.serialize_pem(),
+    );
     let yaml = mc.to_yaml().map_err(|e| PkiError::Invalid {
         what: "musterconfig",
         path: dir.musterconfig(),
@@ -234,8 +245,11 @@ pub fn init(dir: &DataDir, extra_sans: &[String], endpoint: &str) -> Result<Init
     write(dir.musterconfig(), &yaml, 0o600)?;
     write(dir.ca_cert(), &ca_pem, 0o644)?;
 
-    let pin = CaPin::of_cert_der(ca_cert.der())
-        .map_err(|e| PkiError::Invalid { what: "CA certificate", path: dir.ca_cert(), reason: e.to_string() })?;
+    let pin = CaPin::of_cert_der(ca_cert.der()).map_err(|e| PkiError::Invalid {
+        what: "CA certificate",
+        path: dir.ca_cert(),
+        reason: e.to_string(),
+    })?;
     Ok(InitOutcome { pin, musterconfig: dir.musterconfig() })
 }
 
@@ -243,21 +257,33 @@ pub fn init(dir: &DataDir, extra_sans: &[String], endpoint: &str) -> Result<Init
 pub fn set_musterconfig_endpoint(dir: &DataDir, endpoint: &str) -> Result<(), PkiError> {
     let path = dir.musterconfig();
     let text = read(&path)?;
-    let mut mc = MusterConfig::from_yaml(&text)
-        .map_err(|e| PkiError::Invalid { what: "musterconfig", path: path.clone(), reason: e.to_string() })?;
+    let mut mc = MusterConfig::from_yaml(&text).map_err(|e| PkiError::Invalid {
+        what: "musterconfig",
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     if mc.endpoints == [endpoint] {
         return Ok(());
     }
     mc.endpoints = vec![endpoint.to_owned()];
-    let yaml = mc
-        .to_yaml()
-        .map_err(|e| PkiError::Invalid { what: "musterconfig", path: path.clone(), reason: e.to_string() })?;
-    fsutil::write_atomic(&path, yaml.as_bytes(), 0o600)
-        .map_err(|source| PkiError::Io { action: "write", path, source })
+    let yaml = mc.to_yaml().map_err(|e| PkiError::Invalid {
+        what: "musterconfig",
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    fsutil::write_atomic(&path, yaml.as_bytes(), 0o600).map_err(|source| PkiError::Io {
+        action: "write",
+        path,
+        source,
+    })
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    std::fs::read_to_string(path).map_err(|source| PkiError::Io { action: "read", path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        action: "read",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// The controller's loaded key material.
@@ -282,8 +308,11 @@ impl std::fmt::Debug for Pki {
 }
 
 fn pem_to_der(pem_text: &str, path: &Path, what: &'static str) -> Result<Vec<u8>, PkiError> {
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes())
-        .map_err(|e| PkiError::Invalid { what, path: path.to_owned(), reason: e.to_string() })?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).map_err(|e| PkiError::Invalid {
+        what,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
     Ok(p.contents)
 }
 
@@ -297,10 +326,8 @@ impl Pki {
             path: dir.ca_key(),
             reason: e.to_string(),
         })?;
-        let issuer = Issuer::from_ca_cert_der(&ca_der.clone().into(), ca_key).map_err(|e| PkiError::Invalid {
-            what: "CA certificate",
-            path: dir.ca_cert(),
-            reason: e.to_string(),
+        let issuer = Issuer::from_ca_cert_der(&ca_der.clone().into(), ca_key).map_err(|e| {
+            PkiError::Invalid { what: "CA certificate", path: dir.ca_cert(), reason: e.to_string() }
         })?;
         let server_pem = read(&dir.server_cert())?;
         let server_der = pem_to_der(&server_pem, &dir.server_cert(), "server certificate")?;
@@ -337,10 +364,11 @@ impl Pki {
         if csr_pem.len() > 16 * 1024 {
             return Err(SignError::BadCsr("larger than 16 KiB".into()));
         }
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| SignError::BadCsr(e.to_string()))?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| SignError::BadCsr(e.to_string()))?;
         let alg = csr.public_key.algorithm();
         let accepted = [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519];
-        if !accepted.iter().any(|a| *a == alg) {
+        if !accepted.contains(&alg) {
             return Err(SignError::KeyAlgorithm);
         }
         let mut p = CertificateParams::default();
@@ -394,7 +422,8 @@ pub enum CallerError {
 
 /// Identifies the caller from its (already chain-verified) leaf certificate.
 pub fn identify(leaf_der: &[u8]) -> Result<Caller, CallerError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf_der).map_err(|e| CallerError::Parse(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf_der).map_err(|e| CallerError::Parse(e.to_string()))?;
     let subject = cert.subject();
     let org = subject.iter_organization().next().and_then(|a| a.as_str().ok()).unwrap_or_default();
     let cn = subject.iter_common_name().next().and_then(|a| a.as_str().ok()).unwrap_or_default();
@@ -435,9 +464,10 @@ mod tests {
         }
         assert_eq!(CaPin::of_cert_pem(&pki.ca_pem).unwrap(), pki.pin);
         let mc = MusterConfig::from_yaml(&std::fs::read_to_string(dir.musterconfig()).unwrap()).unwrap();
-        assert_eq!(identify(&pem_to_der(&mc.cert, Path::new("x"), "x").unwrap()).unwrap(), Caller::Admin {
-            name: "admin".into()
-        });
+        assert_eq!(
+            identify(&pem_to_der(&mc.cert, Path::new("x"), "x").unwrap()).unwrap(),
+            Caller::Admin { name: "admin".into() }
+        );
     }
 
     #[test]
@@ -455,10 +485,19 @@ mod tests {
         let sans = cert.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
         let text: Vec<String> = sans.iter().map(|g| format!("{g:?}")).collect();
         for want in ["localhost", "ctl.example"] {
-            assert!(sans.iter().any(|g| matches!(g, GeneralName::DNSName(d) if *d == want)), "{want}: {text:?}");
+            assert!(
+                sans.iter().any(|g| matches!(g, GeneralName::DNSName(d) if *d == want)),
+                "{want}: {text:?}"
+            );
         }
-        assert!(sans.iter().any(|g| matches!(g, GeneralName::IPAddress(ip) if *ip == [10, 0, 2, 2])), "{text:?}");
-        assert!(sans.iter().any(|g| matches!(g, GeneralName::IPAddress(ip) if *ip == [127, 0, 0, 1])), "{text:?}");
+        assert!(
+            sans.iter().any(|g| matches!(g, GeneralName::IPAddress(ip) if *ip == [10, 0, 2, 2])),
+            "{text:?}"
+        );
+        assert!(
+            sans.iter().any(|g| matches!(g, GeneralName::IPAddress(ip) if *ip == [127, 0, 0, 1])),
+            "{text:?}"
+        );
     }
 
     /// A CSR asking to be a CA, for extra SANs, server auth and a long life gets none of it.
@@ -466,11 +505,13 @@ mod tests {
     fn signing_ignores_everything_in_the_csr_but_the_key() {
         let (_tmp, _dir, pki) = setup();
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::new(vec!["evil.example".to_string(), "localhost".to_string()]).unwrap();
+        let mut p =
+            CertificateParams::new(vec!["evil.example".to_string(), "localhost".to_string()]).unwrap();
         p.distinguished_name = dn("admin", ORG_ADMINS);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
         let id: MachineId = "0123456789abcdef".parse().unwrap();
         let now = SystemTime::now();
@@ -481,11 +522,14 @@ mod tests {
         // Our key, our subject.
         let csr_key = CertificateSigningRequestParams::from_pem(&csr).unwrap().public_key;
         assert_eq!(&*cert.public_key().subject_public_key.data, rcgen::PublicKeyData::der_bytes(&csr_key));
-        assert_eq!(identify(&der).unwrap(), Caller::Machine {
-            id: id.clone(),
-            serial_hex: issued.serial_hex.clone(),
-            not_after_unix: cert.validity().not_after.timestamp(),
-        });
+        assert_eq!(
+            identify(&der).unwrap(),
+            Caller::Machine {
+                id: id.clone(),
+                serial_hex: issued.serial_hex.clone(),
+                not_after_unix: cert.validity().not_after.timestamp(),
+            }
+        );
         let mut saw_eku = false;
         for ext in cert.extensions() {
             match ext.parsed_extension() {
@@ -497,7 +541,9 @@ mod tests {
                 ParsedExtension::KeyUsage(ku) => assert!(!ku.key_cert_sign()),
                 ParsedExtension::SubjectAlternativeName(san) => {
                     assert_eq!(san.general_names.len(), 1);
-                    assert!(matches!(&san.general_names[0], GeneralName::URI(u) if *u == format!("urn:muster:machine:{id}")));
+                    assert!(
+                        matches!(&san.general_names[0], GeneralName::URI(u) if *u == format!("urn:muster:machine:{id}"))
+                    );
                 }
                 _ => {}
             }
@@ -512,14 +558,20 @@ mod tests {
         let (_tmp, _dir, pki) = setup();
         let id: MachineId = "0123456789abcdef".parse().unwrap();
         let now = SystemTime::now();
-        assert!(matches!(pki.sign_machine("garbage", &id, now, DEFAULT_MACHINE_CERT_TTL), Err(SignError::BadCsr(_))));
+        assert!(matches!(
+            pki.sign_machine("garbage", &id, now, DEFAULT_MACHINE_CERT_TTL),
+            Err(SignError::BadCsr(_))
+        ));
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let csr = CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap();
         let mut der = csr.der().to_vec();
         let n = der.len();
         der[n - 5] ^= 0x55; // break the signature
         let tampered = pem_encode("CERTIFICATE REQUEST", &der);
-        assert!(matches!(pki.sign_machine(&tampered, &id, now, DEFAULT_MACHINE_CERT_TTL), Err(SignError::BadCsr(_))));
+        assert!(matches!(
+            pki.sign_machine(&tampered, &id, now, DEFAULT_MACHINE_CERT_TTL),
+            Err(SignError::BadCsr(_))
+        ));
     }
 
     fn pem_encode(label: &str, der: &[u8]) -> String {

@@ -10,6 +10,7 @@
 
 pub mod model;
 pub mod musterconfig;
+pub mod node_metrics;
 pub mod pin;
 pub mod token;
 

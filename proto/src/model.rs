@@ -11,7 +11,6 @@ use crate::pb;
 /// A machine's role in its cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-#[non_exhaustive]
 pub enum Role {
     /// No role yet.
     #[default]
@@ -82,7 +81,6 @@ impl Role {
 /// A machine's lifecycle state as operators see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-#[non_exhaustive]
 pub enum State {
     /// Enrolled, waiting for `muster approve`.
     Pending,

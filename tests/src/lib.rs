@@ -239,3 +239,220 @@ pub fn init_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// A plain HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET path` on `addr` (loopback) with extra request headers; reads to connection close.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw)).await??;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line in {head}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
+        body = dechunk(&body)?;
+    }
+    Ok(HttpResponse { status, headers, body })
+}
+
+fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let end = b.windows(2).position(|w| w == b"\r\n").ok_or_else(|| anyhow!("bad chunk"))?;
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..end]).trim(), 16)?;
+        b = &b[end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(b.get(..size).ok_or_else(|| anyhow!("short chunk"))?);
+        b = b.get(size + 2..).ok_or_else(|| anyhow!("short chunk"))?;
+    }
+}
+
+/// Runs `promtool check metrics` on `text`; returns its verdict output on failure.
+pub fn promtool_check_metrics(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running promtool (Debian package prometheus; tests/run.sh installs it)")?;
+    child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?.write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "promtool check metrics failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A controller running inside the test process (on 127.0.0.1, in a temp dir), with clients.
+pub struct TestController {
+    pub dir: tempfile::TempDir,
+    pub running: muster_controller::server::Running,
+    pub endpoint: String,
+    pub mc: muster_proto::musterconfig::MusterConfig,
+}
+
+/// A machine enrolled by a test: its id, certificate and key.
+pub struct Enrolled {
+    pub id: String,
+    pub cert: String,
+    pub key: String,
+}
+
+type AdminClient = muster_proto::pb::admin_service_client::AdminServiceClient<Channel>;
+type AgentClient = muster_proto::pb::agent_service_client::AgentServiceClient<Channel>;
+
+impl TestController {
+    pub async fn start() -> Result<Self> {
+        Self::start_with(muster_controller::server::ControllerOptions::default()).await
+    }
+
+    pub async fn start_with(opts: muster_controller::server::ControllerOptions) -> Result<Self> {
+        init_crypto();
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("ctl");
+        let running = Self::serve(&data_dir, "127.0.0.1:0".parse()?, opts).await?;
+        let endpoint = format!("https://127.0.0.1:{}", running.ports.grpc.port());
+        let mc = muster_proto::musterconfig::MusterConfig::from_yaml(&std::fs::read_to_string(
+            data_dir.join("musterconfig"),
+        )?)?;
+        Ok(Self { dir, running, endpoint, mc })
+    }
+
+    async fn serve(
+        data_dir: &Path,
+        grpc: std::net::SocketAddr,
+        controller: muster_controller::server::ControllerOptions,
+    ) -> Result<muster_controller::server::Running> {
+        Ok(muster_controller::server::start(muster_controller::server::ServeOptions {
+            data_dir: data_dir.to_owned(),
+            grpc_listen: grpc,
+            http_listen: "127.0.0.1:0".parse()?,
+            sans: vec![],
+            controller,
+        })
+        .await?)
+    }
+
+    /// Stops the controller and starts it again on the same gRPC port and data dir.
+    pub async fn restart(self) -> Result<Self> {
+        let grpc = self.running.ports.grpc;
+        self.running.stop().await?;
+        let running = Self::serve(&self.dir.path().join("ctl"), grpc, Default::default()).await?;
+        Ok(Self { running, ..self })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("ctl")
+    }
+
+    pub fn pin(&self) -> Result<muster_proto::pin::CaPin> {
+        Ok(muster_proto::pin::CaPin::of_cert_pem(&self.mc.ca)?)
+    }
+
+    pub async fn admin(&self) -> Result<AdminClient> {
+        Ok(AdminClient::new(channel(&self.endpoint, &self.mc.ca, Some((&self.mc.cert, &self.mc.key))).await?))
+    }
+
+    pub async fn anon_agent(&self) -> Result<AgentClient> {
+        Ok(AgentClient::new(channel(&self.endpoint, &self.mc.ca, None).await?))
+    }
+
+    pub async fn machine_agent(&self, m: &Enrolled) -> Result<AgentClient> {
+        Ok(AgentClient::new(channel(&self.endpoint, &self.mc.ca, Some((&m.cert, &m.key))).await?))
+    }
+
+    /// A join token (0 = default TTL / uses).
+    pub async fn token(&self, ttl_ms: u64, uses: u32) -> Result<String> {
+        let r = self
+            .admin()
+            .await?
+            .create_token(muster_proto::pb::CreateTokenRequest { ttl_ms, uses, ..Default::default() })
+            .await?;
+        Ok(r.into_inner().token)
+    }
+
+    /// Enrolls a fresh key with `token` and `inventory`.
+    pub async fn enroll_with(
+        &self,
+        token: &str,
+        inventory: muster_proto::pb::Inventory,
+    ) -> Result<std::result::Result<Enrolled, tonic::Status>> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let csr = rcgen::CertificateParams::new(vec![])?.serialize_request(&key)?.pem()?;
+        let r = self
+            .anon_agent()
+            .await?
+            .enroll(muster_proto::pb::EnrollRequest { token: token.into(), csr_pem: csr, inventory: Some(inventory) })
+            .await;
+        Ok(r.map(|r| {
+            let r = r.into_inner();
+            Enrolled { id: r.machine_id, cert: r.certificate_pem, key: key.serialize_pem() }
+        }))
+    }
+
+    pub async fn enroll(&self, token: &str) -> std::result::Result<Enrolled, tonic::Status> {
+        let inv = muster_proto::pb::Inventory { hostname: "n1".into(), ..Default::default() };
+        match self.enroll_with(token, inv).await {
+            Ok(r) => r,
+            Err(e) => Err(tonic::Status::internal(e.to_string())),
+        }
+    }
+
+    pub async fn machine_count(&self) -> Result<usize> {
+        Ok(self
+            .admin()
+            .await?
+            .list_machines(muster_proto::pb::ListMachinesRequest {})
+            .await?
+            .into_inner()
+            .machines
+            .len())
+    }
+
+    /// Checks the controller still answers, then stops it.
+    pub async fn still_serving(self) -> Result<()> {
+        self.admin().await?.list_tokens(muster_proto::pb::ListTokensRequest {}).await?;
+        self.running.stop().await?;
+        Ok(())
+    }
+}

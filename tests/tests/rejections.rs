@@ -8,98 +8,16 @@
 
 use std::time::Duration;
 
-use muster_controller::server::{self, ControllerOptions, Running, ServeOptions};
 use muster_proto::musterconfig::MusterConfig;
 use muster_proto::pb;
 use muster_proto::pb::admin_service_client::AdminServiceClient;
 use muster_proto::pb::agent_service_client::AgentServiceClient;
-use muster_tests::{channel, init_crypto};
+use muster_tests::{channel, Enrolled, TestController};
 use tonic::Code;
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    running: Running,
-    endpoint: String,
-    mc: MusterConfig,
-}
-
-impl Fixture {
-    async fn new() -> Self {
-        init_crypto();
-        let tmp = tempfile::tempdir().unwrap();
-        let running = server::start(ServeOptions {
-            data_dir: tmp.path().join("ctl"),
-            grpc_listen: "127.0.0.1:0".parse().unwrap(),
-            http_listen: "127.0.0.1:0".parse().unwrap(),
-            sans: vec![],
-            controller: ControllerOptions::default(),
-        })
-        .await
-        .unwrap();
-        let endpoint = format!("https://127.0.0.1:{}", running.ports.grpc.port());
-        let mc = MusterConfig::from_yaml(&std::fs::read_to_string(tmp.path().join("ctl/musterconfig")).unwrap())
-            .unwrap();
-        Self { _tmp: tmp, running, endpoint, mc }
-    }
-
-    async fn admin(&self) -> AdminServiceClient<tonic::transport::Channel> {
-        AdminServiceClient::new(channel(&self.endpoint, &self.mc.ca, Some((&self.mc.cert, &self.mc.key))).await.unwrap())
-    }
-
-    async fn anon_agent(&self) -> AgentServiceClient<tonic::transport::Channel> {
-        AgentServiceClient::new(channel(&self.endpoint, &self.mc.ca, None).await.unwrap())
-    }
-
-    async fn machine_agent(&self, m: &Enrolled) -> AgentServiceClient<tonic::transport::Channel> {
-        AgentServiceClient::new(channel(&self.endpoint, &self.mc.ca, Some((&m.cert, &m.key))).await.unwrap())
-    }
-
-    async fn token(&self, ttl_ms: u64, uses: u32) -> String {
-        let r = self
-            .admin()
-            .await
-            .create_token(pb::CreateTokenRequest { ttl_ms, uses, ..Default::default() })
-            .await
-            .unwrap();
-        r.into_inner().token
-    }
-
-    async fn enroll(&self, token: &str) -> Result<Enrolled, tonic::Status> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().pem().unwrap();
-        let r = self
-            .anon_agent()
-            .await
-            .enroll(pb::EnrollRequest {
-                token: token.into(),
-                csr_pem: csr,
-                inventory: Some(pb::Inventory { hostname: "n1".into(), ..Default::default() }),
-            })
-            .await?
-            .into_inner();
-        Ok(Enrolled { id: r.machine_id, cert: r.certificate_pem, key: key.serialize_pem() })
-    }
-
-    async fn machine_count(&self) -> usize {
-        self.admin().await.list_machines(pb::ListMachinesRequest {}).await.unwrap().into_inner().machines.len()
-    }
-
-    /// The controller still answers.
-    async fn still_serving(self) {
-        self.admin().await.list_tokens(pb::ListTokensRequest {}).await.unwrap();
-        self.running.stop().await.unwrap();
-    }
-}
-
-struct Enrolled {
-    id: String,
-    cert: String,
-    key: String,
-}
 
 fn hello_stream() -> impl futures_stream::Stream<Item = pb::AgentMessage> + Send + 'static {
     futures_stream::once(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello { inventory: None, heartbeat_interval_ms: 1000 })),
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello { heartbeat_interval_ms: 1000, ..Default::default() })),
     })
 }
 
@@ -109,7 +27,7 @@ mod futures_stream {
 
 #[tokio::test]
 async fn no_client_cert_is_rejected() {
-    let f = Fixture::new().await;
+    let f = TestController::start().await.unwrap();
     let ch = channel(&f.endpoint, &f.mc.ca, None).await.unwrap();
     let err = AdminServiceClient::new(ch.clone()).list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
@@ -117,12 +35,12 @@ async fn no_client_cert_is_rejected() {
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     let err = AgentServiceClient::new(ch).renew(pb::RenewRequest { csr_pem: "x".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn cert_from_another_ca_is_rejected() {
-    let f = Fixture::new().await;
+    let f = TestController::start().await.unwrap();
     let other = tempfile::tempdir().unwrap();
     let dir = muster_controller::pki::DataDir::new(other.path().join("x"));
     muster_controller::pki::init(&dir, &[], "https://127.0.0.1:1").unwrap();
@@ -138,13 +56,13 @@ async fn cert_from_another_ca_is_rejected() {
     };
     let err = result.expect_err("a certificate from another CA must not get in");
     assert!(err.contains("transport") || err.contains("Unknown") || err.contains("UnknownCA"), "{err}");
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn agent_cert_on_admin_api_is_rejected() {
-    let f = Fixture::new().await;
-    let m = f.enroll(&f.token(0, 1).await).await.unwrap();
+    let f = TestController::start().await.unwrap();
+    let m = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
     let ch = channel(&f.endpoint, &f.mc.ca, Some((&m.cert, &m.key))).await.unwrap();
     let mut admin = AdminServiceClient::new(ch);
     let err = admin.list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
@@ -159,88 +77,88 @@ async fn agent_cert_on_admin_api_is_rejected() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn admin_cert_on_agent_api_is_rejected() {
-    let f = Fixture::new().await;
+    let f = TestController::start().await.unwrap();
     let ch = channel(&f.endpoint, &f.mc.ca, Some((&f.mc.cert, &f.mc.key))).await.unwrap();
     let err = AgentServiceClient::new(ch).connect(hello_stream()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn expired_token_is_rejected() {
-    let f = Fixture::new().await;
-    let t = f.token(1, 1).await;
+    let f = TestController::start().await.unwrap();
+    let t = f.token(1, 1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let err = f.enroll(&t).await.err().expect("expired token must fail");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     assert!(err.message().contains("expired"), "{err}");
-    assert_eq!(f.machine_count().await, 0);
-    f.still_serving().await;
+    assert_eq!(f.machine_count().await.unwrap(), 0);
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn reused_single_use_token_is_rejected() {
-    let f = Fixture::new().await;
-    let t = f.token(0, 0).await; // defaults: single use
+    let f = TestController::start().await.unwrap();
+    let t = f.token(0, 0).await.unwrap(); // defaults: single use
     f.enroll(&t).await.unwrap();
     let err = f.enroll(&t).await.err().expect("second use must fail");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     assert!(err.message().contains("no uses left"), "{err}");
-    assert_eq!(f.machine_count().await, 1);
-    f.still_serving().await;
+    assert_eq!(f.machine_count().await.unwrap(), 1);
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn racing_enrollments_on_a_single_use_token_have_one_winner() {
-    let f = Fixture::new().await;
-    let t = f.token(0, 1).await;
+    let f = TestController::start().await.unwrap();
+    let t = f.token(0, 1).await.unwrap();
     let results = futures::future::join_all((0..6).map(|_| f.enroll(&t))).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
-    assert_eq!(f.machine_count().await, 1);
-    f.still_serving().await;
+    assert_eq!(f.machine_count().await.unwrap(), 1);
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn revoked_and_wrong_secret_tokens_are_rejected() {
-    let f = Fixture::new().await;
-    let t = f.token(0, 5).await;
+    let f = TestController::start().await.unwrap();
+    let t = f.token(0, 5).await.unwrap();
     let id = t.split('.').next().unwrap().to_owned();
     // Right id, wrong secret: told only that it is invalid.
     let wrong = format!("{id}.{}", "z".repeat(32));
     let err = f.enroll(&wrong).await.err().unwrap();
     assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "invalid join token"));
-    f.admin().await.revoke_token(pb::RevokeTokenRequest { id }).await.unwrap();
+    f.admin().await.unwrap().revoke_token(pb::RevokeTokenRequest { id }).await.unwrap();
     let err = f.enroll(&t).await.err().unwrap();
     assert!(err.message().contains("revoked"), "{err}");
-    assert_eq!(f.machine_count().await, 0);
-    f.still_serving().await;
+    assert_eq!(f.machine_count().await.unwrap(), 0);
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn malformed_token_is_rejected() {
-    let f = Fixture::new().await;
+    let f = TestController::start().await.unwrap();
     for bad in ["", "nope", "abc123.short", "../../etc/passwd"] {
         let err = f.enroll(bad).await.err().unwrap();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err}");
         assert!(err.message().starts_with("token:"), "{err}");
     }
-    assert_eq!(f.machine_count().await, 0);
-    f.still_serving().await;
+    assert_eq!(f.machine_count().await.unwrap(), 0);
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn revoked_machine_is_rejected() {
-    let f = Fixture::new().await;
-    let m = f.enroll(&f.token(0, 1).await).await.unwrap();
-    let mut agent = f.machine_agent(&m).await;
+    let f = TestController::start().await.unwrap();
+    let m = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
+    let mut agent = f.machine_agent(&m).await.unwrap();
     // Before revocation the certificate works.
     agent.connect(hello_stream()).await.unwrap();
-    f.admin().await.revoke(pb::MachineRef { query: m.id.clone() }).await.unwrap();
+    f.admin().await.unwrap().revoke(pb::MachineRef { query: m.id.clone() }).await.unwrap();
     let err = agent.connect(hello_stream()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(err.message().contains("revoked"), "{err}");
@@ -248,15 +166,15 @@ async fn revoked_machine_is_rejected() {
     let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().pem().unwrap();
     let err = agent.renew(pb::RenewRequest { csr_pem: csr }).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    let listed = f.admin().await.get_machine(pb::MachineRef { query: m.id.clone() }).await.unwrap().into_inner();
+    let listed = f.admin().await.unwrap().get_machine(pb::MachineRef { query: m.id.clone() }).await.unwrap().into_inner();
     assert_eq!(listed.state, pb::MachineState::Revoked as i32);
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn tampered_csr_is_rejected_and_the_token_kept() {
-    let f = Fixture::new().await;
-    let t = f.token(0, 1).await;
+    let f = TestController::start().await.unwrap();
+    let t = f.token(0, 1).await.unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap();
     let mut der = csr.der().to_vec();
@@ -270,6 +188,7 @@ async fn tampered_csr_is_rejected_and_the_token_kept() {
         let err = f
             .anon_agent()
             .await
+            .unwrap()
             .enroll(pb::EnrollRequest { token: t.clone(), csr_pem: bad.into(), inventory: None })
             .await
             .unwrap_err();
@@ -278,12 +197,12 @@ async fn tampered_csr_is_rejected_and_the_token_kept() {
     }
     // The token was not used up by the refused requests.
     f.enroll(&t).await.unwrap();
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn csr_asking_for_ca_and_extra_sans_gets_neither() {
-    let f = Fixture::new().await;
+    let f = TestController::start().await.unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string(), "evil.example".to_string()]).unwrap();
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -293,7 +212,8 @@ async fn csr_asking_for_ca_and_extra_sans_gets_neither() {
     let r = f
         .anon_agent()
         .await
-        .enroll(pb::EnrollRequest { token: f.token(0, 1).await, csr_pem: csr, inventory: None })
+        .unwrap()
+        .enroll(pb::EnrollRequest { token: f.token(0, 1).await.unwrap(), csr_pem: csr, inventory: None })
         .await
         .unwrap()
         .into_inner();
@@ -312,28 +232,29 @@ async fn csr_asking_for_ca_and_extra_sans_gets_neither() {
     let ch = channel(&f.endpoint, &f.mc.ca, Some((&m.cert, &m.key))).await.unwrap();
     let err = AdminServiceClient::new(ch).list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn oversized_message_is_rejected() {
-    let f = Fixture::new().await;
+    let f = TestController::start().await.unwrap();
     let huge = pb::Inventory { cpu_model: "x".repeat(1024 * 1024), ..Default::default() };
     let err = f
         .anon_agent()
         .await
-        .enroll(pb::EnrollRequest { token: f.token(0, 1).await, csr_pem: "x".into(), inventory: Some(huge) })
+        .unwrap()
+        .enroll(pb::EnrollRequest { token: f.token(0, 1).await.unwrap(), csr_pem: "x".into(), inventory: Some(huge) })
         .await
         .unwrap_err();
     assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{err}");
-    assert_eq!(f.machine_count().await, 0);
-    f.still_serving().await;
+    assert_eq!(f.machine_count().await.unwrap(), 0);
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn unknown_machine_ids_are_not_found() {
-    let f = Fixture::new().await;
-    let mut admin = f.admin().await;
+    let f = TestController::start().await.unwrap();
+    let mut admin = f.admin().await.unwrap();
     for q in ["0123456789abcdef", "nosuchhost", "52:54:00:00:00:01"] {
         let err = admin.get_machine(pb::MachineRef { query: q.into() }).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{q}: {err}");
@@ -344,14 +265,14 @@ async fn unknown_machine_ids_are_not_found() {
     }
     let err = admin.get_machine(pb::MachineRef { query: " ".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 #[tokio::test]
 async fn duplicate_and_invalid_assignments_change_nothing() {
-    let f = Fixture::new().await;
-    let m = f.enroll(&f.token(0, 1).await).await.unwrap();
-    let mut admin = f.admin().await;
+    let f = TestController::start().await.unwrap();
+    let m = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
+    let mut admin = f.admin().await.unwrap();
     let assign = |role: pb::Role, cluster: &str, force: bool| pb::AssignRequest {
         query: m.id.clone(),
         role: role.into(),
@@ -378,7 +299,7 @@ async fn duplicate_and_invalid_assignments_change_nothing() {
     // --force moves it.
     let moved = admin.assign(assign(pb::Role::Controlplane, "other", true)).await.unwrap().into_inner();
     assert_eq!((moved.role, moved.cluster.as_str()), (pb::Role::Controlplane as i32, "other"));
-    f.still_serving().await;
+    f.still_serving().await.unwrap();
 }
 
 fn x509_pem(pem: &str) -> Vec<u8> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use muster_controller::pki::{self, DataDir, Pki};
+use muster_controller::server::health::Thresholds;
 use muster_controller::server::{self, ControllerOptions, ServeOptions};
 
 /// The Muster controller: fleet state, the agents' and operators' gRPC APIs (mutual TLS) and the
@@ -53,12 +54,63 @@ enum Cmd {
         /// Lifetime of machine client certificates; agents renew at ~70% of it.
         #[arg(long, default_value = "24h", value_parser = parse_ttl)]
         machine_cert_ttl: Duration,
+        #[command(flatten)]
+        health: HealthArgs,
     },
     /// Print the CA pin of an initialised data dir.
     Pin {
         #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
     },
+}
+
+/// Health model thresholds: when a machine turns `degraded` or `unhealthy`.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Health thresholds")]
+struct HealthArgs {
+    /// A filesystem fuller than this (percent) makes the machine degraded.
+    #[arg(long, default_value_t = 90.0, value_parser = percent)]
+    health_disk_percent: f64,
+    /// ... and fuller than this, unhealthy.
+    #[arg(long, default_value_t = 98.0, value_parser = percent)]
+    health_disk_critical_percent: f64,
+    /// Memory use above this (percent) makes the machine degraded.
+    #[arg(long, default_value_t = 95.0, value_parser = percent)]
+    health_memory_percent: f64,
+    /// ... and above this, unhealthy.
+    #[arg(long, default_value_t = 99.0, value_parser = percent)]
+    health_memory_critical_percent: f64,
+    /// A 1-minute load above this many times the CPU count makes the machine degraded.
+    #[arg(long, default_value_t = 2.0)]
+    health_load_per_cpu: f64,
+    /// A clock offset to the controller larger than this makes the machine degraded.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    health_clock_skew: Duration,
+    /// A client certificate expiring sooner than this makes the machine degraded.
+    #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+    health_cert_expiry_warning: Duration,
+}
+
+impl From<HealthArgs> for Thresholds {
+    fn from(a: HealthArgs) -> Self {
+        Thresholds {
+            disk_degraded_percent: a.health_disk_percent,
+            disk_unhealthy_percent: a.health_disk_critical_percent,
+            memory_degraded_percent: a.health_memory_percent,
+            memory_unhealthy_percent: a.health_memory_critical_percent,
+            load_per_cpu: a.health_load_per_cpu,
+            clock_skew: a.health_clock_skew,
+            cert_expiry_warning: a.health_cert_expiry_warning,
+        }
+    }
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err("must be between 0 and 100".into());
+    }
+    Ok(v)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -101,6 +153,7 @@ fn run() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    raise_fd_limit();
     match cli.cmd {
         Cmd::Init { data_dir, sans } => {
             let dir = DataDir::new(&data_dir);
@@ -117,23 +170,43 @@ fn run() -> Result<()> {
             println!("{}", pki.pin);
             Ok(())
         }
-        Cmd::Serve { data_dir, grpc_listen, http_listen, sans, machine_cert_ttl } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+        Cmd::Serve { data_dir, grpc_listen, http_listen, sans, machine_cert_ttl, health } => {
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
                 let running = server::start(ServeOptions {
                     data_dir: data_dir.clone(),
                     grpc_listen,
                     http_listen,
                     sans,
-                    controller: ControllerOptions { machine_cert_ttl },
+                    controller: ControllerOptions { machine_cert_ttl, thresholds: Thresholds::from(health) },
                 })
                 .await
                 .with_context(|| format!("starting the controller with data dir {}", data_dir.display()))?;
-                println!("muster-controller listening grpc={} http={}", running.ports.grpc, running.ports.http);
+                println!(
+                    "muster-controller listening grpc={} http={}",
+                    running.ports.grpc, running.ports.http
+                );
                 println!("ca-hash {}", running.pin);
                 running.wait(shutdown_signal()).await.context("controller stopped")
             })
         }
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit: every connected agent holds a socket.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit struct.
+    #[allow(unsafe_code)]
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max && {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "raised the open-files limit");
     }
 }
 

@@ -42,14 +42,11 @@ fn token_view(t: &TokenRecord) -> pb::Token {
 }
 
 impl AdminApi {
-    async fn one(&self, id: &muster_proto::model::MachineId) -> Result<pb::Machine, ApiError> {
-        let m = self
-            .c
-            .store()
-            .get_machine(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("machine {id} not found")))?;
-        self.c.view(std::slice::from_ref(&m)).pop().ok_or_else(|| ApiError::Internal("empty view".into()))
+    fn one(&self, id: &muster_proto::model::MachineId) -> Result<pb::Machine, ApiError> {
+        self.c
+            .view(Some(std::slice::from_ref(id)))
+            .pop()
+            .ok_or_else(|| ApiError::NotFound(format!("machine {id} not found")))
     }
 }
 
@@ -91,7 +88,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             return Err(ApiError::invalid("description", "at most 256 bytes").into());
         }
         let bytes: [u8; token::ID_LEN + token::SECRET_LEN] = self.c.random_bytes()?;
-        let tok = JoinToken::from_random(&bytes).ok_or_else(|| ApiError::Internal("token generation".into()))?;
+        let tok =
+            JoinToken::from_random(&bytes).ok_or_else(|| ApiError::Internal("token generation".into()))?;
         let now = unix_ms(SystemTime::now());
         let record = TokenRecord {
             id: tok.id().to_owned(),
@@ -119,7 +117,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::ListTokensResponse { tokens: tokens.iter().map(token_view).collect() }))
     }
 
-    async fn revoke_token(&self, req: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::Token>, Status> {
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
         let admin = auth::require_admin(&req)?;
         let id = req.into_inner().id;
         if id.is_empty() {
@@ -149,14 +150,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
         req: Request<pb::ListMachinesRequest>,
     ) -> Result<Response<pb::ListMachinesResponse>, Status> {
         auth::require_admin(&req)?;
-        let all = self.c.store().list_machines().await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListMachinesResponse { machines: self.c.view(&all) }))
+        Ok(Response::new(pb::ListMachinesResponse { machines: self.c.view(None) }))
     }
 
     async fn get_machine(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::Machine>, Status> {
         auth::require_admin(&req)?;
-        let m = self.c.resolve(&req.get_ref().query).await?;
-        Ok(Response::new(self.one(&m.id).await?))
+        let m = self.c.resolve(&req.get_ref().query)?;
+        Ok(Response::new(self.one(&m.id)?))
     }
 
     async fn assign(&self, req: Request<pb::AssignRequest>) -> Result<Response<pb::Machine>, Status> {
@@ -167,11 +167,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
             return Err(ApiError::invalid("role", "required: controlplane or worker").into());
         }
         validate_cluster_name(&r.cluster).map_err(|e| ApiError::invalid("cluster", e.to_string()))?;
-        let m = self.c.resolve(&r.query).await?;
+        let m = self.c.resolve(&r.query)?;
         let (cluster, force) = (r.cluster.clone(), r.force);
         let updated = self
             .c
-            .store()
             .update_machine(
                 &m.id,
                 Box::new(move |m| {
@@ -199,15 +198,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .map_err(|e| map_update(e, ApiError::FailedPrecondition))?;
         self.c.push(&updated.id, Controller::assignment_msg(&updated));
         tracing::info!(machine = %updated.id, %role, cluster = %updated.cluster, by = %admin, "machine assigned");
-        Ok(Response::new(self.one(&updated.id).await?))
+        Ok(Response::new(self.one(&updated.id)?))
     }
 
     async fn approve(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::Machine>, Status> {
         let admin = auth::require_admin(&req)?;
-        let m = self.c.resolve(&req.get_ref().query).await?;
+        let m = self.c.resolve(&req.get_ref().query)?;
         let updated = self
             .c
-            .store()
             .update_machine(
                 &m.id,
                 Box::new(|m| {
@@ -225,15 +223,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .map_err(|e| map_update(e, ApiError::FailedPrecondition))?;
         self.c.push(&updated.id, Controller::assignment_msg(&updated));
         tracing::info!(machine = %updated.id, by = %admin, "machine approved");
-        Ok(Response::new(self.one(&updated.id).await?))
+        Ok(Response::new(self.one(&updated.id)?))
     }
 
     async fn revoke(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::Machine>, Status> {
         let admin = auth::require_admin(&req)?;
-        let m = self.c.resolve(&req.get_ref().query).await?;
+        let m = self.c.resolve(&req.get_ref().query)?;
         let updated = self
             .c
-            .store()
             .update_machine(
                 &m.id,
                 Box::new(|m| {
@@ -254,18 +251,22 @@ impl pb::admin_service_server::AdminService for AdminApi {
             )),
         );
         tracing::info!(machine = %updated.id, stream_closed = closed, by = %admin, "machine revoked");
-        Ok(Response::new(self.one(&updated.id).await?))
+        Ok(Response::new(self.one(&updated.id)?))
     }
 
     async fn delete(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::DeleteResponse>, Status> {
         let admin = auth::require_admin(&req)?;
-        let m = self.c.resolve(&req.get_ref().query).await?;
-        self.c.store().delete_machine(&m.id).await.map_err(ApiError::from)?;
-        self.c.close_session(
-            &m.id,
-            Status::permission_denied(format!("machine {} was deleted; enroll again with a new join token", m.id)),
-        );
-        self.c.live().remove(&m.id);
+        let m = self.c.resolve(&req.get_ref().query)?;
+        self.c
+            .delete_machine(
+                &m.id,
+                Status::permission_denied(format!(
+                    "machine {} was deleted; enroll again with a new join token",
+                    m.id
+                )),
+            )
+            .await
+            .map_err(ApiError::from)?;
         tracing::info!(machine = %m.id, by = %admin, "machine deleted");
         Ok(Response::new(pb::DeleteResponse { id: m.id.to_string() }))
     }

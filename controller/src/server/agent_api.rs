@@ -42,8 +42,14 @@ fn clip(s: &mut String) {
 
 /// Bounds what a node says about itself: it is recorded and shown, never trusted.
 fn sanitize(mut inv: pb::Inventory) -> pb::Inventory {
-    for s in [&mut inv.hostname, &mut inv.cpu_model, &mut inv.kernel, &mut inv.os, &mut inv.agent_version, &mut inv.arch]
-    {
+    for s in [
+        &mut inv.hostname,
+        &mut inv.cpu_model,
+        &mut inv.kernel,
+        &mut inv.os,
+        &mut inv.agent_version,
+        &mut inv.arch,
+    ] {
         clip(s);
     }
     inv.disks.truncate(MAX_ITEMS);
@@ -66,9 +72,29 @@ fn sanitize(mut inv: pb::Inventory) -> pb::Inventory {
     inv
 }
 
+/// Bounds a health snapshot's lists and strings.
+fn sanitize_health(mut h: pb::HealthSnapshot) -> pb::HealthSnapshot {
+    h.filesystems.truncate(MAX_ITEMS);
+    for f in &mut h.filesystems {
+        clip(&mut f.mount_point);
+        clip(&mut f.device);
+        clip(&mut f.fs_type);
+    }
+    h.networks.truncate(MAX_ITEMS);
+    h.networks.iter_mut().for_each(|n| clip(&mut n.interface));
+    h.temperatures.truncate(MAX_ITEMS);
+    h.temperatures.iter_mut().for_each(|t| clip(&mut t.sensor));
+    h.services.truncate(MAX_ITEMS);
+    for s in &mut h.services {
+        clip(&mut s.name);
+        clip(&mut s.detail);
+    }
+    h
+}
+
 /// Checks the machine behind a certificate may still talk to us.
-async fn admitted(c: &Controller, id: &MachineId) -> Result<MachineRecord, ApiError> {
-    match c.store().get_machine(id).await? {
+fn admitted(c: &Controller, id: &MachineId) -> Result<MachineRecord, ApiError> {
+    match c.machine(id) {
         None => Err(ApiError::PermissionDenied(format!(
             "machine {id} was deleted; enroll again with a new join token"
         ))),
@@ -93,7 +119,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let id = MachineId::from_random(self.c.random_bytes()?);
         let now = SystemTime::now();
         // Sign before touching the token, so a bad CSR never uses one up.
-        let cert = self.c.pki().sign_machine(&req.csr_pem, &id, now, self.c.inner.opts.machine_cert_ttl).map_err(ApiError::from)?;
+        let cert = match self.c.pki().sign_machine(&req.csr_pem, &id, now, self.c.inner.opts.machine_cert_ttl)
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.c.metrics().enrollment("rejected_csr");
+                return Err(ApiError::from(e).into());
+            }
+        };
         let now_ms = unix_ms(now);
         let record = {
             let id = id.clone();
@@ -116,14 +149,18 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 cert_not_after_ms: unix_ms(cert.not_after),
             }
         };
-        let m = match self.c.store().enroll(&token, now_ms, Box::new(record)).await {
+        let m = match self.c.enroll_machine(&token, now_ms, Box::new(record)).await {
             Ok(m) => m,
             Err(e) => {
+                let result =
+                    if matches!(e, crate::store::StoreError::Token(_)) { "rejected_token" } else { "error" };
+                self.c.metrics().enrollment(result);
                 tracing::info!(token = token.id(), error = %e, "enrollment refused");
                 return Err(ApiError::from(e).into());
             }
         };
         let state = if m.approved { State::Ready } else { State::Pending };
+        self.c.metrics().enrollment(if m.approved { "accepted" } else { "pending" });
         tracing::info!(machine = %m.id, hostname = %m.hostname, token = token.id(), %state, "machine enrolled");
         Ok(Response::new(pb::EnrollResponse {
             machine_id: m.id.to_string(),
@@ -135,12 +172,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
         let id = auth::require_machine(&req)?;
-        admitted(&self.c, &id).await?;
+        admitted(&self.c, &id)?;
         let now = SystemTime::now();
-        let cert = self.c.pki().sign_machine(&req.get_ref().csr_pem, &id, now, self.c.inner.opts.machine_cert_ttl).map_err(ApiError::from)?;
+        let cert = self
+            .c
+            .pki()
+            .sign_machine(&req.get_ref().csr_pem, &id, now, self.c.inner.opts.machine_cert_ttl)
+            .map_err(ApiError::from)?;
         let (serial, not_after) = (cert.serial_hex.clone(), unix_ms(cert.not_after));
         self.c
-            .store()
             .update_machine(
                 &id,
                 Box::new(move |m| {
@@ -168,11 +208,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let id = auth::require_machine(&req)?;
-        let m = admitted(&self.c, &id).await?;
+        let m = admitted(&self.c, &id)?;
+        let peer_ip = req.remote_addr().map(|a| a.ip());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let (conn_id, cancel) = self.c.register(&id, tx.clone());
-        self.c.touch(&id, None);
+        let (conn_id, cancel) = self
+            .c
+            .register(&id, tx.clone(), peer_ip)
+            .ok_or_else(|| ApiError::PermissionDenied(format!("machine {id} was deleted")))?;
+        self.c.touch(&id, |_| {});
         let state = if m.approved { State::Ready } else { State::Pending };
         let welcome = pb::ControllerMessage {
             msg: Some(pb::controller_message::Msg::Welcome(pb::Welcome {
@@ -194,7 +238,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 };
                 match msg {
                     Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) })) => {
-                        c.touch(&id, None);
+                        c.touch(&id, |l| {
+                            if let Some(h) = hb.health {
+                                l.health = Some(sanitize_health(h));
+                            }
+                        });
                         let ack = pb::ControllerMessage {
                             msg: Some(pb::controller_message::Msg::HeartbeatAck(pb::HeartbeatAck {
                                 seq: hb.seq,
@@ -207,10 +255,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     }
                     Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })) => {
                         let hb = hello.heartbeat_interval_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS);
-                        c.touch(&id, Some(hb));
+                        let port = u16::try_from(hello.metrics_port).unwrap_or(0);
+                        c.touch(&id, |l| {
+                            l.heartbeat_ms = hb;
+                            l.metrics_port = port;
+                        });
                         let inv = sanitize(hello.inventory.unwrap_or_default());
                         let r = c
-                            .store()
                             .update_machine(
                                 &id,
                                 Box::new(move |m| {

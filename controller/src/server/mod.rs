@@ -10,11 +10,12 @@ mod admin_api;
 mod agent_api;
 pub mod auth;
 pub mod error;
+pub mod health;
 mod http;
 pub mod tls;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -28,10 +29,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use muster_proto::token::JoinToken;
+
+use crate::metrics::{FleetSnapshot, MachineSample, MeteredStore, Metrics, RpcMetricsLayer};
 use crate::pki::{self, unix_ms, DataDir, Pki};
-use crate::store::{MachineRecord, SqliteStore, Store, StoreError};
+use crate::store::{BuildFn, MachineRecord, SqliteStore, Store, StoreError, UpdateFn};
 
 pub use error::ApiError;
+use health::{Health, Thresholds};
 
 /// Heartbeat interval assumed for a machine that has not said its own.
 pub const DEFAULT_HEARTBEAT_MS: u32 = 5_000;
@@ -48,11 +53,13 @@ const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 pub struct ControllerOptions {
     /// Lifetime of machine client certificates.
     pub machine_cert_ttl: Duration,
+    /// Health model thresholds.
+    pub thresholds: Thresholds,
 }
 
 impl Default for ControllerOptions {
     fn default() -> Self {
-        Self { machine_cert_ttl: pki::DEFAULT_MACHINE_CERT_TTL }
+        Self { machine_cert_ttl: pki::DEFAULT_MACHINE_CERT_TTL, thresholds: Thresholds::default() }
     }
 }
 
@@ -63,13 +70,32 @@ struct Session {
     cancel: CancellationToken,
 }
 
-/// What the controller knows of a machine only while it runs.
-#[derive(Default)]
+/// A machine as this controller holds it: the stored record (kept equal to the store's after
+/// every write) and what is only known while the controller runs.
 struct Live {
+    record: MachineRecord,
     last_seen_ms: i64,
     heartbeat_ms: u32,
     dirty: bool,
     session: Option<Session>,
+    health: Option<pb::HealthSnapshot>,
+    peer_ip: Option<IpAddr>,
+    metrics_port: u16,
+}
+
+impl Live {
+    fn new(record: MachineRecord) -> Self {
+        Self {
+            last_seen_ms: record.last_seen_ms,
+            heartbeat_ms: record.heartbeat_ms,
+            record,
+            dirty: false,
+            session: None,
+            health: None,
+            peer_ip: None,
+            metrics_port: 0,
+        }
+    }
 }
 
 /// The controller's shared state; cheap to clone.
@@ -82,23 +108,43 @@ struct Inner {
     store: Arc<dyn Store>,
     pki: Pki,
     opts: ControllerOptions,
+    metrics: Arc<Metrics>,
     live: Mutex<HashMap<MachineId, Live>>,
     next_conn: std::sync::atomic::AtomicU64,
     rng: ring::rand::SystemRandom,
 }
 
+/// Everything derived about one machine at one moment.
+struct Derived {
+    state: State,
+    connected: bool,
+    last_seen_ms: i64,
+    heartbeat_ms: u32,
+    health: Health,
+}
+
 impl Controller {
-    pub fn new(store: Arc<dyn Store>, pki: Pki, opts: ControllerOptions) -> Self {
-        Self {
+    /// A controller over `store`, with its machine cache loaded from it.
+    pub async fn new(
+        store: Arc<dyn Store>,
+        pki: Pki,
+        opts: ControllerOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let store: Arc<dyn Store> = Arc::new(MeteredStore::new(store, metrics.clone()));
+        let machines = store.list_machines().await?;
+        let live = machines.into_iter().map(|m| (m.id.clone(), Live::new(m))).collect();
+        Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 pki,
                 opts,
-                live: Mutex::new(HashMap::new()),
+                metrics,
+                live: Mutex::new(live),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
                 rng: ring::rand::SystemRandom::new(),
             }),
-        }
+        })
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -107,6 +153,10 @@ impl Controller {
 
     pub fn pki(&self) -> &Pki {
         &self.inner.pki
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<MachineId, Live>> {
@@ -121,28 +171,86 @@ impl Controller {
         Ok(b)
     }
 
-    /// Records a heartbeat (or any sign of life) in memory.
-    fn touch(&self, id: &MachineId, heartbeat_ms: Option<u32>) {
-        let now = unix_ms(SystemTime::now());
+    /// The cached record of `id`.
+    pub fn machine(&self, id: &MachineId) -> Option<MachineRecord> {
+        self.live().get(id).map(|l| l.record.clone())
+    }
+
+    /// Every cached record, by id.
+    pub fn machines(&self) -> Vec<MachineRecord> {
+        let mut v: Vec<MachineRecord> = self.live().values().map(|l| l.record.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    fn cache(&self, m: &MachineRecord) {
         let mut live = self.live();
-        let l = live.entry(id.clone()).or_default();
-        l.last_seen_ms = now;
-        l.dirty = true;
-        if let Some(hb) = heartbeat_ms {
-            l.heartbeat_ms = hb;
+        match live.get_mut(&m.id) {
+            Some(l) => l.record = m.clone(),
+            None => {
+                live.insert(m.id.clone(), Live::new(m.clone()));
+            }
         }
     }
 
-    /// Registers a new session for `id`, replacing (and so ending) an older one.
-    fn register(&self, id: &MachineId, tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>) -> (u64, CancellationToken) {
+    /// Enrolls through the store and caches the new machine.
+    async fn enroll_machine(
+        &self,
+        token: &JoinToken,
+        now_ms: i64,
+        build: BuildFn,
+    ) -> Result<MachineRecord, StoreError> {
+        let m = self.inner.store.enroll(token, now_ms, build).await?;
+        self.cache(&m);
+        Ok(m)
+    }
+
+    /// Read-modify-write of one machine in the store, then in the cache.
+    pub async fn update_machine(
+        &self,
+        id: &MachineId,
+        f: UpdateFn<MachineRecord>,
+    ) -> Result<MachineRecord, StoreError> {
+        let m = self.inner.store.update_machine(id, f).await?;
+        self.cache(&m);
+        Ok(m)
+    }
+
+    /// Deletes a machine from the store and the cache, closing its stream.
+    async fn delete_machine(&self, id: &MachineId, status: Status) -> Result<(), StoreError> {
+        self.inner.store.delete_machine(id).await?;
+        self.close_session(id, status);
+        self.live().remove(id);
+        Ok(())
+    }
+
+    /// Records a sign of life, and what a hello or heartbeat says.
+    fn touch(&self, id: &MachineId, update: impl FnOnce(&mut Live)) {
+        let now = unix_ms(SystemTime::now());
+        if let Some(l) = self.live().get_mut(id) {
+            l.last_seen_ms = now;
+            l.dirty = true;
+            update(l);
+        }
+    }
+
+    /// Registers a new session for `id`, replacing (and so ending) an older one. `None` if the
+    /// machine is gone.
+    fn register(
+        &self,
+        id: &MachineId,
+        tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+        peer_ip: Option<IpAddr>,
+    ) -> Option<(u64, CancellationToken)> {
         let conn_id = self.inner.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cancel = CancellationToken::new();
         let mut live = self.live();
-        let l = live.entry(id.clone()).or_default();
+        let l = live.get_mut(id)?;
+        l.peer_ip = peer_ip;
         if let Some(old) = l.session.replace(Session { conn_id, tx, cancel: cancel.clone() }) {
             old.cancel.cancel();
         }
-        (conn_id, cancel)
+        Some((conn_id, cancel))
     }
 
     fn unregister(&self, id: &MachineId, conn_id: u64) {
@@ -186,6 +294,7 @@ impl Controller {
                 .filter(|(_, l)| l.dirty)
                 .map(|(id, l)| {
                     l.dirty = false;
+                    l.record.last_seen_ms = l.last_seen_ms;
                     (id.clone(), l.last_seen_ms)
                 })
                 .collect()
@@ -193,17 +302,11 @@ impl Controller {
         self.inner.store.record_last_seen(batch).await
     }
 
-    /// The state of `m` now.
-    fn derive_state(&self, m: &MachineRecord, now_ms: i64) -> (State, bool, i64, u32) {
-        let live = self.live();
-        let l = live.get(&m.id);
-        let last_seen = l.map_or(0, |l| l.last_seen_ms).max(m.last_seen_ms);
-        let hb = l.map(|l| l.heartbeat_ms).filter(|h| *h > 0).unwrap_or(if m.heartbeat_ms > 0 {
-            m.heartbeat_ms
-        } else {
-            DEFAULT_HEARTBEAT_MS
-        });
-        let connected = l.is_some_and(|l| l.session.is_some());
+    fn derive(&self, l: &Live, now_ms: i64) -> Derived {
+        let m = &l.record;
+        let last_seen = l.last_seen_ms.max(m.last_seen_ms);
+        let hb =
+            [l.heartbeat_ms, m.heartbeat_ms].into_iter().find(|h| *h > 0).unwrap_or(DEFAULT_HEARTBEAT_MS);
         let state = if m.revoked {
             State::Revoked
         } else if !m.approved {
@@ -213,23 +316,39 @@ impl Controller {
         } else {
             State::Unreachable
         };
-        (state, connected, last_seen, hb)
+        let health = health::evaluate(
+            state,
+            l.health.as_ref(),
+            m.cert_not_after_ms,
+            last_seen,
+            now_ms,
+            &self.inner.opts.thresholds,
+        );
+        Derived { state, connected: l.session.is_some(), last_seen_ms: last_seen, heartbeat_ms: hb, health }
     }
 
-    /// Converts records to the API view, with derived state and fleet-wide identity warnings.
-    pub fn view(&self, machines: &[MachineRecord]) -> Vec<pb::Machine> {
+    /// The API view of `ids` (all machines if `None`), with derived state, health and
+    /// fleet-wide identity warnings.
+    pub fn view(&self, ids: Option<&[MachineId]>) -> Vec<pb::Machine> {
         let now = unix_ms(SystemTime::now());
+        let live = self.live();
         let mut by_uuid: HashMap<String, Vec<&MachineId>> = HashMap::new();
-        for m in machines.iter().filter(|m| !m.revoked) {
-            let uuid = smbios_uuid(m);
+        for l in live.values().filter(|l| !l.record.revoked) {
+            let uuid = smbios_uuid(&l.record);
             if !uuid.is_empty() && !is_placeholder_uuid(&uuid) {
-                by_uuid.entry(uuid).or_default().push(&m.id);
+                by_uuid.entry(uuid).or_default().push(&l.record.id);
             }
         }
-        machines
-            .iter()
-            .map(|m| {
-                let (state, connected, last_seen, hb) = self.derive_state(m, now);
+        let mut selected: Vec<&Live> = match ids {
+            Some(ids) => ids.iter().filter_map(|id| live.get(id)).collect(),
+            None => live.values().collect(),
+        };
+        selected.sort_by(|a, b| a.record.id.cmp(&b.record.id));
+        selected
+            .into_iter()
+            .map(|l| {
+                let m = &l.record;
+                let d = self.derive(l, now);
                 let uuid = smbios_uuid(m);
                 let mut warnings = Vec::new();
                 if is_placeholder_uuid(&uuid) {
@@ -238,52 +357,114 @@ impl Controller {
                     ));
                 }
                 if let Some(others) = by_uuid.get(&uuid).filter(|v| v.len() > 1) {
-                    let others: Vec<&str> = others.iter().filter(|o| ***o != m.id).map(|o| o.as_str()).collect();
-                    warnings.push(format!("SMBIOS UUID {uuid} is also reported by machine(s) {}", others.join(", ")));
-                }
-                if !m.revoked && m.cert_not_after_ms > 0 && m.cert_not_after_ms < now {
-                    warnings.push("client certificate has expired; the agent could not renew it".into());
+                    let others: Vec<&str> =
+                        others.iter().filter(|o| ***o != m.id).map(|o| o.as_str()).collect();
+                    warnings.push(format!(
+                        "SMBIOS UUID {uuid} is also reported by machine(s) {}",
+                        others.join(", ")
+                    ));
                 }
                 let smbios = m.inventory.smbios.clone().unwrap_or_default();
                 pb::Machine {
                     id: m.id.to_string(),
                     hostname: m.hostname.clone(),
-                    state: pb::MachineState::from(state).into(),
+                    state: pb::MachineState::from(d.state).into(),
                     role: pb::Role::from(m.role).into(),
                     cluster: m.cluster.clone(),
                     uuid,
                     serial: smbios.serial,
                     macs: macs(m),
                     labels: m.labels.clone().into_iter().collect(),
-                    last_seen_unix_ms: last_seen,
+                    last_seen_unix_ms: d.last_seen_ms,
                     warnings,
                     enrolled_unix_ms: m.enrolled_ms,
                     inventory: Some(m.inventory.clone()),
                     cert_serial: m.cert_serial.clone(),
                     cert_not_after_unix_ms: m.cert_not_after_ms,
-                    connected,
-                    heartbeat_interval_ms: hb,
+                    connected: d.connected,
+                    heartbeat_interval_ms: d.heartbeat_ms,
                     token_id: m.token_id.clone(),
+                    health: d.health.status.to_string(),
+                    health_reasons: d.health.reasons,
+                    health_snapshot: l.health.clone(),
+                    metrics_endpoint: metrics_endpoint(l).unwrap_or_default(),
                 }
             })
             .collect()
     }
 
+    /// The fleet for one metrics scrape.
+    pub fn fleet_snapshot(&self) -> FleetSnapshot {
+        let now = unix_ms(SystemTime::now());
+        let live = self.live();
+        let mut machines: Vec<MachineSample> = live
+            .values()
+            .map(|l| {
+                let d = self.derive(l, now);
+                let m = &l.record;
+                MachineSample {
+                    id: m.id.to_string(),
+                    hostname: m.hostname.clone(),
+                    cluster: m.cluster.clone(),
+                    role: m.role.to_string(),
+                    state: d.state.as_str(),
+                    health: d.health.status,
+                    up: d.state == State::Ready,
+                    last_seen_ms: d.last_seen_ms,
+                    cert_not_after_ms: m.cert_not_after_ms,
+                    uuid: smbios_uuid(m),
+                    kernel: m.inventory.kernel.clone(),
+                    os: m.inventory.os.clone(),
+                    agent_version: m.inventory.agent_version.clone(),
+                    snapshot: l.health.clone(),
+                }
+            })
+            .collect();
+        machines.sort_by(|a, b| a.id.cmp(&b.id));
+        FleetSnapshot { connected: live.values().filter(|l| l.session.is_some()).count(), machines }
+    }
+
+    /// Prometheus HTTP service discovery: one target group per ready machine serving metrics.
+    pub fn sd_targets(&self, cluster: Option<&str>, role: Option<&str>) -> Vec<SdTargetGroup> {
+        let now = unix_ms(SystemTime::now());
+        let live = self.live();
+        let mut out: Vec<SdTargetGroup> = live
+            .values()
+            .filter(|l| cluster.is_none_or(|c| l.record.cluster == c))
+            .filter(|l| role.is_none_or(|r| l.record.role.as_str() == r))
+            .filter(|l| self.derive(l, now).state == State::Ready)
+            .filter_map(|l| {
+                let target = metrics_endpoint(l)?;
+                let m = &l.record;
+                let labels = BTreeMap::from([
+                    ("machine".to_owned(), m.id.to_string()),
+                    ("hostname".to_owned(), m.hostname.clone()),
+                    ("cluster".to_owned(), m.cluster.clone()),
+                    ("role".to_owned(), m.role.to_string()),
+                ]);
+                Some(SdTargetGroup { targets: vec![target], labels })
+            })
+            .collect();
+        out.sort_by(|a, b| a.labels.get("machine").cmp(&b.labels.get("machine")));
+        out
+    }
+
     /// Finds the one machine `query` names: id, unique id prefix, hostname or MAC.
-    pub async fn resolve(&self, query: &str) -> Result<MachineRecord, ApiError> {
+    pub fn resolve(&self, query: &str) -> Result<MachineRecord, ApiError> {
         let q = query.trim();
         if q.is_empty() {
             return Err(ApiError::invalid("query", "a machine id, id prefix, hostname or MAC is required"));
         }
         if let Ok(id) = q.parse::<MachineId>() {
-            if let Some(m) = self.inner.store.get_machine(&id).await? {
+            if let Some(m) = self.machine(&id) {
                 return Ok(m);
             }
         }
-        let all = self.inner.store.list_machines().await?;
+        let all = self.machines();
         let lower = q.to_ascii_lowercase();
         let mac = normalize_mac(q);
-        let matchers: [(&str, Box<dyn Fn(&MachineRecord) -> bool>); 3] = [
+        type Matcher<'a> = Box<dyn Fn(&MachineRecord) -> bool + 'a>;
+        let matchers: [(&str, Matcher<'_>); 3] = [
             ("id prefix", Box::new(|m: &MachineRecord| m.id.as_str().starts_with(&lower))),
             ("hostname", Box::new(|m: &MachineRecord| m.hostname.eq_ignore_ascii_case(q))),
             ("MAC", Box::new(|m: &MachineRecord| mac.as_ref().is_some_and(|mac| macs(m).contains(mac)))),
@@ -297,7 +478,10 @@ impl Controller {
                     let ids: Vec<&str> = found.iter().take(5).map(|m| m.id.as_str()).collect();
                     return Err(ApiError::invalid(
                         "query",
-                        format!("{q:?} is ambiguous: {n} machines match by {what} ({}); use the full id", ids.join(", ")),
+                        format!(
+                            "{q:?} is ambiguous: {n} machines match by {what} ({}); use the full id",
+                            ids.join(", ")
+                        ),
                     ));
                 }
             }
@@ -315,6 +499,18 @@ impl Controller {
             })),
         }
     }
+}
+
+/// One target group of Prometheus HTTP service discovery.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SdTargetGroup {
+    pub targets: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+fn metrics_endpoint(l: &Live) -> Option<String> {
+    let ip = l.peer_ip?;
+    (l.metrics_port != 0).then(|| SocketAddr::new(ip, l.metrics_port).to_string())
 }
 
 fn smbios_uuid(m: &MachineRecord) -> String {
@@ -422,14 +618,26 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let store = Arc::new(SqliteStore::open(&dir.state_db())?);
     let tls = tls::server_config(&pki)?;
 
-    let grpc = TcpListener::bind(opts.grpc_listen)
-        .await
-        .map_err(|source| ServeError::Bind { what: "gRPC", addr: opts.grpc_listen, source })?;
-    let http_l = TcpListener::bind(opts.http_listen)
-        .await
-        .map_err(|source| ServeError::Bind { what: "HTTP", addr: opts.http_listen, source })?;
-    let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind { what: "gRPC", addr: opts.grpc_listen, source })?;
-    let http_addr = http_l.local_addr().map_err(|source| ServeError::Bind { what: "HTTP", addr: opts.http_listen, source })?;
+    let grpc = TcpListener::bind(opts.grpc_listen).await.map_err(|source| ServeError::Bind {
+        what: "gRPC",
+        addr: opts.grpc_listen,
+        source,
+    })?;
+    let http_l = TcpListener::bind(opts.http_listen).await.map_err(|source| ServeError::Bind {
+        what: "HTTP",
+        addr: opts.http_listen,
+        source,
+    })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
+        what: "gRPC",
+        addr: opts.grpc_listen,
+        source,
+    })?;
+    let http_addr = http_l.local_addr().map_err(|source| ServeError::Bind {
+        what: "HTTP",
+        addr: opts.http_listen,
+        source,
+    })?;
     let ports = Ports { grpc: grpc_addr, http: http_addr, pid: std::process::id() };
 
     pki::set_musterconfig_endpoint(&dir, &local_endpoint(grpc_addr))?;
@@ -437,7 +645,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     crate::fsutil::write_atomic(&dir.ports(), &ports_json, 0o644)
         .map_err(|source| ServeError::Write { path: dir.ports(), source })?;
 
-    let controller = Controller::new(store, pki, opts.controller.clone());
+    let controller = Controller::new(store, pki, opts.controller.clone(), Arc::new(Metrics::new())).await?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(controller.clone(), grpc, tls, http_l, shutdown_rx));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "controller serving");
@@ -453,13 +661,16 @@ async fn serve(
 ) -> Result<(), ServeError> {
     let stop = CancellationToken::new();
     let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_loop(grpc, tls));
-    let agent = pb::agent_service_server::AgentServiceServer::new(agent_api::AgentApi::new(controller.clone()))
-        .max_decoding_message_size(MAX_AGENT_MESSAGE);
-    let admin = pb::admin_service_server::AdminServiceServer::new(admin_api::AdminApi::new(controller.clone()))
-        .max_decoding_message_size(MAX_ADMIN_MESSAGE);
+    let agent =
+        pb::agent_service_server::AgentServiceServer::new(agent_api::AgentApi::new(controller.clone()))
+            .max_decoding_message_size(MAX_AGENT_MESSAGE);
+    let admin =
+        pb::admin_service_server::AdminServiceServer::new(admin_api::AdminApi::new(controller.clone()))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE);
     let grpc_stop = stop.clone();
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(RpcMetricsLayer(controller.metrics().clone()))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(agent)
@@ -499,7 +710,10 @@ async fn serve(
         tracing::warn!(error = %e, "could not record heartbeats at shutdown");
     }
     grpc_task.await.map_err(|e| ServeError::Runtime(e.to_string()))??;
-    http_task.await.map_err(|e| ServeError::Runtime(e.to_string()))?.map_err(|e| ServeError::Runtime(e.to_string()))?;
+    http_task
+        .await
+        .map_err(|e| ServeError::Runtime(e.to_string()))?
+        .map_err(|e| ServeError::Runtime(e.to_string()))?;
     Ok(())
 }
 

@@ -94,10 +94,19 @@ pub trait Store: Send + Sync + 'static {
     /// In one transaction: check `token` (digest in constant time, expiry, revocation, uses),
     /// take one use, and insert the machine `build` makes. Two racing callers of a single-use
     /// token: exactly one succeeds.
-    async fn enroll(&self, token: &JoinToken, now_ms: i64, build: BuildFn) -> Result<MachineRecord, StoreError>;
+    async fn enroll(
+        &self,
+        token: &JoinToken,
+        now_ms: i64,
+        build: BuildFn,
+    ) -> Result<MachineRecord, StoreError>;
     async fn get_machine(&self, id: &MachineId) -> Result<Option<MachineRecord>, StoreError>;
     async fn list_machines(&self) -> Result<Vec<MachineRecord>, StoreError>;
-    async fn update_machine(&self, id: &MachineId, f: UpdateFn<MachineRecord>) -> Result<MachineRecord, StoreError>;
+    async fn update_machine(
+        &self,
+        id: &MachineId,
+        f: UpdateFn<MachineRecord>,
+    ) -> Result<MachineRecord, StoreError>;
     async fn delete_machine(&self, id: &MachineId) -> Result<(), StoreError>;
     /// Records heartbeat times in one batch (missing machines are skipped).
     async fn record_last_seen(&self, seen: Vec<(MachineId, i64)>) -> Result<(), StoreError>;

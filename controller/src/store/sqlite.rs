@@ -35,7 +35,8 @@ fn corrupt(kind: &'static str, id: &str, e: impl std::fmt::Display) -> StoreErro
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let conn =
+            Connection::open(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         Self::setup(conn)
     }
 
@@ -99,7 +100,9 @@ fn get_token_tx(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Token
 
 fn get_machine_tx(conn: &Connection, id: &str) -> Result<Option<MachineRecord>, StoreError> {
     let row: Option<(String, i64)> = conn
-        .query_row("SELECT doc, last_seen_ms FROM machines WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row("SELECT doc, last_seen_ms FROM machines WHERE id = ?1", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()
         .map_err(backend)?;
     row.map(|(doc, seen)| load_machine(id, &doc, seen)).transpose()
@@ -129,14 +132,16 @@ impl Store for SqliteStore {
     async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError> {
         self.run(move |c| {
             let doc = to_json(&token)?;
-            c.execute("INSERT INTO tokens (id, doc) VALUES (?1, ?2)", params![token.id, doc]).map_err(|e| {
-                match e {
-                    rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            c.execute("INSERT INTO tokens (id, doc) VALUES (?1, ?2)", params![token.id, doc]).map_err(
+                |e| match e {
+                    rusqlite::Error::SqliteFailure(f, _)
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
                         StoreError::Conflict(format!("token {} exists already", token.id))
                     }
                     e => backend(e),
-                }
-            })?;
+                },
+            )?;
             Ok(())
         })
         .await
@@ -162,16 +167,23 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.run(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
-            let mut t = get_token_tx(&tx, &id)?.ok_or(StoreError::NotFound { kind: "token", id: id.clone() })?;
+            let mut t =
+                get_token_tx(&tx, &id)?.ok_or(StoreError::NotFound { kind: "token", id: id.clone() })?;
             f(&mut t)?;
-            tx.execute("UPDATE tokens SET doc = ?2 WHERE id = ?1", params![id, to_json(&t)?]).map_err(backend)?;
+            tx.execute("UPDATE tokens SET doc = ?2 WHERE id = ?1", params![id, to_json(&t)?])
+                .map_err(backend)?;
             tx.commit().map_err(backend)?;
             Ok(t)
         })
         .await
     }
 
-    async fn enroll(&self, token: &JoinToken, now_ms: i64, build: BuildFn) -> Result<MachineRecord, StoreError> {
+    async fn enroll(
+        &self,
+        token: &JoinToken,
+        now_ms: i64,
+        build: BuildFn,
+    ) -> Result<MachineRecord, StoreError> {
         let token = token.clone();
         self.run(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
@@ -195,7 +207,8 @@ impl Store for SqliteStore {
 
     async fn list_machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
         self.run(|c| {
-            let mut stmt = c.prepare("SELECT id, doc, last_seen_ms FROM machines ORDER BY id").map_err(backend)?;
+            let mut stmt =
+                c.prepare("SELECT id, doc, last_seen_ms FROM machines ORDER BY id").map_err(backend)?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
                 .map_err(backend)?;
@@ -209,7 +222,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_machine(&self, id: &MachineId, f: UpdateFn<MachineRecord>) -> Result<MachineRecord, StoreError> {
+    async fn update_machine(
+        &self,
+        id: &MachineId,
+        f: UpdateFn<MachineRecord>,
+    ) -> Result<MachineRecord, StoreError> {
         let id = id.clone();
         self.run(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
@@ -360,10 +377,13 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)));
         assert_eq!(s.get_machine(&m.id).await.unwrap().unwrap().cluster, "");
-        s.update_machine(&m.id, Box::new(|m| {
-            m.cluster = "lab".into();
-            Ok(())
-        }))
+        s.update_machine(
+            &m.id,
+            Box::new(|m| {
+                m.cluster = "lab".into();
+                Ok(())
+            }),
+        )
         .await
         .unwrap();
         s.record_last_seen(vec![(m.id.clone(), 99), (MachineId::from_random([9; 8]), 5)]).await.unwrap();
@@ -390,7 +410,8 @@ mod tests {
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.list_machines().await.unwrap().len(), 1);
         assert_eq!(s.list_tokens().await.unwrap()[0].uses_left, 1);
-        let mode: String = s.conn.lock().unwrap().pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+        let mode: String =
+            s.conn.lock().unwrap().pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
     }
 }

@@ -1,0 +1,376 @@
+//! The controller's metrics: counters and histograms it keeps (enrollments, gRPC calls, store
+//! operations) and, per scrape, the fleet as it is now (machines by state, per-machine info,
+//! liveness, health and the node metrics of each machine's latest snapshot).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use muster_proto::model::MachineId;
+use muster_proto::node_metrics::{encode_nodes, NodeSample};
+use muster_proto::pb;
+use muster_proto::token::JoinToken;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::server::health::HealthStatus;
+use crate::store::{BuildFn, MachineRecord, Store, StoreError, TokenRecord, UpdateFn};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Metrics the controller keeps between scrapes.
+pub struct Metrics {
+    registry: Registry,
+    enrollments: Family<Labels, Counter>,
+    rpc_requests: Family<Labels, Counter>,
+    rpc_duration: Family<Labels, Histogram>,
+    store_duration: Family<Labels, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~3.3 s
+    Histogram::new(exponential_buckets(0.00005, 4.0, 9))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let enrollments = Family::<Labels, Counter>::default();
+        registry.register("muster_enrollments", "Enrollment attempts by result", enrollments.clone());
+        let rpc_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "muster_grpc_requests",
+            "gRPC calls by service, method and status code",
+            rpc_requests.clone(),
+        );
+        let rpc_duration =
+            Family::<Labels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "muster_grpc_request_duration_seconds",
+            "gRPC call latency (for streams: until the response starts)",
+            rpc_duration.clone(),
+        );
+        let store_duration =
+            Family::<Labels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "muster_store_operation_duration_seconds",
+            "State store operation latency",
+            store_duration.clone(),
+        );
+        Self { registry, enrollments, rpc_requests, rpc_duration, store_duration }
+    }
+
+    /// Counts an enrollment attempt: `accepted`, `pending`, `rejected_token`, `rejected_csr`, `error`.
+    pub fn enrollment(&self, result: &'static str) {
+        self.enrollments.get_or_create(&vec![("result", result.to_owned())]).inc();
+    }
+
+    fn rpc(&self, path: &str, code: &str, seconds: f64) {
+        let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+        let service = service.rsplit('.').next().unwrap_or(service).to_owned();
+        let base = vec![("service", service), ("method", method.to_owned())];
+        let mut with_code = base.clone();
+        with_code.push(("code", code.to_owned()));
+        self.rpc_requests.get_or_create(&with_code).inc();
+        self.rpc_duration.get_or_create(&base).observe(seconds);
+    }
+
+    fn store_op(&self, op: &'static str, seconds: f64) {
+        self.store_duration.get_or_create(&vec![("operation", op.to_owned())]).observe(seconds);
+    }
+
+    /// Renders the kept metrics and `fleet` as OpenMetrics text (without the `# EOF` line).
+    pub fn render(&self, fleet: FleetSnapshot) -> Result<String, fmt::Error> {
+        let mut out = String::with_capacity(256 + fleet.machines.len() * 2048);
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)?;
+        let mut per_scrape = Registry::default();
+        per_scrape.register_collector(Box::new(fleet));
+        prometheus_client::encoding::text::encode_registry(&mut out, &per_scrape)?;
+        Ok(out)
+    }
+}
+
+/// One machine as the metrics see it.
+#[derive(Debug, Clone)]
+pub struct MachineSample {
+    pub id: String,
+    pub hostname: String,
+    pub cluster: String,
+    pub role: String,
+    pub state: &'static str,
+    pub health: HealthStatus,
+    pub up: bool,
+    pub last_seen_ms: i64,
+    pub cert_not_after_ms: i64,
+    pub uuid: String,
+    pub kernel: String,
+    pub os: String,
+    pub agent_version: String,
+    pub snapshot: Option<pb::HealthSnapshot>,
+}
+
+/// The fleet at one scrape.
+#[derive(Debug, Default)]
+pub struct FleetSnapshot {
+    pub machines: Vec<MachineSample>,
+    pub connected: usize,
+}
+
+fn gauge_family<'a, V: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (Vec<(&'static str, &'a str)>, V)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        if labels.is_empty() {
+            // An empty label set would print as `name{}`.
+            ConstGauge::new(v).encode(m)?;
+            return Ok(());
+        }
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn ids(m: &MachineSample) -> Vec<(&'static str, &str)> {
+    vec![
+        ("machine", m.id.as_str()),
+        ("hostname", m.hostname.as_str()),
+        ("cluster", m.cluster.as_str()),
+        ("role", m.role.as_str()),
+    ]
+}
+
+impl Collector for FleetSnapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let states = ["pending", "ready", "unreachable", "revoked"];
+        gauge_family(
+            &mut enc,
+            "muster_machines",
+            "Machines by state.",
+            states.iter().map(|s| {
+                (
+                    vec![("state", *s)],
+                    i64::try_from(self.machines.iter().filter(|m| m.state == *s).count()).unwrap_or(i64::MAX),
+                )
+            }),
+        )?;
+        gauge_family(
+            &mut enc,
+            "muster_connected_agents",
+            "Agents with an open stream to this controller.",
+            std::iter::once((vec![], i64::try_from(self.connected).unwrap_or(i64::MAX))),
+        )?;
+        gauge_family(
+            &mut enc,
+            "muster_machine_info",
+            "Machine identity and software; always 1.",
+            self.machines.iter().map(|m| {
+                let mut l = ids(m);
+                l.extend([
+                    ("state", m.state),
+                    ("uuid", m.uuid.as_str()),
+                    ("kernel", m.kernel.as_str()),
+                    ("os", m.os.as_str()),
+                    ("agent_version", m.agent_version.as_str()),
+                ]);
+                (l, 1i64)
+            }),
+        )?;
+        gauge_family(
+            &mut enc,
+            "muster_machine_up",
+            "1 if the machine is ready (heard from within 3 heartbeats).",
+            self.machines.iter().map(|m| (ids(m), i64::from(m.up))),
+        )?;
+        gauge_family(
+            &mut enc,
+            "muster_machine_health",
+            "1 for the machine's current health status.",
+            self.machines.iter().flat_map(|m| {
+                HealthStatus::ALL.iter().map(move |s| {
+                    let mut l = ids(m);
+                    l.push(("status", s.as_str()));
+                    (l, i64::from(m.health == *s))
+                })
+            }),
+        )?;
+        gauge_family(
+            &mut enc,
+            "muster_machine_last_heartbeat_timestamp_seconds",
+            "When the machine was last heard from, Unix seconds.",
+            self.machines.iter().map(|m| (ids(m), m.last_seen_ms as f64 / 1000.0)),
+        )?;
+        gauge_family(
+            &mut enc,
+            "muster_machine_certificate_expiry_timestamp_seconds",
+            "When the machine's client certificate expires, Unix seconds.",
+            self.machines
+                .iter()
+                .filter(|m| m.cert_not_after_ms > 0)
+                .map(|m| (ids(m), m.cert_not_after_ms as f64 / 1000.0)),
+        )?;
+        let samples: Vec<NodeSample<'_>> = self
+            .machines
+            .iter()
+            .filter_map(|m| m.snapshot.as_ref().map(|s| NodeSample { labels: ids(m), snapshot: s }))
+            .collect();
+        encode_nodes(&mut enc, &samples)
+    }
+}
+
+/// A tower layer that counts and times every gRPC call.
+#[derive(Clone)]
+pub struct RpcMetricsLayer(pub Arc<Metrics>);
+
+impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetricsService { inner, metrics: self.0.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+fn code_name(v: &str) -> &'static str {
+    match v {
+        "0" => "OK",
+        "1" => "Cancelled",
+        "3" => "InvalidArgument",
+        "4" => "DeadlineExceeded",
+        "5" => "NotFound",
+        "6" => "AlreadyExists",
+        "7" => "PermissionDenied",
+        "8" => "ResourceExhausted",
+        "9" => "FailedPrecondition",
+        "11" => "OutOfRange",
+        "12" => "Unimplemented",
+        "13" => "Internal",
+        "14" => "Unavailable",
+        "16" => "Unauthenticated",
+        _ => "Unknown",
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for RpcMetricsService<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    RB: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_owned();
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let res = fut.await;
+            // Errors answer "trailers-only", so their status is in the headers; a success's
+            // status comes in the trailers and is OK.
+            let code = match &res {
+                Ok(r) => r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map_or("OK", code_name),
+                Err(_) => "Unknown",
+            };
+            metrics.rpc(&path, code, start.elapsed().as_secs_f64());
+            res
+        })
+    }
+}
+
+/// A [`Store`] that times every operation of the store it wraps.
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredStore {
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+
+    async fn timed<T>(&self, op: &'static str, f: impl Future<Output = T>) -> T {
+        let start = Instant::now();
+        let r = f.await;
+        self.metrics.store_op(op, start.elapsed().as_secs_f64());
+        r
+    }
+}
+
+#[async_trait]
+impl Store for MeteredStore {
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError> {
+        self.timed("insert_token", self.inner.insert_token(token)).await
+    }
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.timed("list_tokens", self.inner.list_tokens()).await
+    }
+    async fn update_token(&self, id: &str, f: UpdateFn<TokenRecord>) -> Result<TokenRecord, StoreError> {
+        self.timed("update_token", self.inner.update_token(id, f)).await
+    }
+    async fn enroll(
+        &self,
+        token: &JoinToken,
+        now_ms: i64,
+        build: BuildFn,
+    ) -> Result<MachineRecord, StoreError> {
+        self.timed("enroll", self.inner.enroll(token, now_ms, build)).await
+    }
+    async fn get_machine(&self, id: &MachineId) -> Result<Option<MachineRecord>, StoreError> {
+        self.timed("get_machine", self.inner.get_machine(id)).await
+    }
+    async fn list_machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        self.timed("list_machines", self.inner.list_machines()).await
+    }
+    async fn update_machine(
+        &self,
+        id: &MachineId,
+        f: UpdateFn<MachineRecord>,
+    ) -> Result<MachineRecord, StoreError> {
+        self.timed("update_machine", self.inner.update_machine(id, f)).await
+    }
+    async fn delete_machine(&self, id: &MachineId) -> Result<(), StoreError> {
+        self.timed("delete_machine", self.inner.delete_machine(id)).await
+    }
+    async fn record_last_seen(&self, seen: Vec<(MachineId, i64)>) -> Result<(), StoreError> {
+        self.timed("record_last_seen", self.inner.record_last_seen(seen)).await
+    }
+}

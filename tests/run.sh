@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Muster's whole test suite, as CI runs it: installs the system packages the tests need, checks
+# formatting and lints, builds every binary, then runs every test (unit, in-process,
+# multi-process end to end). Safe on a shared host: tests only use temp dirs, loopback and
+# namespaces/VMs they create themselves.
+#
+#   tests/run.sh            # everything
+#   tests/run.sh -E 'test(revoke)'   # extra args go to cargo nextest (filters)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# System packages the suite needs, installed only when missing.
+ensure_pkgs() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        log "installing system packages: ${missing[*]}"
+        if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+# curl: README quick-start checks of the HTTP endpoints.
+ensure_pkgs curl
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (all targets, -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "build every binary"
+cargo build --workspace --bins --locked
+
+log "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --profile ci "$@"
+else
+    cargo test --workspace --locked -- "$@"
+fi
+log "doc tests"
+cargo test --workspace --locked --doc
