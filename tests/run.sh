@@ -24,8 +24,9 @@ ensure_pkgs() {
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }
-# curl: README quick-start checks of the HTTP endpoints.
-ensure_pkgs curl
+# prometheus: promtool checks of /metrics and the alert rules, and the real scraper in the
+# end-to-end test. prometheus-node-exporter: the peer in the metrics benchmark.
+ensure_pkgs curl prometheus
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}

@@ -193,3 +193,91 @@ async fn health_snapshot_drives_status_reasons_and_metrics() {
     assert!(degraded.ends_with(" 1"), "{degraded}");
     f.still_serving().await.unwrap();
 }
+
+fn repo_file(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// Every `muster_*` metric name in `text` (PromQL expressions).
+fn referenced_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("muster_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+            end += 1;
+        }
+        let boundary = start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
+        if boundary {
+            out.insert(text[start..end].to_owned());
+        }
+        i = end;
+    }
+    out
+}
+
+/// A fully populated snapshot, so every node metric family has a series.
+fn full_snapshot() -> pb::HealthSnapshot {
+    let mut s = snapshot(50 << 20);
+    s.swap_total_bytes = 1 << 30;
+    s.swap_free_bytes = 1 << 29;
+    s.uptime_seconds = 100;
+    s.boot_time_unix = 1_700_000_000;
+    s.temperatures = vec![pb::Temperature { sensor: "cpu".into(), celsius: 40.0 }];
+    s
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_the_vmrule_matches() {
+    let rules = repo_file("deploy/prometheus/muster-rules.yaml");
+    let out = std::process::Command::new("promtool").arg("check").arg("rules").arg(&rules).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let plain: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
+    let vm: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(repo_file("deploy/victoriametrics/muster-vmrule.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(vm["kind"], "VMRule");
+    assert_eq!(vm["spec"]["groups"], plain["groups"], "the VMRule must carry the same groups as the rule file");
+}
+
+#[tokio::test]
+async fn dashboard_and_rules_reference_only_metrics_that_exist() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_file("deploy/grafana/muster-fleet.json")).unwrap()).unwrap();
+    assert_eq!(dashboard["uid"], "muster-fleet");
+    let mut exprs = String::new();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() > 10);
+    for p in panels {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs.push_str(t["expr"].as_str().unwrap_or_default());
+            exprs.push('\n');
+        }
+    }
+    for v in dashboard["templating"]["list"].as_array().unwrap() {
+        exprs.push_str(v["definition"].as_str().unwrap_or_default());
+        exprs.push('\n');
+    }
+    exprs.push_str(&std::fs::read_to_string(repo_file("deploy/prometheus/muster-rules.yaml")).unwrap());
+
+    // A fleet where every family has series: a connected machine with a full snapshot, an
+    // accepted and a refused enrollment, admin and store calls.
+    let f = TestController::start().await.unwrap();
+    let a = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
+    let _g = connect(&f, &a, 9100, full_snapshot()).await;
+    assert!(f.enroll("abc123.0123456789abcdefghijklmnopqrstuv").await.is_err());
+    let text = http_get(f.running.ports.http, "/metrics", &[]).await.unwrap().text();
+    let exposed: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let names = referenced_metrics(&exprs);
+    assert!(names.len() > 15, "{names:?}");
+    for name in &names {
+        assert!(exposed.contains(name.as_str()), "{name} is referenced but not exposed; exposed: {exposed:?}");
+    }
+    f.still_serving().await.unwrap();
+}
