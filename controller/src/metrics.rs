@@ -11,16 +11,14 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use muster_proto::model::MachineId;
-use muster_proto::node_metrics::{encode_nodes, NodeSample};
+use muster_proto::node_metrics::{
+    label_prefix, to_prometheus_text, write_nodes, Format, Kind, NodeSample, Writer,
+};
 use muster_proto::pb;
 use muster_proto::token::JoinToken;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::server::health::HealthStatus;
@@ -101,13 +99,19 @@ impl Metrics {
         self.store_duration.get_or_create(&vec![("operation", op.to_owned())]).observe(seconds);
     }
 
-    /// Renders the kept metrics and `fleet` as OpenMetrics text (without the `# EOF` line).
-    pub fn render(&self, fleet: FleetSnapshot) -> Result<String, fmt::Error> {
-        let mut out = String::with_capacity(256 + fleet.machines.len() * 2048);
-        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)?;
-        let mut per_scrape = Registry::default();
-        per_scrape.register_collector(Box::new(fleet));
-        prometheus_client::encoding::text::encode_registry(&mut out, &per_scrape)?;
+    /// Renders the kept metrics and `fleet` in `format`.
+    pub fn render(&self, fleet: &FleetSnapshot, format: Format) -> Result<String, fmt::Error> {
+        let mut kept = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut kept, &self.registry)?;
+        let mut out = match format {
+            Format::Prometheus => to_prometheus_text(&kept),
+            Format::OpenMetrics => kept,
+        };
+        out.reserve(fleet.machines.len() * 4096);
+        fleet.write(&mut Writer::new(&mut out, format));
+        if format == Format::OpenMetrics {
+            out.push_str("# EOF\n");
+        }
         Ok(out)
     }
 }
@@ -138,108 +142,79 @@ pub struct FleetSnapshot {
     pub connected: usize,
 }
 
-fn gauge_family<'a, V: EncodeGaugeValue>(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: impl Iterator<Item = (Vec<(&'static str, &'a str)>, V)>,
-) -> fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in series {
-        if labels.is_empty() {
-            // An empty label set would print as `name{}`.
-            ConstGauge::new(v).encode(m)?;
-            return Ok(());
+impl FleetSnapshot {
+    /// Writes the fleet's families: counts by state, then per machine (labels `machine`,
+    /// `hostname`, `cluster`, `role`) info, liveness, health, and the node metrics of its
+    /// latest snapshot.
+    pub fn write(&self, w: &mut Writer<'_>) {
+        w.family("muster_machines", "Machines by state", Kind::Gauge);
+        for state in ["pending", "ready", "unreachable", "revoked"] {
+            let n = self.machines.iter().filter(|m| m.state == state).count();
+            w.sample("", &[("state", state)], n as f64);
         }
-        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
-
-fn ids(m: &MachineSample) -> Vec<(&'static str, &str)> {
-    vec![
-        ("machine", m.id.as_str()),
-        ("hostname", m.hostname.as_str()),
-        ("cluster", m.cluster.as_str()),
-        ("role", m.role.as_str()),
-    ]
-}
-
-impl Collector for FleetSnapshot {
-    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let states = ["pending", "ready", "unreachable", "revoked"];
-        gauge_family(
-            &mut enc,
-            "muster_machines",
-            "Machines by state.",
-            states.iter().map(|s| {
-                (
-                    vec![("state", *s)],
-                    i64::try_from(self.machines.iter().filter(|m| m.state == *s).count()).unwrap_or(i64::MAX),
-                )
-            }),
-        )?;
-        gauge_family(
-            &mut enc,
-            "muster_connected_agents",
-            "Agents with an open stream to this controller.",
-            std::iter::once((vec![], i64::try_from(self.connected).unwrap_or(i64::MAX))),
-        )?;
-        gauge_family(
-            &mut enc,
-            "muster_machine_info",
-            "Machine identity and software; always 1.",
-            self.machines.iter().map(|m| {
-                let mut l = ids(m);
-                l.extend([
-                    ("state", m.state),
-                    ("uuid", m.uuid.as_str()),
-                    ("kernel", m.kernel.as_str()),
-                    ("os", m.os.as_str()),
-                    ("agent_version", m.agent_version.as_str()),
-                ]);
-                (l, 1i64)
-            }),
-        )?;
-        gauge_family(
-            &mut enc,
-            "muster_machine_up",
-            "1 if the machine is ready (heard from within 3 heartbeats).",
-            self.machines.iter().map(|m| (ids(m), i64::from(m.up))),
-        )?;
-        gauge_family(
-            &mut enc,
-            "muster_machine_health",
-            "1 for the machine's current health status.",
-            self.machines.iter().flat_map(|m| {
-                HealthStatus::ALL.iter().map(move |s| {
-                    let mut l = ids(m);
-                    l.push(("status", s.as_str()));
-                    (l, i64::from(m.health == *s))
-                })
-            }),
-        )?;
-        gauge_family(
-            &mut enc,
-            "muster_machine_last_heartbeat_timestamp_seconds",
-            "When the machine was last heard from, Unix seconds.",
-            self.machines.iter().map(|m| (ids(m), m.last_seen_ms as f64 / 1000.0)),
-        )?;
-        gauge_family(
-            &mut enc,
-            "muster_machine_certificate_expiry_timestamp_seconds",
-            "When the machine's client certificate expires, Unix seconds.",
-            self.machines
-                .iter()
-                .filter(|m| m.cert_not_after_ms > 0)
-                .map(|m| (ids(m), m.cert_not_after_ms as f64 / 1000.0)),
-        )?;
-        let samples: Vec<NodeSample<'_>> = self
+        w.family("muster_connected_agents", "Agents with an open stream to this controller", Kind::Gauge);
+        w.sample("", &[], self.connected as f64);
+        if self.machines.is_empty() {
+            return;
+        }
+        let prefixes: Vec<String> = self
             .machines
             .iter()
-            .filter_map(|m| m.snapshot.as_ref().map(|s| NodeSample { labels: ids(m), snapshot: s }))
+            .map(|m| {
+                label_prefix(&[
+                    ("machine", &m.id),
+                    ("hostname", &m.hostname),
+                    ("cluster", &m.cluster),
+                    ("role", &m.role),
+                ])
+            })
             .collect();
-        encode_nodes(&mut enc, &samples)
+        let all = || self.machines.iter().zip(prefixes.iter().map(String::as_str));
+        w.family("muster_machine_info", "Machine identity and software; always 1", Kind::Gauge);
+        for (m, p) in all() {
+            let extra = [
+                ("state", m.state),
+                ("uuid", m.uuid.as_str()),
+                ("kernel", m.kernel.as_str()),
+                ("os", m.os.as_str()),
+                ("agent_version", m.agent_version.as_str()),
+            ];
+            w.sample(p, &extra, 1.0);
+        }
+        w.family(
+            "muster_machine_up",
+            "1 if the machine is ready (heard from within 3 heartbeats)",
+            Kind::Gauge,
+        );
+        for (m, p) in all() {
+            w.sample(p, &[], f64::from(u8::from(m.up)));
+        }
+        w.family("muster_machine_health", "1 for the machine's current health status", Kind::Gauge);
+        for (m, p) in all() {
+            for s in HealthStatus::ALL {
+                w.sample(p, &[("status", s.as_str())], f64::from(u8::from(m.health == s)));
+            }
+        }
+        w.family(
+            "muster_machine_last_heartbeat_timestamp_seconds",
+            "When the machine was last heard from, Unix seconds",
+            Kind::Gauge,
+        );
+        for (m, p) in all() {
+            w.sample(p, &[], m.last_seen_ms as f64 / 1000.0);
+        }
+        w.family(
+            "muster_machine_certificate_expiry_timestamp_seconds",
+            "When the machine's client certificate expires, Unix seconds",
+            Kind::Gauge,
+        );
+        for (m, p) in all().filter(|(m, _)| m.cert_not_after_ms > 0) {
+            w.sample(p, &[], m.cert_not_after_ms as f64 / 1000.0);
+        }
+        let nodes: Vec<NodeSample<'_>> = all()
+            .filter_map(|(m, p)| m.snapshot.as_ref().map(|s| NodeSample { prefix: p, snapshot: s }))
+            .collect();
+        write_nodes(w, &nodes);
     }
 }
 

@@ -1,197 +1,255 @@
-//! Node metrics: the names and encoding shared by the controller's per-machine metrics and the
-//! agent's own `/metrics`, so a dashboard works on either. On the controller every series carries
-//! `machine`, `hostname`, `cluster` and `role` labels; on the agent none (the scrape target's
-//! labels from service discovery identify it).
+//! Node metrics: the names, and a fast exposition writer, shared by the controller's
+//! per-machine metrics and the agent's own `/metrics`, so a dashboard works on either. On the
+//! controller every series carries `machine`, `hostname`, `cluster` and `role` labels; on the
+//! agent none (the scrape target's labels from service discovery identify it).
 //!
-//! Also: [`to_prometheus_text`], which turns prometheus-client's OpenMetrics text into the
-//! Prometheus 0.0.4 text format for scrapers (and `promtool check metrics`) that do not ask for
-//! OpenMetrics.
+//! The writer emits the Prometheus text format 0.0.4 or OpenMetrics text directly. A fleet of
+//! 10,000 machines is ~300,000 series; a generic encoder spends its time re-escaping the same
+//! labels, so each node's label prefix is escaped once and copied.
+//!
+//! Also: [`to_prometheus_text`], which turns prometheus-client's OpenMetrics output (the
+//! counters and histograms a process keeps) into the Prometheus text format.
 
-use std::fmt;
-
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
+use std::fmt::Write;
 
 use crate::pb;
 
-/// The labels identifying one node's series.
-pub type NodeLabels<'a> = Vec<(&'static str, &'a str)>;
+/// Exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `text/plain; version=0.0.4`: counter families are named with `_total`.
+    Prometheus,
+    /// `application/openmetrics-text; version=1.0.0`: counter families without `_total`.
+    OpenMetrics,
+}
 
-/// One node's latest snapshot with its identifying labels.
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Metric type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// Appends `s` escaped as a label value.
+pub fn escape_label_value(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// A pre-escaped label set, e.g. `machine="a",hostname="b"`.
+pub fn label_prefix(labels: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(k);
+        s.push_str("=\"");
+        escape_label_value(&mut s, v);
+        s.push('"');
+    }
+    s
+}
+
+/// Writes exposition text.
+pub struct Writer<'a> {
+    out: &'a mut String,
+    format: Format,
+    /// The current family's sample name (with `_total` for counters).
+    sample: String,
+}
+
+impl<'a> Writer<'a> {
+    pub fn new(out: &'a mut String, format: Format) -> Self {
+        Self { out, format, sample: String::new() }
+    }
+
+    /// Starts a family. `name` is the base name (no `_total`); `help` without a final period.
+    pub fn family(&mut self, name: &str, help: &str, kind: Kind) {
+        self.sample.clear();
+        self.sample.push_str(name);
+        let (family, t) = match kind {
+            Kind::Gauge => (name, "gauge"),
+            Kind::Counter => {
+                self.sample.push_str("_total");
+                (if self.format == Format::Prometheus { self.sample.as_str() } else { name }, "counter")
+            }
+        };
+        let _ = write!(self.out, "# HELP {family} {help}.\n# TYPE {family} {t}\n");
+    }
+
+    /// One sample: `prefix` is a pre-escaped label set (may be empty), `extra` more labels.
+    pub fn sample(&mut self, prefix: &str, extra: &[(&str, &str)], value: f64) {
+        self.out.push_str(&self.sample);
+        if !prefix.is_empty() || !extra.is_empty() {
+            self.out.push('{');
+            self.out.push_str(prefix);
+            for (i, (k, v)) in extra.iter().enumerate() {
+                if i > 0 || !prefix.is_empty() {
+                    self.out.push(',');
+                }
+                self.out.push_str(k);
+                self.out.push_str("=\"");
+                escape_label_value(self.out, v);
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        self.out.push(' ');
+        if value.fract() == 0.0 && value.abs() < 1e15 {
+            let _ = write!(self.out, "{}", value as i64);
+        } else if value.is_nan() {
+            self.out.push_str("NaN");
+        } else {
+            let _ = write!(self.out, "{value}");
+        }
+        self.out.push('\n');
+    }
+}
+
+/// One node's latest snapshot with its pre-escaped label prefix.
 pub struct NodeSample<'a> {
-    pub labels: NodeLabels<'a>,
+    pub prefix: &'a str,
     pub snapshot: &'a pb::HealthSnapshot,
 }
 
-fn family<V: EncodeMetric, L: EncodeLabelSet>(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    series: impl Iterator<Item = (L, V)>,
-) -> fmt::Result {
-    let mut series = series.peekable();
-    if series.peek().is_none() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, kind)?;
-    for (labels, v) in series {
-        v.encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
+type Get = fn(&pb::HealthSnapshot) -> f64;
 
-/// A gauge with one series per node.
-pub fn node_gauge(
-    enc: &mut DescriptorEncoder,
-    nodes: &[NodeSample<'_>],
-    name: &str,
-    help: &str,
-    value: impl Fn(&pb::HealthSnapshot) -> f64,
-) -> fmt::Result {
-    family(
-        enc,
-        name,
-        help,
-        MetricType::Gauge,
-        nodes.iter().map(|n| (n.labels.as_slice(), ConstGauge::new(value(n.snapshot)))),
-    )
-}
-
-/// A metric with one series per node and item (filesystem, interface, sensor, service).
-#[allow(clippy::too_many_arguments)]
-fn per_item<'s, T: 's, V: EncodeMetric>(
-    enc: &mut DescriptorEncoder,
-    nodes: &'s [NodeSample<'s>],
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    items: impl Fn(&'s pb::HealthSnapshot) -> &'s [T],
-    labels: impl Fn(&'s T) -> Vec<(&'static str, &'s str)>,
-    value: impl Fn(&T) -> V,
-) -> fmt::Result {
-    let series = nodes.iter().flat_map(|n| {
-        items(n.snapshot).iter().map(|item| {
-            let mut l = n.labels.clone();
-            l.extend(labels(item));
-            (l, value(item))
-        })
-    });
-    family(enc, name, help, kind, series)
-}
-
-/// Encodes every node metric for `nodes`.
-pub fn encode_nodes(enc: &mut DescriptorEncoder, nodes: &[NodeSample<'_>]) -> fmt::Result {
-    node_gauge(enc, nodes, "muster_machine_cpu_usage_ratio", "CPU busy share over all cores (0-1).", |s| {
+/// Node gauges with one series per node.
+const NODE_GAUGES: &[(&str, &str, Get)] = &[
+    ("muster_machine_cpu_usage_ratio", "CPU busy share over all cores (0-1)", |s| {
         f64::from(s.cpu_usage_percent) / 100.0
-    })?;
-    family(
-        enc,
-        "muster_machine_cpus",
-        "Number of logical CPUs.",
-        MetricType::Gauge,
-        nodes.iter().map(|n| (n.labels.as_slice(), ConstGauge::new(i64::from(n.snapshot.cpu_count)))),
-    )?;
-    node_gauge(enc, nodes, "muster_machine_load1", "1-minute load average.", |s| s.load1)?;
-    node_gauge(enc, nodes, "muster_machine_load5", "5-minute load average.", |s| s.load5)?;
-    node_gauge(enc, nodes, "muster_machine_load15", "15-minute load average.", |s| s.load15)?;
-    node_gauge(enc, nodes, "muster_machine_memory_total_bytes", "Physical memory.", |s| {
-        s.memory_total_bytes as f64
-    })?;
-    node_gauge(enc, nodes, "muster_machine_memory_available_bytes", "Memory available for new work.", |s| {
+    }),
+    ("muster_machine_cpus", "Number of logical CPUs", |s| f64::from(s.cpu_count)),
+    ("muster_machine_load1", "1-minute load average", |s| s.load1),
+    ("muster_machine_load5", "5-minute load average", |s| s.load5),
+    ("muster_machine_load15", "15-minute load average", |s| s.load15),
+    ("muster_machine_memory_total_bytes", "Physical memory", |s| s.memory_total_bytes as f64),
+    ("muster_machine_memory_available_bytes", "Memory available for new work", |s| {
         s.memory_available_bytes as f64
-    })?;
-    node_gauge(enc, nodes, "muster_machine_swap_total_bytes", "Swap space.", |s| s.swap_total_bytes as f64)?;
-    node_gauge(enc, nodes, "muster_machine_swap_free_bytes", "Free swap space.", |s| {
-        s.swap_free_bytes as f64
-    })?;
-    node_gauge(enc, nodes, "muster_machine_uptime_seconds", "Time since boot.", |s| s.uptime_seconds as f64)?;
-    node_gauge(enc, nodes, "muster_machine_boot_time_seconds", "Boot time, Unix seconds.", |s| {
-        s.boot_time_unix as f64
-    })?;
-    node_gauge(
-        enc,
-        nodes,
-        "muster_machine_clock_offset_seconds",
-        "Node clock minus controller clock.",
-        |s| s.clock_offset_ms as f64 / 1000.0,
-    )?;
-    per_item(
-        enc,
-        nodes,
+    }),
+    ("muster_machine_swap_total_bytes", "Swap space", |s| s.swap_total_bytes as f64),
+    ("muster_machine_swap_free_bytes", "Free swap space", |s| s.swap_free_bytes as f64),
+    ("muster_machine_uptime_seconds", "Time since boot", |s| s.uptime_seconds as f64),
+    ("muster_machine_boot_time_seconds", "Boot time, Unix seconds", |s| s.boot_time_unix as f64),
+    ("muster_machine_clock_offset_seconds", "Node clock minus controller clock", |s| {
+        s.clock_offset_ms as f64 / 1000.0
+    }),
+];
+
+/// Every node metric family name this module writes (counters without `_total`).
+pub fn family_names() -> Vec<&'static str> {
+    let mut v: Vec<&str> = NODE_GAUGES.iter().map(|g| g.0).collect();
+    v.extend([
         "muster_machine_filesystem_size_bytes",
-        "Filesystem size.",
-        MetricType::Gauge,
-        |s| &s.filesystems,
-        fs_labels,
-        |f| ConstGauge::new(f.size_bytes as f64),
-    )?;
-    per_item(
-        enc,
-        nodes,
         "muster_machine_filesystem_avail_bytes",
-        "Filesystem space available to non-root users.",
-        MetricType::Gauge,
-        |s| &s.filesystems,
-        fs_labels,
-        |f| ConstGauge::new(f.available_bytes as f64),
-    )?;
-    for (name, help, get) in [
-        (
-            "muster_machine_network_receive_bytes",
-            "Bytes received.",
-            (|n| n.rx_bytes) as fn(&pb::NetworkCounters) -> u64,
-        ),
-        ("muster_machine_network_transmit_bytes", "Bytes sent.", |n| n.tx_bytes),
-        ("muster_machine_network_receive_errors", "Receive errors.", |n| n.rx_errors),
-        ("muster_machine_network_transmit_errors", "Transmit errors.", |n| n.tx_errors),
-    ] {
+        "muster_machine_network_receive_bytes",
+        "muster_machine_network_transmit_bytes",
+        "muster_machine_network_receive_errors",
+        "muster_machine_network_transmit_errors",
+        "muster_machine_temperature_celsius",
+        "muster_machine_service_up",
+    ]);
+    v
+}
+
+/// Writes a family with one series per node and item of `items`, skipping it if it has none.
+fn per_item<T>(
+    w: &mut Writer<'_>,
+    nodes: &[NodeSample<'_>],
+    (name, help, kind): (&str, &str, Kind),
+    items: fn(&pb::HealthSnapshot) -> &[T],
+    each: impl Fn(&mut Writer<'_>, &str, &T),
+) {
+    if nodes.iter().all(|n| items(n.snapshot).is_empty()) {
+        return;
+    }
+    w.family(name, help, kind);
+    for n in nodes {
+        for item in items(n.snapshot) {
+            each(w, n.prefix, item);
+        }
+    }
+}
+
+/// Writes every node metric family for `nodes`.
+pub fn write_nodes(w: &mut Writer<'_>, nodes: &[NodeSample<'_>]) {
+    if nodes.is_empty() {
+        return;
+    }
+    for (name, help, get) in NODE_GAUGES {
+        w.family(name, help, Kind::Gauge);
+        for n in nodes {
+            w.sample(n.prefix, &[], get(n.snapshot));
+        }
+    }
+    type FsGet = fn(&pb::FilesystemUsage) -> u64;
+    let fs: [(&str, &str, FsGet); 2] = [
+        ("muster_machine_filesystem_size_bytes", "Filesystem size", |f| f.size_bytes),
+        ("muster_machine_filesystem_avail_bytes", "Filesystem space available to non-root users", |f| {
+            f.available_bytes
+        }),
+    ];
+    for (name, help, get) in fs {
         per_item(
-            enc,
+            w,
             nodes,
-            name,
-            help,
-            MetricType::Counter,
+            (name, help, Kind::Gauge),
+            |s| &s.filesystems,
+            |w, p, f| {
+                w.sample(
+                    p,
+                    &[("mountpoint", &f.mount_point), ("device", &f.device), ("fstype", &f.fs_type)],
+                    get(f) as f64,
+                )
+            },
+        );
+    }
+    type NetGet = fn(&pb::NetworkCounters) -> u64;
+    let net: [(&str, &str, NetGet); 4] = [
+        ("muster_machine_network_receive_bytes", "Bytes received", |n| n.rx_bytes),
+        ("muster_machine_network_transmit_bytes", "Bytes sent", |n| n.tx_bytes),
+        ("muster_machine_network_receive_errors", "Receive errors", |n| n.rx_errors),
+        ("muster_machine_network_transmit_errors", "Transmit errors", |n| n.tx_errors),
+    ];
+    for (name, help, get) in net {
+        per_item(
+            w,
+            nodes,
+            (name, help, Kind::Counter),
             |s| &s.networks,
-            nic_labels,
-            |n| ConstCounter::new(get(n)),
-        )?;
+            |w, p, n| w.sample(p, &[("device", &n.interface)], get(n) as f64),
+        );
     }
     per_item(
-        enc,
+        w,
         nodes,
-        "muster_machine_temperature_celsius",
-        "Sensor temperature.",
-        MetricType::Gauge,
+        ("muster_machine_temperature_celsius", "Sensor temperature", Kind::Gauge),
         |s| &s.temperatures,
-        |t: &pb::Temperature| vec![("sensor", t.sensor.as_str())],
-        |t| ConstGauge::new(f64::from(t.celsius)),
-    )?;
+        |w, p, t| w.sample(p, &[("sensor", &t.sensor)], f64::from(t.celsius)),
+    );
     per_item(
-        enc,
+        w,
         nodes,
-        "muster_machine_service_up",
-        "1 if a service the machine config requires is running.",
-        MetricType::Gauge,
+        ("muster_machine_service_up", "1 if a service the machine config requires is running", Kind::Gauge),
         |s| &s.services,
-        |c: &pb::ServiceCheck| vec![("service", c.name.as_str())],
-        |c| ConstGauge::new(i64::from(c.up)),
-    )?;
-    Ok(())
-}
-
-fn fs_labels(f: &pb::FilesystemUsage) -> Vec<(&'static str, &str)> {
-    vec![
-        ("mountpoint", f.mount_point.as_str()),
-        ("device", f.device.as_str()),
-        ("fstype", f.fs_type.as_str()),
-    ]
-}
-
-fn nic_labels(n: &pb::NetworkCounters) -> Vec<(&'static str, &str)> {
-    vec![("device", n.interface.as_str())]
+        |w, p, c| w.sample(p, &[("service", &c.name)], f64::from(u8::from(c.up))),
+    );
 }
 
 /// Converts prometheus-client's OpenMetrics text to the Prometheus text format 0.0.4: counter
@@ -212,9 +270,9 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
             let suffix = if kind == "counter" && !name.ends_with("_total") { "_total" } else { "" };
             if let Some(h) = pending_help.take() {
                 let help = h.strip_prefix("# HELP ").and_then(|r| r.split_once(' ')).map_or("", |(_, t)| t);
-                out.push_str(&format!("# HELP {name}{suffix} {help}\n"));
+                let _ = writeln!(out, "# HELP {name}{suffix} {help}");
             }
-            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+            let _ = writeln!(out, "# TYPE {name}{suffix} {kind}");
             continue;
         }
         if line.starts_with("# UNIT ") || line == "# EOF" {
@@ -231,23 +289,11 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use prometheus_client::collector::Collector;
-    use prometheus_client::registry::Registry;
 
-    #[derive(Debug)]
-    struct One(pb::HealthSnapshot);
-    impl Collector for One {
-        fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-            encode_nodes(&mut enc, &[NodeSample { labels: vec![("machine", "m1")], snapshot: &self.0 }])
-        }
-    }
-
-    #[test]
-    fn encodes_and_converts() {
-        let snap = pb::HealthSnapshot {
+    fn snap() -> pb::HealthSnapshot {
+        pb::HealthSnapshot {
             cpu_usage_percent: 50.0,
             networks: vec![pb::NetworkCounters {
                 interface: "eth0".into(),
@@ -260,24 +306,47 @@ mod tests {
                 ..Default::default()
             }],
             ..Default::default()
-        };
-        let mut r = Registry::default();
-        r.register_collector(Box::new(One(snap)));
-        let mut om = String::new();
-        prometheus_client::encoding::text::encode(&mut om, &r).unwrap();
-        assert!(om.contains("muster_machine_cpu_usage_ratio{machine=\"m1\"} 0.5"), "{om}");
-        assert!(
-            om.contains("muster_machine_network_receive_bytes_total{machine=\"m1\",device=\"eth0\"} 7"),
-            "{om}"
-        );
-        let text = to_prometheus_text(&om);
-        assert!(text.contains("# TYPE muster_machine_network_receive_bytes_total counter\n"), "{text}");
-        assert!(
-            text.contains("# HELP muster_machine_network_receive_bytes_total Bytes received.\n"),
-            "{text}"
-        );
-        assert!(!text.contains("# EOF"));
+        }
+    }
+
+    #[test]
+    fn writes_both_formats() {
+        let s = snap();
+        let prefix = label_prefix(&[("machine", "m1"), ("hostname", "a\"b\\c\nd")]);
+        assert_eq!(prefix, r#"machine="m1",hostname="a\"b\\c\nd""#);
+        let nodes = [NodeSample { prefix: &prefix, snapshot: &s }];
+        let mut prom = String::new();
+        write_nodes(&mut Writer::new(&mut prom, Format::Prometheus), &nodes);
+        assert!(prom.contains(&format!("muster_machine_cpu_usage_ratio{{{prefix}}} 0.5\n")), "{prom}");
+        assert!(prom.contains("# TYPE muster_machine_network_receive_bytes_total counter\n"), "{prom}");
+        assert!(prom.contains(&format!(
+            "muster_machine_network_receive_bytes_total{{{prefix},device=\"eth0\"}} 7\n"
+        )));
         // Families without series are left out entirely.
-        assert!(!text.contains("temperature"), "{text}");
+        assert!(!prom.contains("temperature"), "{prom}");
+        let mut om = String::new();
+        write_nodes(&mut Writer::new(&mut om, Format::OpenMetrics), &nodes);
+        assert!(om.contains("# TYPE muster_machine_network_receive_bytes counter\n"), "{om}");
+        assert!(om.contains("muster_machine_network_receive_bytes_total{"), "{om}");
+    }
+
+    #[test]
+    fn unlabelled_and_float_samples() {
+        let mut out = String::new();
+        let mut w = Writer::new(&mut out, Format::Prometheus);
+        w.family("x", "An x", Kind::Gauge);
+        w.sample("", &[], 2.0);
+        w.sample("", &[("a", "b")], 0.25);
+        w.sample("", &[], f64::NAN);
+        assert_eq!(out, "# HELP x An x.\n# TYPE x gauge\nx 2\nx{a=\"b\"} 0.25\nx NaN\n");
+    }
+
+    #[test]
+    fn converts_openmetrics_counters() {
+        let om = "# HELP c Calls.\n# TYPE c counter\nc_total 3\n# HELP g G.\n# TYPE g gauge\n# UNIT g bytes\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP c_total Calls.\n# TYPE c_total counter\nc_total 3\n# HELP g G.\n# TYPE g gauge\ng 1\n"
+        );
     }
 }

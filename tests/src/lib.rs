@@ -30,7 +30,10 @@ pub fn bin_dir() -> PathBuf {
 pub fn bin(name: &str) -> Result<PathBuf> {
     let p = bin_dir().join(name);
     if !p.exists() {
-        bail!("{} not found: build the workspace binaries first (cargo build --workspace --bins)", p.display());
+        bail!(
+            "{} not found: build the workspace binaries first (cargo build --workspace --bins)",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -128,7 +131,9 @@ impl ControllerProc {
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.with_extension(format!("log.{}", now_nanos()));
         let mut cmd = Command::new(bin("muster-controller")?);
-        cmd.args(["serve", "--grpc-listen", grpc, "--http-listen", http, "--data-dir"]).arg(data_dir).args(extra);
+        cmd.args(["serve", "--grpc-listen", grpc, "--http-listen", http, "--data-dir"])
+            .arg(data_dir)
+            .args(extra);
         cmd.env("RUST_LOG", "info");
         let mut proc = Proc::spawn(&mut cmd, log)?;
         let ports = wait_for("controller ports.json", Duration::from_secs(30), || {
@@ -212,7 +217,8 @@ fn now_nanos() -> u128 {
 
 /// A gRPC channel to `endpoint` that trusts `ca_pem`, with an optional client identity.
 pub async fn channel(endpoint: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> Result<Channel> {
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)).domain_name("localhost");
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)).domain_name("localhost");
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
@@ -258,7 +264,11 @@ impl HttpResponse {
 }
 
 /// `GET path` on `addr` (loopback) with extra request headers; reads to connection close.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
+pub async fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -422,7 +432,11 @@ impl TestController {
         let r = self
             .anon_agent()
             .await?
-            .enroll(muster_proto::pb::EnrollRequest { token: token.into(), csr_pem: csr, inventory: Some(inventory) })
+            .enroll(muster_proto::pb::EnrollRequest {
+                token: token.into(),
+                csr_pem: csr,
+                inventory: Some(inventory),
+            })
             .await;
         Ok(r.map(|r| {
             let r = r.into_inner();

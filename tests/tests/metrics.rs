@@ -30,14 +30,19 @@ async fn connect(
     .await
     .unwrap();
     tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { seq: 1, sent_unix_ms: 0, health: Some(health) })),
+        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+            seq: 1,
+            sent_unix_ms: 0,
+            health: Some(health),
+        })),
     })
     .await
     .unwrap();
     let mut agent = f.machine_agent(m).await.unwrap();
     let mut down = agent.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), down.message()).await.unwrap().unwrap().unwrap();
+        let msg =
+            tokio::time::timeout(Duration::from_secs(5), down.message()).await.unwrap().unwrap().unwrap();
         if let Some(pb::controller_message::Msg::HeartbeatAck(a)) = msg.msg {
             assert_eq!(a.seq, 1);
             break;
@@ -61,7 +66,12 @@ fn snapshot(fs_avail: u64) -> pb::HealthSnapshot {
             size_bytes: 100 << 20,
             available_bytes: fs_avail,
         }],
-        networks: vec![pb::NetworkCounters { interface: "eth0".into(), rx_bytes: 1234, tx_bytes: 99, ..Default::default() }],
+        networks: vec![pb::NetworkCounters {
+            interface: "eth0".into(),
+            rx_bytes: 1234,
+            tx_bytes: 99,
+            ..Default::default()
+        }],
         services: vec![pb::ServiceCheck { name: "k3s".into(), up: true, detail: String::new() }],
         ..Default::default()
     }
@@ -78,7 +88,12 @@ async fn controller_metrics_pass_promtool_and_show_the_fleet() {
     f.admin()
         .await
         .unwrap()
-        .assign(pb::AssignRequest { query: a.id.clone(), role: pb::Role::Worker.into(), cluster: "lab".into(), force: false })
+        .assign(pb::AssignRequest {
+            query: a.id.clone(),
+            role: pb::Role::Worker.into(),
+            cluster: "lab".into(),
+            force: false,
+        })
         .await
         .unwrap();
 
@@ -87,7 +102,8 @@ async fn controller_metrics_pass_promtool_and_show_the_fleet() {
     assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
     let text = r.text();
     promtool_check_metrics(&text).unwrap();
-    let a_labels = format!("machine=\"{}\",hostname=\"host-{}\",cluster=\"lab\",role=\"worker\"", a.id, &a.id[..4]);
+    let a_labels =
+        format!("machine=\"{}\",hostname=\"host-{}\",cluster=\"lab\",role=\"worker\"", a.id, &a.id[..4]);
     for want in [
         format!("muster_machine_up{{{a_labels}}} 1"),
         format!("muster_machine_health{{{a_labels},status=\"healthy\"}} 1"),
@@ -111,9 +127,13 @@ async fn controller_metrics_pass_promtool_and_show_the_fleet() {
 async fn metrics_negotiate_openmetrics_and_gzip() {
     let f = TestController::start().await.unwrap();
     f.token(0, 1).await.unwrap(); // one gRPC call, so its counter has a series
-    let r = http_get(f.running.ports.http, "/metrics", &[("Accept", "application/openmetrics-text;version=1.0.0")])
-        .await
-        .unwrap();
+    let r = http_get(
+        f.running.ports.http,
+        "/metrics",
+        &[("Accept", "application/openmetrics-text;version=1.0.0")],
+    )
+    .await
+    .unwrap();
     assert!(r.header("content-type").unwrap().starts_with("application/openmetrics-text"));
     let om = r.text();
     assert!(om.ends_with("# EOF\n"), "{om}");
@@ -140,7 +160,12 @@ async fn service_discovery_lists_ready_agents_with_labels() {
     let _gc = connect(&f, &c, 0, snapshot(50 << 20)).await; // serves no metrics: not listed
     let mut admin = f.admin().await.unwrap();
     admin
-        .assign(pb::AssignRequest { query: a.id.clone(), role: pb::Role::Controlplane.into(), cluster: "lab".into(), force: false })
+        .assign(pb::AssignRequest {
+            query: a.id.clone(),
+            role: pb::Role::Controlplane.into(),
+            cluster: "lab".into(),
+            force: false,
+        })
         .await
         .unwrap();
 
@@ -156,7 +181,8 @@ async fn service_discovery_lists_ready_agents_with_labels() {
     assert_eq!(ga["labels"]["role"], "controlplane");
     assert_eq!(ga["labels"]["hostname"], format!("host-{}", &a.id[..4]));
 
-    let r = http_get(f.running.ports.http, "/sd/prometheus?cluster=lab&role=controlplane", &[]).await.unwrap();
+    let r =
+        http_get(f.running.ports.http, "/sd/prometheus?cluster=lab&role=controlplane", &[]).await.unwrap();
     let only: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(only.as_array().unwrap().len(), 1);
     let r = http_get(f.running.ports.http, "/sd/prometheus?cluster=nope", &[]).await.unwrap();
@@ -181,7 +207,14 @@ async fn health_snapshot_drives_status_reasons_and_metrics() {
     bad.services[0].up = false;
     bad.services[0].detail = "inactive".into();
     let _g = connect(&f, &a, 0, bad).await;
-    let m = f.admin().await.unwrap().get_machine(pb::MachineRef { query: a.id.clone() }).await.unwrap().into_inner();
+    let m = f
+        .admin()
+        .await
+        .unwrap()
+        .get_machine(pb::MachineRef { query: a.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(m.health, "degraded");
     assert_eq!(m.health_reasons, ["filesystem / is 95% full", "service k3s is down (inactive)"]);
     let text = http_get(f.running.ports.http, "/metrics", &[]).await.unwrap().text();
@@ -233,19 +266,30 @@ fn full_snapshot() -> pb::HealthSnapshot {
 fn alert_rules_pass_promtool_and_the_vmrule_matches() {
     let rules = repo_file("deploy/prometheus/muster-rules.yaml");
     let out = std::process::Command::new("promtool").arg("check").arg("rules").arg(&rules).output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plain: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
-    let vm: serde_json::Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(repo_file("deploy/victoriametrics/muster-vmrule.yaml")).unwrap())
-            .unwrap();
+    let vm: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(repo_file("deploy/victoriametrics/muster-vmrule.yaml")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(vm["kind"], "VMRule");
-    assert_eq!(vm["spec"]["groups"], plain["groups"], "the VMRule must carry the same groups as the rule file");
+    assert_eq!(
+        vm["spec"]["groups"], plain["groups"],
+        "the VMRule must carry the same groups as the rule file"
+    );
 }
 
 #[tokio::test]
 async fn dashboard_and_rules_reference_only_metrics_that_exist() {
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo_file("deploy/grafana/muster-fleet.json")).unwrap()).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("deploy/grafana/muster-fleet.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(dashboard["uid"], "muster-fleet");
     let mut exprs = String::new();
     let panels = dashboard["panels"].as_array().unwrap();
@@ -269,15 +313,15 @@ async fn dashboard_and_rules_reference_only_metrics_that_exist() {
     let _g = connect(&f, &a, 9100, full_snapshot()).await;
     assert!(f.enroll("abc123.0123456789abcdefghijklmnopqrstuv").await.is_err());
     let text = http_get(f.running.ports.http, "/metrics", &[]).await.unwrap().text();
-    let exposed: std::collections::BTreeSet<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
+    let exposed: std::collections::BTreeSet<&str> =
+        text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
     let names = referenced_metrics(&exprs);
     assert!(names.len() > 15, "{names:?}");
     for name in &names {
-        assert!(exposed.contains(name.as_str()), "{name} is referenced but not exposed; exposed: {exposed:?}");
+        assert!(
+            exposed.contains(name.as_str()),
+            "{name} is referenced but not exposed; exposed: {exposed:?}"
+        );
     }
     f.still_serving().await.unwrap();
 }

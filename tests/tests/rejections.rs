@@ -17,7 +17,10 @@ use tonic::Code;
 
 fn hello_stream() -> impl futures_stream::Stream<Item = pb::AgentMessage> + Send + 'static {
     futures_stream::once(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello { heartbeat_interval_ms: 1000, ..Default::default() })),
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            heartbeat_interval_ms: 1000,
+            ..Default::default()
+        })),
     })
 }
 
@@ -29,7 +32,8 @@ mod futures_stream {
 async fn no_client_cert_is_rejected() {
     let f = TestController::start().await.unwrap();
     let ch = channel(&f.endpoint, &f.mc.ca, None).await.unwrap();
-    let err = AdminServiceClient::new(ch.clone()).list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
+    let err =
+        AdminServiceClient::new(ch.clone()).list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     let err = AgentServiceClient::new(ch.clone()).connect(hello_stream()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
@@ -67,13 +71,16 @@ async fn agent_cert_on_admin_api_is_rejected() {
     let mut admin = AdminServiceClient::new(ch);
     let err = admin.list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    let err = admin
-        .create_token(pb::CreateTokenRequest { uses: 100, ..Default::default() })
-        .await
-        .unwrap_err();
+    let err =
+        admin.create_token(pb::CreateTokenRequest { uses: 100, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     let err = admin
-        .assign(pb::AssignRequest { query: m.id.clone(), role: pb::Role::Controlplane.into(), cluster: "c".into(), force: true })
+        .assign(pb::AssignRequest {
+            query: m.id.clone(),
+            role: pb::Role::Controlplane.into(),
+            cluster: "c".into(),
+            force: true,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
@@ -166,7 +173,14 @@ async fn revoked_machine_is_rejected() {
     let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().pem().unwrap();
     let err = agent.renew(pb::RenewRequest { csr_pem: csr }).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    let listed = f.admin().await.unwrap().get_machine(pb::MachineRef { query: m.id.clone() }).await.unwrap().into_inner();
+    let listed = f
+        .admin()
+        .await
+        .unwrap()
+        .get_machine(pb::MachineRef { query: m.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.state, pb::MachineState::Revoked as i32);
     f.still_serving().await.unwrap();
 }
@@ -180,11 +194,12 @@ async fn tampered_csr_is_rejected_and_the_token_kept() {
     let mut der = csr.der().to_vec();
     let n = der.len();
     der[n - 3] ^= 0xff;
-    let tampered = format!(
-        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
-        b64(&der)
-    );
-    for bad in [tampered.as_str(), "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n"] {
+    let tampered =
+        format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", b64(&der));
+    for bad in [
+        tampered.as_str(),
+        "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n",
+    ] {
         let err = f
             .anon_agent()
             .await
@@ -204,7 +219,8 @@ async fn tampered_csr_is_rejected_and_the_token_kept() {
 async fn csr_asking_for_ca_and_extra_sans_gets_neither() {
     let f = TestController::start().await.unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string(), "evil.example".to_string()]).unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "evil.example".to_string()]).unwrap();
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     p.distinguished_name.push(rcgen::DnType::OrganizationName, "muster:admins");
     p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
@@ -243,10 +259,17 @@ async fn oversized_message_is_rejected() {
         .anon_agent()
         .await
         .unwrap()
-        .enroll(pb::EnrollRequest { token: f.token(0, 1).await.unwrap(), csr_pem: "x".into(), inventory: Some(huge) })
+        .enroll(pb::EnrollRequest {
+            token: f.token(0, 1).await.unwrap(),
+            csr_pem: "x".into(),
+            inventory: Some(huge),
+        })
         .await
         .unwrap_err();
-    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{err}");
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument),
+        "{err}"
+    );
     assert_eq!(f.machine_count().await.unwrap(), 0);
     f.still_serving().await.unwrap();
 }
@@ -310,7 +333,9 @@ fn b64(data: &[u8]) -> String {
     const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             s.push(if i <= c.len() { T[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
         }

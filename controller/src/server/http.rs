@@ -9,12 +9,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use muster_proto::node_metrics::to_prometheus_text;
+use muster_proto::node_metrics::Format;
 
 use super::Controller;
-
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub fn router(c: Controller) -> Router {
     Router::new()
@@ -60,15 +57,15 @@ pub fn maybe_gzip(headers: &HeaderMap, content_type: &'static str, body: String)
 
 /// Prometheus exposition: OpenMetrics when the scraper asks for it, else text format 0.0.4.
 async fn metrics(State(c): State<Controller>, headers: HeaderMap) -> Response {
-    let fleet = c.fleet_snapshot();
-    let text = match c.metrics().render(fleet) {
-        Ok(t) => t,
-        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n").into_response(),
-    };
-    if accepts(&headers, header::ACCEPT, "application/openmetrics-text") {
-        maybe_gzip(&headers, OPENMETRICS, text + "# EOF\n")
+    let format = if accepts(&headers, header::ACCEPT, "application/openmetrics-text") {
+        Format::OpenMetrics
     } else {
-        maybe_gzip(&headers, PROMETHEUS_TEXT, to_prometheus_text(&text))
+        Format::Prometheus
+    };
+    let fleet = c.fleet_snapshot();
+    match c.metrics().render(&fleet, format) {
+        Ok(text) => maybe_gzip(&headers, format.content_type(), text),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n").into_response(),
     }
 }
 
