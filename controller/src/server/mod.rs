@@ -660,7 +660,7 @@ async fn serve(
     shutdown: oneshot::Receiver<()>,
 ) -> Result<(), ServeError> {
     let stop = CancellationToken::new();
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_loop(grpc, tls));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_loop(grpc, tls, stop.clone()));
     let agent =
         pb::agent_service_server::AgentServiceServer::new(agent_api::AgentApi::new(controller.clone()))
             .max_decoding_message_size(MAX_AGENT_MESSAGE);

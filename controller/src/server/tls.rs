@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::pki::Pki;
 
@@ -39,16 +40,22 @@ pub fn server_config(pki: &Pki) -> Result<Arc<ServerConfig>, rustls::Error> {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently; established streams come
-/// out of the returned channel. Failed handshakes are logged and dropped.
+/// out of the returned channel. Failed handshakes are logged and dropped. The listener closes
+/// when `stop` is cancelled.
 pub fn accept_loop(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    stop: CancellationToken,
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(1024);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

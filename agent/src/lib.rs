@@ -1,0 +1,29 @@
+//! The Muster node agent.
+//!
+//! - [`settings`]: flags and the kernel command line, merged into an [`AgentConfig`].
+//! - [`identity`]: the state dir (node key, certificate, CA, machine id, last assignment).
+//! - [`discovery`]: finding the controller's CA by its pin before there is any certificate.
+//! - [`client`]: enrollment, CSRs and the TLS channels to the controller.
+//! - [`inventory`] and [`health`]: what the node reports, read from `/proc` and `/sys`.
+//! - [`metrics`]: the agent's own `/metrics` endpoint.
+//! - [`Agent`]: the loop that enrolls if needed, keeps one stream open with heartbeats,
+//!   reconnects with backoff and full jitter, renews its certificate at ~70 % of its lifetime,
+//!   and stops for good when the controller revokes it.
+
+pub mod backoff;
+pub mod client;
+pub mod discovery;
+pub mod health;
+pub mod identity;
+pub mod inventory;
+pub mod metrics;
+mod run;
+pub mod settings;
+
+pub use run::{Agent, AgentError, AgentStatus};
+pub use settings::{AgentConfig, Hints};
+
+/// Installs the ring crypto provider for rustls (once per process; later calls are no-ops).
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

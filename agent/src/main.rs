@@ -1,0 +1,93 @@
+//! `muster-agent`: the node daemon. See `muster-agent --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use muster_agent::settings::Flags;
+use muster_agent::{Agent, AgentError};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Logs to journald when its socket exists, else to stderr.
+fn init_logging() {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journald = std::path::Path::new("/run/systemd/journal/socket")
+        .exists()
+        .then(tracing_journald::layer)
+        .and_then(Result::ok);
+    match journald {
+        Some(j) => {
+            let _ = tracing_subscriber::registry().with(j.with_filter(filter())).try_init();
+        }
+        None => {
+            use std::io::IsTerminal;
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter(filter());
+            let _ = tracing_subscriber::registry().with(fmt).try_init();
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    muster_agent::init_crypto();
+    let flags = Flags::parse();
+    init_logging();
+    let cmdline = std::fs::read_to_string(&flags.cmdline_file).unwrap_or_default();
+    let (cfg, svc) = match flags.resolve(&cmdline) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let (agent, status) = Agent::new(cfg);
+        let mut agent = agent.with_service_checks(svc.service_checks);
+        if let Some(addr) = svc.metrics_listen {
+            match muster_agent::metrics::spawn(addr, agent.collector(), status.clone()).await {
+                Ok(bound) => {
+                    tracing::info!(%bound, "serving /metrics");
+                    agent = agent.with_metrics_port(bound.port());
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "cannot serve /metrics; continuing without"),
+            }
+        }
+        agent.run(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ AgentError::Revoked { .. }) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

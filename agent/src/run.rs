@@ -1,0 +1,457 @@
+//! The agent's loop: enroll if there is no identity, then keep one stream open (hello,
+//! heartbeats with a health snapshot, assignments down), reconnect with full-jitter backoff,
+//! renew the certificate at ~70 % of its lifetime, and stop for good when revoked.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use muster_proto::pb;
+use muster_proto::pb::agent_service_client::AgentServiceClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backoff::Backoff;
+use crate::client::{self, classify, CallError};
+use crate::discovery::{self, DiscoveryError};
+use crate::health::{Collector, Sources};
+use crate::identity::{Assignment, Identity, MachineFile, StateDir, StateError};
+use crate::settings::AgentConfig;
+
+/// What the agent is doing, for callers and the metrics endpoint.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentStatus {
+    pub machine_id: Option<String>,
+    pub connected: bool,
+    pub assignment: Option<Assignment>,
+    pub last_rtt: Option<Duration>,
+    pub heartbeats_acked: u64,
+    pub reconnects: u64,
+    pub clock_offset_ms: i64,
+    /// Unix seconds; 0 when unknown.
+    pub cert_not_after: i64,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("machine {id} was revoked by the controller ({reason}); restart the agent with a new join token to enroll again")]
+    Revoked { id: String, reason: String },
+    #[error(
+        "no identity in {0} and no join token: pass --token (or muster.token= on the kernel command line)"
+    )]
+    NoToken(String),
+    #[error("refusing to enroll: no CA pin and no CA file, so the controller cannot be authenticated; pass --ca-hash sha256:... (printed by `muster-controller init`) or --ca-file")]
+    NoTrust,
+    #[error("CA file {path}: {problem}")]
+    CaFile { path: String, problem: String },
+    #[error("enrollment refused by the controller: {0}")]
+    Enroll(String),
+    #[error("the machine certificate expired at {0} and there is no join token to enroll again")]
+    Expired(String),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error("state dir: {0}")]
+    State(#[from] StateError),
+    #[error("key generation: {0}")]
+    Key(String),
+}
+
+/// The agent. Build with [`Agent::new`], then [`Agent::run`].
+pub struct Agent {
+    cfg: AgentConfig,
+    state: StateDir,
+    status: watch::Sender<AgentStatus>,
+    collector: Arc<Mutex<Collector>>,
+    metrics_port: u16,
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A cert's validity in Unix seconds.
+fn validity(cert_pem: &str) -> Option<(i64, i64)> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let (_, c) = x509_parser::parse_x509_certificate(&p.contents).ok()?;
+    Some((c.validity().not_before.timestamp(), c.validity().not_after.timestamp()))
+}
+
+/// When to renew a certificate valid from `nb` to `na` (Unix seconds): at 70 % of its lifetime,
+/// never earlier than one second from `now`.
+pub fn renew_at(nb: i64, na: i64, now: i64) -> i64 {
+    let at = nb + (na - nb) * 7 / 10;
+    at.max(now + 1)
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+    Revoked(String),
+    Renewed,
+}
+
+type Stop = watch::Receiver<bool>;
+
+async fn stopped(stop: &mut Stop) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+/// Sleeps `d`, or returns false early when asked to stop.
+async fn sleep_or_stop(d: Duration, stop: &mut Stop) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        () = stopped(stop) => false,
+    }
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> (Self, watch::Receiver<AgentStatus>) {
+        let (status, rx) = watch::channel(AgentStatus::default());
+        let state = StateDir::new(&cfg.state_dir);
+        let collector = Arc::new(Mutex::new(Collector::new(Sources::default(), Vec::new())));
+        (Self { cfg, state, status, collector, metrics_port: 0 }, rx)
+    }
+
+    /// Units or processes reported as service checks.
+    pub fn with_service_checks(self, services: Vec<String>) -> Self {
+        if let Ok(mut c) = self.collector.lock() {
+            *c = Collector::new(Sources::default(), services);
+        }
+        self
+    }
+
+    /// The port of this agent's `/metrics`, told to the controller for service discovery.
+    pub fn with_metrics_port(mut self, port: u16) -> Self {
+        self.metrics_port = port;
+        self
+    }
+
+    /// The health collector, shared with the metrics endpoint.
+    pub fn collector(&self) -> Arc<Mutex<Collector>> {
+        self.collector.clone()
+    }
+
+    /// A status receiver besides the one [`Agent::new`] returned.
+    pub fn subscribe(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `shutdown` completes (Ok) or the machine is revoked or cannot enroll (Err).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
+        let (stop_tx, mut stop) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        self.state.create()?;
+        let mut ident = match self.usable_identity()? {
+            Some(i) => i,
+            None => match self.enroll(&mut stop).await? {
+                Some(i) => i,
+                None => return Ok(()),
+            },
+        };
+        self.status.send_modify(|s| {
+            s.machine_id = Some(ident.machine.machine_id.clone());
+            s.assignment = ident.machine.assignment.clone();
+            s.cert_not_after = validity(&ident.cert_pem).map_or(0, |v| v.1);
+        });
+        tracing::info!(machine = %ident.machine.machine_id, controller = %self.cfg.controller, "identity ready");
+        let mut backoff = Backoff::reconnect();
+        loop {
+            let started = Instant::now();
+            let end = match client::mtls_channel(
+                &self.cfg.controller,
+                &ident.ca_pem,
+                &ident.cert_pem,
+                &ident.key_pem,
+            )
+            .await
+            {
+                Ok(ch) => self.session(ch, &mut ident, &mut stop).await,
+                Err(e) => SessionEnd::Lost(e.to_string()),
+            };
+            self.status.send_modify(|s| s.connected = false);
+            match end {
+                SessionEnd::Shutdown => {
+                    tracing::info!("stopping");
+                    return Ok(());
+                }
+                SessionEnd::Revoked(reason) => {
+                    let id = ident.machine.machine_id.clone();
+                    tracing::error!(machine = %id, %reason, "this machine was revoked by the controller; forgetting its identity");
+                    self.state.wipe()?;
+                    return Err(AgentError::Revoked { id, reason });
+                }
+                SessionEnd::Renewed => {
+                    backoff.reset();
+                    continue;
+                }
+                SessionEnd::Lost(reason) => {
+                    if started.elapsed() >= self.cfg.heartbeat * 2 {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%reason, retry_in = ?delay, "connection to the controller lost");
+                    self.status.send_modify(|s| s.reconnects += 1);
+                    if !sleep_or_stop(delay, &mut stop).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The saved identity, unless missing, or expired while a token can replace it.
+    fn usable_identity(&self) -> Result<Option<Identity>, AgentError> {
+        let Some(ident) = self.state.load()? else { return Ok(None) };
+        if let Some((_, na)) = validity(&ident.cert_pem) {
+            if na <= now_unix_ms() / 1000 {
+                let when =
+                    humantime::format_rfc3339(UNIX_EPOCH + Duration::from_secs(na.max(0) as u64)).to_string();
+                if self.cfg.token.is_none() {
+                    return Err(AgentError::Expired(when));
+                }
+                tracing::warn!(expired = %when, "machine certificate expired; enrolling again with the join token");
+                self.state.wipe()?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(ident))
+    }
+
+    /// The CA to trust for enrollment: a CA file (checked against the pin if both are given),
+    /// else the one the pin finds.
+    async fn trusted_ca(&self, stop: &mut Stop) -> Result<Option<String>, AgentError> {
+        if let Some(path) = &self.cfg.ca_file {
+            let pem = std::fs::read_to_string(path).map_err(|e| AgentError::CaFile {
+                path: path.display().to_string(),
+                problem: e.to_string(),
+            })?;
+            let pin = muster_proto::pin::CaPin::of_cert_pem(&pem).map_err(|e| AgentError::CaFile {
+                path: path.display().to_string(),
+                problem: e.to_string(),
+            })?;
+            if let Some(want) = self.cfg.ca_pin {
+                if want != pin {
+                    return Err(AgentError::CaFile {
+                        path: path.display().to_string(),
+                        problem: format!("its pin is {pin}, not the --ca-hash {want}"),
+                    });
+                }
+            }
+            return Ok(Some(pem));
+        }
+        let Some(pin) = self.cfg.ca_pin else { return Err(AgentError::NoTrust) };
+        let mut backoff = Backoff::reconnect();
+        loop {
+            match discovery::discover_ca(&self.cfg.controller, &pin).await {
+                Ok(pem) => return Ok(Some(pem)),
+                Err(e @ (DiscoveryError::Connect { .. } | DiscoveryError::Handshake { .. })) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "controller not reachable yet");
+                    if !sleep_or_stop(delay, stop).await {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Enrolls with the join token. `None` if asked to stop first.
+    async fn enroll(&self, stop: &mut Stop) -> Result<Option<Identity>, AgentError> {
+        let token = self
+            .cfg
+            .token
+            .clone()
+            .ok_or_else(|| AgentError::NoToken(self.state.root().display().to_string()))?;
+        let Some(ca_pem) = self.trusted_ca(stop).await? else { return Ok(None) };
+        let key_pem = match self.state.load_key()? {
+            Some(k) => k,
+            None => {
+                let key = client::generate_key().map_err(|e| AgentError::Key(e.to_string()))?;
+                let pem = key.serialize_pem();
+                self.state.write_key(&pem)?;
+                pem
+            }
+        };
+        let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| AgentError::Key(e.to_string()))?;
+        let csr = client::csr_pem(&key).map_err(|e| AgentError::Key(e.to_string()))?;
+        let inventory = crate::inventory::collect(&self.cfg.hints);
+        let mut backoff = Backoff::reconnect();
+        let resp = loop {
+            match client::enroll_once(&self.cfg.controller, &ca_pem, &token, &csr, inventory.clone()).await {
+                Ok(r) => break r,
+                Err(CallError::Retry(msg)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %msg, retry_in = ?delay, "enrollment did not go through; retrying");
+                    if !sleep_or_stop(delay, stop).await {
+                        return Ok(None);
+                    }
+                }
+                Err(CallError::Final(msg) | CallError::Revoked(msg)) => return Err(AgentError::Enroll(msg)),
+            }
+        };
+        let machine = MachineFile {
+            machine_id: resp.machine_id.clone(),
+            controller: self.cfg.controller.clone(),
+            assignment: None,
+        };
+        self.state.write_ca(&ca_pem)?;
+        self.state.write_cert(&resp.certificate_pem)?;
+        self.state.write_machine(&machine)?;
+        let state = muster_proto::State::from_wire(resp.state).map_or("unknown", |s| s.as_str());
+        tracing::info!(machine = %resp.machine_id, %state, "enrolled");
+        Ok(Some(Identity { key_pem, cert_pem: resp.certificate_pem, ca_pem, machine }))
+    }
+
+    /// One stream, until it ends.
+    async fn session(
+        &self,
+        channel: tonic::transport::Channel,
+        ident: &mut Identity,
+        stop: &mut Stop,
+    ) -> SessionEnd {
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
+        let hello = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                inventory: Some(crate::inventory::collect(&self.cfg.hints)),
+                heartbeat_interval_ms: u32::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u32::MAX),
+                metrics_port: u32::from(self.metrics_port),
+            })),
+        };
+        if tx.send(hello).await.is_err() {
+            return SessionEnd::Lost("stream closed".into());
+        }
+        let mut inbound =
+            match AgentServiceClient::new(channel.clone()).connect(ReceiverStream::new(rx)).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    return match classify(&s) {
+                        CallError::Revoked(m) => SessionEnd::Revoked(m),
+                        other => SessionEnd::Lost(other.to_string()),
+                    };
+                }
+            };
+        self.status.send_modify(|s| s.connected = true);
+        tracing::info!("connected to the controller");
+
+        let mut ticker = tokio::time::interval(self.cfg.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let mut sent: VecDeque<(u64, Instant, i64)> = VecDeque::new();
+        let mut offset_ms = 0i64;
+        let renew_wall = validity(&ident.cert_pem).map(|(nb, na)| renew_at(nb, na, now_unix_ms() / 1000));
+        let renew_in =
+            |wall: i64| Duration::from_secs(u64::try_from(wall - now_unix_ms() / 1000).unwrap_or(0).max(1));
+        let mut renew_deadline =
+            tokio::time::Instant::now() + renew_wall.map_or(Duration::from_secs(3600), renew_in);
+        loop {
+            tokio::select! {
+                () = stopped(stop) => return SessionEnd::Shutdown,
+                _ = ticker.tick() => {
+                    seq += 1;
+                    let health = self.collector.lock().map(|mut c| c.collect(offset_ms)).ok();
+                    let wall = now_unix_ms();
+                    sent.push_back((seq, Instant::now(), wall));
+                    if sent.len() > 64 {
+                        sent.pop_front();
+                    }
+                    let hb = pb::AgentMessage {
+                        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { seq, sent_unix_ms: wall, health })),
+                    };
+                    if tx.send(hb).await.is_err() {
+                        return SessionEnd::Lost("stream closed".into());
+                    }
+                }
+                () = tokio::time::sleep_until(renew_deadline) => {
+                    match self.renew(channel.clone(), ident).await {
+                        Ok(()) => return SessionEnd::Renewed,
+                        Err(CallError::Revoked(m)) => return SessionEnd::Revoked(m),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "certificate renewal failed; retrying in 30s");
+                            renew_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                        }
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => self.handle(m, &mut sent, &mut offset_ms, ident),
+                    Ok(None) => return SessionEnd::Lost("the controller closed the stream".into()),
+                    Err(s) => return match classify(&s) {
+                        CallError::Revoked(m) => SessionEnd::Revoked(m),
+                        other => SessionEnd::Lost(other.to_string()),
+                    },
+                },
+            }
+        }
+    }
+
+    fn handle(
+        &self,
+        m: pb::ControllerMessage,
+        sent: &mut VecDeque<(u64, Instant, i64)>,
+        offset_ms: &mut i64,
+        ident: &mut Identity,
+    ) {
+        match m.msg {
+            Some(pb::controller_message::Msg::Welcome(w)) => {
+                tracing::debug!(machine = %w.machine_id, "welcome");
+            }
+            Some(pb::controller_message::Msg::Assignment(a)) => {
+                let a = Assignment::from(a);
+                if ident.machine.assignment.as_ref() != Some(&a) {
+                    tracing::info!(role = %a.role, cluster = %a.cluster, approved = a.approved, "assignment");
+                    ident.machine.assignment = Some(a.clone());
+                    if let Err(e) = self.state.write_machine(&ident.machine) {
+                        tracing::warn!(error = %e, "could not save the assignment");
+                    }
+                }
+                self.status.send_modify(|s| s.assignment = Some(a));
+            }
+            Some(pb::controller_message::Msg::HeartbeatAck(ack)) => {
+                if let Some(pos) = sent.iter().position(|(s, _, _)| *s == ack.seq) {
+                    let (_, at, wall) = sent[pos];
+                    sent.drain(..=pos);
+                    let rtt = at.elapsed();
+                    // Our clock at the moment the controller stamped the ack, minus its clock.
+                    *offset_ms = wall + i64::try_from(rtt.as_millis() / 2).unwrap_or(0) - ack.server_unix_ms;
+                    let off = *offset_ms;
+                    self.status.send_modify(|s| {
+                        s.last_rtt = Some(rtt);
+                        s.heartbeats_acked += 1;
+                        s.clock_offset_ms = off;
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Renews the certificate with a new CSR for the same key.
+    async fn renew(&self, channel: tonic::transport::Channel, ident: &mut Identity) -> Result<(), CallError> {
+        let key = rcgen::KeyPair::from_pem(&ident.key_pem).map_err(|e| CallError::Final(e.to_string()))?;
+        let csr = client::csr_pem(&key).map_err(|e| CallError::Final(e.to_string()))?;
+        let r = client::renew(channel, &csr).await?;
+        self.state.write_cert(&r.certificate_pem).map_err(|e| CallError::Retry(e.to_string()))?;
+        ident.cert_pem = r.certificate_pem;
+        let na = validity(&ident.cert_pem).map_or(0, |v| v.1);
+        self.status.send_modify(|s| s.cert_not_after = na);
+        tracing::info!("certificate renewed");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_at_seventy_percent_never_in_the_past() {
+        assert_eq!(renew_at(0, 1000, 0), 700);
+        assert_eq!(renew_at(1000, 87_400, 1000), 1000 + 86_400 * 7 / 10);
+        assert_eq!(renew_at(0, 1000, 900), 901, "overdue: renew now");
+    }
+}

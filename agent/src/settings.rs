@@ -1,0 +1,282 @@
+//! The agent's settings: command-line flags, else the kernel command line (`muster.controller=`,
+//! `muster.token=`, `muster.ca_hash=`, `muster.heartbeat=`), else defaults. Flags win.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use muster_proto::pin::CaPin;
+use muster_proto::token::JoinToken;
+
+/// Identity hints that override what the inventory reports, for labs and tests where several
+/// agents share one host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    pub hostname: Option<String>,
+    pub uuid: Option<String>,
+}
+
+/// Everything the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `https://HOST:PORT` of the controller's gRPC listener.
+    pub controller: String,
+    /// Join token; needed only until the node has an identity.
+    pub token: Option<String>,
+    pub ca_pin: Option<CaPin>,
+    pub ca_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub heartbeat: Duration,
+    pub hints: Hints,
+}
+
+/// Extra settings of the binary (not needed by the library's loop).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSettings {
+    /// Where `/metrics` listens; `None` is off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Systemd units or processes that must be running.
+    pub service_checks: Vec<String>,
+}
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/muster-agent";
+/// Default metrics listen address.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:7481";
+
+/// muster-agent: runs on every node. Enrolls with the controller using a join token, keeps one
+/// mutual-TLS stream open, reports inventory and health, and serves its own /metrics.
+///
+/// Every setting can also come from the kernel command line (muster.controller=,
+/// muster.token=, muster.ca_hash=, muster.heartbeat=, muster.state_dir=), so a network-booted
+/// node needs no files. Flags win over the kernel command line.
+#[derive(Parser, Debug, Clone, Default)]
+#[command(name = "muster-agent", version, about, long_about)]
+pub struct Flags {
+    /// Controller gRPC endpoint, https://HOST:PORT [kernel: muster.controller=]
+    #[arg(long, value_name = "URL")]
+    pub controller: Option<String>,
+    /// Join token <id>.<secret>; needed only for the first enrollment [kernel: muster.token=]
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Pin of the controller's CA, sha256:<64 hex>, as printed by `muster-controller init`
+    /// [kernel: muster.ca_hash=]
+    #[arg(long, value_name = "sha256:HEX")]
+    pub ca_hash: Option<String>,
+    /// The controller's CA certificate (PEM), instead of or besides the pin.
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// Where the node's key, certificate and machine id live (created 0700)
+    /// [kernel: muster.state_dir=] [default: /var/lib/muster-agent]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Heartbeat interval, 100ms..10m [kernel: muster.heartbeat=] [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat: Option<String>,
+    /// Where the agent serves /metrics, or "off" [default: 0.0.0.0:7481]
+    #[arg(long, value_name = "ADDR|off")]
+    pub metrics_listen: Option<String>,
+    /// A systemd unit or process name that must be running, reported as a health check.
+    /// Repeatable [kernel: muster.service_checks=a,b]
+    #[arg(long = "service-check", value_name = "NAME")]
+    pub service_checks: Vec<String>,
+    /// Read the kernel command line from this file.
+    #[arg(long, value_name = "PATH", default_value = "/proc/cmdline", hide = true)]
+    pub cmdline_file: PathBuf,
+    /// Report this hostname instead of the system's (labs and tests).
+    #[arg(long, value_name = "NAME", hide = true)]
+    pub hint_hostname: Option<String>,
+    /// Report this SMBIOS UUID instead of the firmware's (labs and tests).
+    #[arg(long, value_name = "UUID", hide = true)]
+    pub hint_uuid: Option<String>,
+}
+
+/// A setting that is missing or malformed; names the flag and the kernel parameter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{flag} (muster.{kernel}=): {problem}")]
+pub struct SettingError {
+    pub flag: &'static str,
+    pub kernel: &'static str,
+    pub problem: String,
+}
+
+fn err(flag: &'static str, kernel: &'static str, problem: impl Into<String>) -> SettingError {
+    SettingError { flag, kernel, problem: problem.into() }
+}
+
+/// `muster.*` parameters of a kernel command line (quotes allowed around values).
+pub fn parse_cmdline(cmdline: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = cmdline.trim().chars().peekable();
+    while chars.peek().is_some() {
+        let mut word = String::new();
+        let mut quoted = false;
+        for c in chars.by_ref() {
+            match c {
+                '"' => quoted = !quoted,
+                c if c.is_whitespace() && !quoted => break,
+                c => word.push(c),
+            }
+        }
+        if let Some(rest) = word.strip_prefix("muster.") {
+            if let Some((k, v)) = rest.split_once('=') {
+                out.push((k.to_owned(), v.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+impl Flags {
+    /// Merges flags over the kernel command line and checks every value.
+    pub fn resolve(self, cmdline: &str) -> Result<(AgentConfig, ServiceSettings), SettingError> {
+        let kernel = parse_cmdline(cmdline);
+        let k = |name: &str| kernel.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+
+        let controller = self
+            .controller
+            .or_else(|| k("controller"))
+            .ok_or_else(|| err("controller", "controller", "required: the controller's https://HOST:PORT"))?;
+        let uri: tonic::transport::Uri = controller
+            .parse()
+            .map_err(|e| err("controller", "controller", format!("{controller:?}: {e}")))?;
+        if uri.scheme_str() != Some("https") || uri.host().is_none() {
+            return Err(err(
+                "controller",
+                "controller",
+                format!("{controller:?} must look like https://HOST:PORT"),
+            ));
+        }
+        let token = self.token.or_else(|| k("token")).filter(|t| !t.is_empty());
+        if let Some(t) = &token {
+            JoinToken::parse(t).map_err(|e| err("token", "token", e.to_string()))?;
+        }
+        let ca_pin = self
+            .ca_hash
+            .or_else(|| k("ca_hash"))
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse::<CaPin>().map_err(|e| err("ca-hash", "ca_hash", e.to_string())))
+            .transpose()?;
+        let state_dir =
+            self.state_dir.or_else(|| k("state_dir").map(PathBuf::from)).unwrap_or(DEFAULT_STATE_DIR.into());
+        let heartbeat = match self.heartbeat.or_else(|| k("heartbeat")) {
+            None => Duration::from_secs(5),
+            Some(s) => {
+                let d = humantime::parse_duration(&s)
+                    .map_err(|e| err("heartbeat", "heartbeat", format!("{s:?}: {e}")))?;
+                if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+                    return Err(err("heartbeat", "heartbeat", format!("{s:?} is outside 100ms..10m")));
+                }
+                d
+            }
+        };
+        let metrics_listen = match self.metrics_listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN) {
+            "off" | "" => None,
+            s => Some(s.parse().map_err(|e| err("metrics-listen", "metrics_listen", format!("{s:?}: {e}")))?),
+        };
+        let mut service_checks = self.service_checks;
+        if service_checks.is_empty() {
+            if let Some(v) = k("service_checks") {
+                service_checks = v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            }
+        }
+        Ok((
+            AgentConfig {
+                controller,
+                token,
+                ca_pin,
+                ca_file: self.ca_file,
+                state_dir,
+                heartbeat,
+                hints: Hints { hostname: self.hint_hostname, uuid: self.hint_uuid },
+            },
+            ServiceSettings { metrics_listen, service_checks },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIN: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    const TOKEN: &str = "abc123.0123456789abcdefghijklmnopqrstuv";
+
+    #[test]
+    fn parses_kernel_cmdline() {
+        let c = format!("BOOT_IMAGE=/vmlinuz quiet muster.controller=https://10.0.2.2:7443 muster.token={TOKEN} muster.ca_hash={PIN} root=/dev/sda1 muster.x=\"a b\"\n");
+        let p = parse_cmdline(&c);
+        assert_eq!(p[0], ("controller".into(), "https://10.0.2.2:7443".into()));
+        assert_eq!(p[1], ("token".into(), TOKEN.into()));
+        assert_eq!(p[3], ("x".into(), "a b".into()));
+    }
+
+    #[test]
+    fn flags_win_over_the_kernel_cmdline() {
+        let cmdline = format!(
+            "muster.controller=https://k:1 muster.token={TOKEN} muster.ca_hash={PIN} muster.heartbeat=2s"
+        );
+        let flags = Flags { controller: Some("https://flag:2".into()), ..Default::default() };
+        let (cfg, svc) = flags.resolve(&cmdline).unwrap();
+        assert_eq!(cfg.controller, "https://flag:2");
+        assert_eq!(cfg.token.as_deref(), Some(TOKEN), "from the kernel");
+        assert_eq!(cfg.heartbeat, Duration::from_secs(2));
+        assert_eq!(cfg.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(svc.metrics_listen, Some("0.0.0.0:7481".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let cases = [
+            (Flags::default(), "--controller"),
+            (Flags { controller: Some("http://x:1".into()), ..Default::default() }, "--controller"),
+            (
+                Flags {
+                    controller: Some("https://x:1".into()),
+                    token: Some("nope".into()),
+                    ..Default::default()
+                },
+                "--token",
+            ),
+            (
+                Flags {
+                    controller: Some("https://x:1".into()),
+                    ca_hash: Some("md5:1".into()),
+                    ..Default::default()
+                },
+                "--ca-hash",
+            ),
+            (
+                Flags {
+                    controller: Some("https://x:1".into()),
+                    heartbeat: Some("1ms".into()),
+                    ..Default::default()
+                },
+                "--heartbeat",
+            ),
+            (
+                Flags {
+                    controller: Some("https://x:1".into()),
+                    metrics_listen: Some("x".into()),
+                    ..Default::default()
+                },
+                "--metrics-listen",
+            ),
+        ];
+        for (flags, want) in cases {
+            let e = flags.resolve("").unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn metrics_can_be_turned_off() {
+        let flags = Flags {
+            controller: Some("https://x:1".into()),
+            metrics_listen: Some("off".into()),
+            ..Default::default()
+        };
+        assert_eq!(flags.resolve("").unwrap().1.metrics_listen, None);
+    }
+}

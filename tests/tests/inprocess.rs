@@ -1,0 +1,205 @@
+//! The agent library against a real controller, both in this process on 127.0.0.1:
+//! enrollment, reconnect after a controller restart, `unreachable` after missed heartbeats,
+//! revocation closing the stream within a second, and pending machines waiting for approval.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use muster_agent::{Agent, AgentConfig, AgentStatus, Hints};
+use muster_proto::pb;
+use muster_tests::TestController;
+use tokio::sync::{oneshot, watch};
+
+struct RunningAgent {
+    status: watch::Receiver<AgentStatus>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), muster_agent::AgentError>>,
+    state_dir: std::path::PathBuf,
+}
+
+impl RunningAgent {
+    async fn wait(&mut self, what: &str, f: impl Fn(&AgentStatus) -> bool) {
+        tokio::time::timeout(Duration::from_secs(30), self.status.wait_for(|s| f(s)))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for the agent: {what}"))
+            .unwrap();
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+fn start_agent(f: &TestController, token: &str, name: &str, heartbeat: Duration) -> RunningAgent {
+    let state_dir = f.dir.path().join(name);
+    let cfg = AgentConfig {
+        controller: f.endpoint.clone(),
+        token: Some(token.to_owned()),
+        ca_pin: Some(f.pin().unwrap()),
+        ca_file: None,
+        state_dir: state_dir.clone(),
+        heartbeat,
+        hints: Hints {
+            hostname: Some(name.to_owned()),
+            uuid: Some(format!("00000000-0000-4000-8000-{:0>12}", name.len())),
+        },
+    };
+    let (agent, status) = Agent::new(cfg);
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async move {
+        let _ = rx.await;
+    }));
+    RunningAgent { status, stop: Some(tx), task, state_dir }
+}
+
+async fn machine(f: &TestController, id: &str) -> pb::Machine {
+    f.admin().await.unwrap().get_machine(pb::MachineRef { query: id.into() }).await.unwrap().into_inner()
+}
+
+async fn wait_state(f: &TestController, id: &str, state: pb::MachineState, within: Duration) -> pb::Machine {
+    let start = Instant::now();
+    loop {
+        let m = machine(f, id).await;
+        if m.state == state as i32 {
+            return m;
+        }
+        assert!(start.elapsed() < within, "machine {id} did not become {state:?} within {within:?}: {m:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_enrolls_connects_and_gets_its_assignment() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let mut a = start_agent(&f, &token, "node-a", Duration::from_millis(200));
+    a.wait("connected with heartbeats acknowledged", |s| s.connected && s.heartbeats_acked > 0).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    let m = wait_state(&f, &id, pb::MachineState::Ready, Duration::from_secs(5)).await;
+    assert_eq!(m.hostname, "node-a");
+    assert!(m.connected);
+    f.admin()
+        .await
+        .unwrap()
+        .assign(pb::AssignRequest {
+            query: id.clone(),
+            role: pb::Role::Worker.into(),
+            cluster: "lab".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    a.wait("the assignment pushed down the stream", |s| {
+        s.assignment.as_ref().is_some_and(|x| x.cluster == "lab")
+    })
+    .await;
+    // The identity is on disk, private.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["key.pem", "cert.pem"] {
+        let mode = std::fs::metadata(a.state_dir.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    a.stop().await;
+    f.still_serving().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_controller_restart_without_a_token() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let mut a = start_agent(&f, &token, "node-r", Duration::from_millis(200));
+    a.wait("connected", |s| s.connected && s.heartbeats_acked > 0).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+
+    let f = f.restart().await.unwrap();
+    let acked_before = a.status.borrow().heartbeats_acked;
+    a.wait("reconnected to the new controller", |s| s.connected && s.heartbeats_acked > acked_before + 2)
+        .await;
+    let m = wait_state(&f, &id, pb::MachineState::Ready, Duration::from_secs(5)).await;
+    assert!(m.connected);
+    assert_eq!(f.machine_count().await.unwrap(), 1, "the same machine, not a new enrollment");
+    a.stop().await;
+    f.still_serving().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_heartbeats_make_a_machine_unreachable() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let heartbeat = Duration::from_millis(200);
+    let mut a = start_agent(&f, &token, "node-h", heartbeat);
+    a.wait("connected", |s| s.connected && s.heartbeats_acked > 1).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    a.stop().await;
+    let stopped = Instant::now();
+    // Still ready right after the last heartbeat...
+    assert_eq!(machine(&f, &id).await.state, pb::MachineState::Ready as i32);
+    // ...and unreachable once 3 intervals have passed without one.
+    let m = wait_state(&f, &id, pb::MachineState::Unreachable, Duration::from_secs(5)).await;
+    assert!(
+        stopped.elapsed() >= heartbeat * 2,
+        "not before the heartbeats were missed: {:?}",
+        stopped.elapsed()
+    );
+    assert!(!m.connected);
+    assert_eq!(m.health, "unreachable");
+    f.still_serving().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_closes_the_stream_within_a_second() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let mut a = start_agent(&f, &token, "node-x", Duration::from_millis(500));
+    a.wait("connected", |s| s.connected && s.heartbeats_acked > 0).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+
+    let t0 = Instant::now();
+    f.admin().await.unwrap().revoke(pb::MachineRef { query: id.clone() }).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(1), &mut a.task)
+        .await
+        .expect("the agent must learn of its revocation within 1 s")
+        .unwrap();
+    let err = result.expect_err("a revoked agent stops with an error");
+    assert!(matches!(err, muster_agent::AgentError::Revoked { .. }), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    // It threw away the identity that no longer works.
+    assert!(!a.state_dir.join("cert.pem").exists());
+    assert!(!a.state_dir.join("key.pem").exists());
+    assert_eq!(machine(&f, &id).await.state, pb::MachineState::Revoked as i32);
+    f.still_serving().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_token_lands_pending_until_approved() {
+    let f = TestController::start().await.unwrap();
+    let token = f
+        .admin()
+        .await
+        .unwrap()
+        .create_token(pb::CreateTokenRequest {
+            pending: true,
+            labels: [("rack".to_string(), "r7".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut a = start_agent(&f, &token, "node-p", Duration::from_millis(200));
+    a.wait("connected", |s| s.connected && s.heartbeats_acked > 0).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    let m = machine(&f, &id).await;
+    assert_eq!(m.state, pb::MachineState::Pending as i32);
+    assert_eq!(m.labels.get("rack").map(String::as_str), Some("r7"), "token labels are copied");
+    assert!(a.status.borrow().assignment.as_ref().is_some_and(|x| !x.approved));
+    f.admin().await.unwrap().approve(pb::MachineRef { query: id.clone() }).await.unwrap();
+    a.wait("approval pushed down the stream", |s| s.assignment.as_ref().is_some_and(|x| x.approved)).await;
+    wait_state(&f, &id, pb::MachineState::Ready, Duration::from_secs(5)).await;
+    a.stop().await;
+    f.still_serving().await.unwrap();
+}
