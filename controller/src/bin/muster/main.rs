@@ -1,0 +1,448 @@
+//! `muster`: the operator's CLI. See `muster --help`.
+
+mod lab;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+use muster_controller::client;
+use muster_proto::model::{parse_label, validate_cluster_name, Role};
+use muster_proto::pb;
+use output::{machine_detail, machines_table, render, table, MachineView, Output};
+use tonic::transport::Channel;
+
+type Admin = pb::admin_service_client::AdminServiceClient<Channel>;
+
+/// muster: run your fleet. List machines, hand out join tokens, assign roles, approve and revoke
+/// nodes, watch their health, or start a local lab.
+///
+/// The controller is found through a musterconfig (written by `muster-controller init`):
+/// --musterconfig PATH, else $MUSTERCONFIG, else ~/.muster/config.
+#[derive(Parser, Debug)]
+#[command(name = "muster", version, about, long_about)]
+struct Cli {
+    /// Path of the musterconfig (controller endpoints, CA, admin certificate).
+    #[arg(long, global = true, env = "MUSTERCONFIG", value_name = "PATH")]
+    musterconfig: Option<PathBuf>,
+    /// More log output on stderr (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Join tokens that let new machines enroll.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// List machines.
+    Machines {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+        /// Refresh the table every 2 seconds until Ctrl-C.
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// One machine in detail.
+    #[command(subcommand)]
+    Machine(MachineCmd),
+    /// Give a machine its role in a cluster.
+    Assign {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Cluster name (a DNS label).
+        #[arg(long, value_parser = parse_cluster)]
+        cluster: String,
+        /// Reassign a machine that already has a role or cluster.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Approve a pending machine (enrolled with a --pending token).
+    Approve {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+    },
+    /// Revoke a machine's certificates: its stream closes at once and every later call is
+    /// refused. It must enroll again with a new token.
+    Revoke {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+    },
+    /// Forget a machine (its certificates stop working too).
+    Delete {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+    },
+    /// Health of the fleet, or of one machine, with the reasons.
+    Health {
+        /// Machine id, unique id prefix, hostname or MAC (all machines if omitted).
+        id: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// A controller and agents on this machine, for trying Muster out.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a join token; prints only the token, so `T=$(muster token create)` works.
+    Create {
+        /// How long it stays valid (e.g. 30m, 1h, 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// How many machines may enroll with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        uses: u32,
+        /// A label for machines enrolled with it (key=value). Repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
+        labels: Vec<(String, String)>,
+        /// Machines enrolled with it wait as `pending` until `muster approve`.
+        #[arg(long)]
+        pending: bool,
+        /// A note shown in `muster token list`.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List join tokens (never their secrets).
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Revoke a join token by its id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum MachineCmd {
+    /// Show a machine with its full inventory.
+    Get {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse::<Role>().map_err(|e| e.to_string())
+}
+
+fn parse_cluster(s: &str) -> Result<String, String> {
+    validate_cluster_name(s).map(|()| s.to_owned()).map_err(|e| e.to_string())
+}
+
+fn parse_label_arg(s: &str) -> Result<(String, String), String> {
+    parse_label(s).map_err(|e| e.to_string())
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(366 * 24 * 3600) {
+        return Err("must be between 1s and 366d".into());
+    }
+    Ok(d)
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line per gRPC failure, saying what went wrong in the operator's terms.
+fn explain(s: tonic::Status, endpoint: &str) -> anyhow::Error {
+    use tonic::Code;
+    let msg = s.message().to_owned();
+    match s.code() {
+        Code::Unavailable | Code::Unknown
+            if msg.contains("transport") || msg.is_empty() || s.code() == Code::Unavailable =>
+        {
+            let mut cause = String::new();
+            let mut src = std::error::Error::source(&s);
+            while let Some(e) = src {
+                cause.push_str(": ");
+                cause.push_str(&e.to_string());
+                src = e.source();
+            }
+            anyhow::anyhow!("cannot reach the controller at {endpoint}: {msg}{cause}")
+        }
+        Code::Unauthenticated | Code::PermissionDenied => {
+            anyhow::anyhow!("the controller refused this musterconfig's credentials: {msg}")
+        }
+        Code::DeadlineExceeded => anyhow::anyhow!("the controller at {endpoint} did not answer in time"),
+        _ => anyhow::anyhow!("{msg}"),
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<(Admin, String)> {
+    let path = client::musterconfig_path(cli.musterconfig.as_deref())?;
+    let cfg = client::load_musterconfig(&path)?;
+    let (ch, ep) = client::admin_channel(&cfg).await?;
+    Ok((pb::admin_service_client::AdminServiceClient::new(ch).max_decoding_message_size(64 << 20), ep))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.cmd {
+        Cmd::Completion { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "muster", &mut std::io::stdout());
+            return Ok(());
+        }
+        Cmd::Lab(cmd) => return lab::run(cmd).await,
+        _ => {}
+    }
+    let (mut admin, ep) = connect(&cli).await?;
+    let e = |s| explain(s, &ep);
+    match cli.cmd {
+        Cmd::Token(TokenCmd::Create { ttl, uses, labels, pending, description }) => {
+            let r = admin
+                .create_token(pb::CreateTokenRequest {
+                    ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                    uses,
+                    labels: labels.into_iter().collect(),
+                    pending,
+                    description,
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("{}", r.token);
+        }
+        Cmd::Token(TokenCmd::List { output }) => {
+            let tokens = admin.list_tokens(pb::ListTokensRequest {}).await.map_err(e)?.into_inner().tokens;
+            #[derive(serde::Serialize)]
+            struct T {
+                id: String,
+                created: Option<String>,
+                expires: Option<String>,
+                uses_total: u32,
+                uses_left: u32,
+                labels: std::collections::BTreeMap<String, String>,
+                pending: bool,
+                revoked: bool,
+                description: String,
+            }
+            let now = SystemTime::now();
+            if output == Output::Table {
+                let rows: Vec<Vec<String>> = tokens
+                    .iter()
+                    .map(|t| {
+                        let status = if t.revoked {
+                            "revoked"
+                        } else if t.uses_left == 0 {
+                            "used"
+                        } else if t.expires_unix_ms <= output::now_ms(now) {
+                            "expired"
+                        } else {
+                            "valid"
+                        };
+                        vec![
+                            t.id.clone(),
+                            status.into(),
+                            format!("{}/{}", t.uses_left, t.uses_total),
+                            output::relative(t.expires_unix_ms, now),
+                            if t.auto_accept { "no".into() } else { "yes".into() },
+                            t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                            t.description.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &["ID", "STATUS", "USES LEFT", "EXPIRES", "PENDING", "LABELS", "DESCRIPTION"],
+                        &rows
+                    )
+                );
+            } else {
+                let v: Vec<T> = tokens
+                    .into_iter()
+                    .map(|t| T {
+                        id: t.id,
+                        created: output::rfc3339(t.created_unix_ms),
+                        expires: output::rfc3339(t.expires_unix_ms),
+                        uses_total: t.uses_total,
+                        uses_left: t.uses_left,
+                        labels: t.labels.into_iter().collect(),
+                        pending: !t.auto_accept,
+                        revoked: t.revoked,
+                        description: t.description,
+                    })
+                    .collect();
+                print!("{}", render(&v, output)?);
+            }
+        }
+        Cmd::Token(TokenCmd::Revoke { id }) => {
+            let t = admin.revoke_token(pb::RevokeTokenRequest { id }).await.map_err(e)?.into_inner();
+            println!("token {} revoked", t.id);
+        }
+        Cmd::Machines { output, watch } => loop {
+            let ms = admin.list_machines(pb::ListMachinesRequest {}).await.map_err(e)?.into_inner().machines;
+            match output {
+                Output::Table => {
+                    if watch {
+                        print!(
+                            "\x1b[2J\x1b[H{} machines at {}\n\n",
+                            ms.len(),
+                            humantime::format_rfc3339_seconds(SystemTime::now())
+                        );
+                    }
+                    print!("{}", machines_table(&ms, SystemTime::now()));
+                }
+                o => {
+                    let v: Vec<MachineView> = ms.iter().map(|m| MachineView::new(m, false)).collect();
+                    print!("{}", render(&v, o)?);
+                }
+            }
+            if !watch {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        },
+        Cmd::Machine(MachineCmd::Get { id, output }) => {
+            let m = admin.get_machine(pb::MachineRef { query: id }).await.map_err(e)?.into_inner();
+            match output {
+                Output::Table => print!("{}", machine_detail(&m, SystemTime::now())),
+                o => print!("{}", render(&MachineView::new(&m, true), o)?),
+            }
+        }
+        Cmd::Assign { id, role, cluster, force } => {
+            let m = admin
+                .assign(pb::AssignRequest { query: id, role: pb::Role::from(role).into(), cluster, force })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("machine {} ({}) assigned role {role} in cluster {}", m.id, m.hostname, m.cluster);
+        }
+        Cmd::Approve { id } => {
+            let m = admin.approve(pb::MachineRef { query: id }).await.map_err(e)?.into_inner();
+            println!("machine {} ({}) approved", m.id, m.hostname);
+        }
+        Cmd::Revoke { id } => {
+            let m = admin.revoke(pb::MachineRef { query: id }).await.map_err(e)?.into_inner();
+            println!("machine {} ({}) revoked; it must enroll again with a new token", m.id, m.hostname);
+        }
+        Cmd::Delete { id } => {
+            let r = admin.delete(pb::MachineRef { query: id }).await.map_err(e)?.into_inner();
+            println!("machine {} deleted", r.id);
+        }
+        Cmd::Health { id, output } => {
+            let ms = match id {
+                Some(id) => {
+                    vec![admin.get_machine(pb::MachineRef { query: id }).await.map_err(e)?.into_inner()]
+                }
+                None => {
+                    admin.list_machines(pb::ListMachinesRequest {}).await.map_err(e)?.into_inner().machines
+                }
+            };
+            if output == Output::Table {
+                let rows: Vec<Vec<String>> = ms
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.hostname.clone(),
+                            m.health.clone(),
+                            if m.health_reasons.is_empty() {
+                                "-".into()
+                            } else {
+                                m.health_reasons.join("; ")
+                            },
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["ID", "HOSTNAME", "HEALTH", "REASONS"], &rows));
+            } else {
+                #[derive(serde::Serialize)]
+                struct H<'a> {
+                    id: &'a str,
+                    hostname: &'a str,
+                    health: &'a str,
+                    reasons: &'a [String],
+                    snapshot: Option<&'a pb::HealthSnapshot>,
+                }
+                let v: Vec<H<'_>> = ms
+                    .iter()
+                    .map(|m| H {
+                        id: &m.id,
+                        hostname: &m.hostname,
+                        health: &m.health,
+                        reasons: &m.health_reasons,
+                        snapshot: m.health_snapshot.as_ref(),
+                    })
+                    .collect();
+                print!("{}", render(&v, output)?);
+            }
+        }
+        Cmd::Completion { .. } | Cmd::Lab(_) => bail!("unreachable"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn arguments_are_checked_before_any_call() {
+        let bad = [
+            vec!["muster", "assign", "x", "--role", "master", "--cluster", "c"],
+            vec!["muster", "assign", "x", "--role", "worker", "--cluster", "Bad_Name"],
+            vec!["muster", "token", "create", "--label", "no-equals"],
+            vec!["muster", "token", "create", "--ttl", "soon"],
+            vec!["muster", "token", "create", "--uses", "0"],
+        ];
+        for args in bad {
+            let e = Cli::try_parse_from(&args).unwrap_err().to_string();
+            assert!(e.contains("invalid value"), "{args:?}: {e}");
+        }
+        assert!(Cli::try_parse_from(["muster", "assign", "x", "--role", "worker", "--cluster", "homelab"])
+            .is_ok());
+    }
+}
