@@ -5,7 +5,7 @@
 //! Build it in release with the controller beside it, then run:
 //! `cargo build --release -p muster-bench -p muster-controller && target/release/muster-bench --agents 1000`
 
-mod stats;
+use muster_bench::stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

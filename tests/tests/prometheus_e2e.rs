@@ -35,7 +35,12 @@ fn query(prom: std::net::SocketAddr, q: &str) -> Vec<(serde_json::Value, f64)> {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|s| (s["metric"].clone(), s["value"][1].as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN)))
+                .map(|s| {
+                    (
+                        s["metric"].clone(),
+                        s["value"][1].as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -52,7 +57,8 @@ fn start_prometheus(dir: &Path, controller_http: std::net::SocketAddr) -> (Proc,
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
         .arg(format!("--web.listen-address={addr}"))
         .arg("--web.enable-lifecycle");
-    let p = Proc::spawn(&mut cmd, dir.join("prometheus.log")).expect("prometheus (Debian package; tests/run.sh installs it)");
+    let p = Proc::spawn(&mut cmd, dir.join("prometheus.log"))
+        .expect("prometheus (Debian package; tests/run.sh installs it)");
     (p, addr)
 }
 
@@ -89,12 +95,14 @@ fn prometheus_discovers_and_scrapes_the_fleet_and_sees_a_dead_agent() {
     .unwrap();
 
     let (mut prom, prom_addr) = start_prometheus(tmp.path(), ctl.ports.http);
-    let found = wait_for("Prometheus to scrape 3 agent targets with up == 1", Duration::from_secs(90), || {
-        let r = query(prom_addr, "up{job=\"muster-agents\"} == 1");
-        (r.len() == 3).then_some(r)
-    });
+    let found =
+        wait_for("Prometheus to scrape 3 agent targets with up == 1", Duration::from_secs(90), || {
+            let r = query(prom_addr, "up{job=\"muster-agents\"} == 1");
+            (r.len() == 3).then_some(r)
+        });
     let found = found.unwrap_or_else(|e| panic!("{e}\n{}", prom.log_text()));
-    let mut hosts: Vec<String> = found.iter().map(|(m, _)| m["hostname"].as_str().unwrap_or_default().to_owned()).collect();
+    let mut hosts: Vec<String> =
+        found.iter().map(|(m, _)| m["hostname"].as_str().unwrap_or_default().to_owned()).collect();
     hosts.sort();
     assert_eq!(hosts, ["node-1", "node-2", "node-3"], "SD labels reach Prometheus");
     wait_for("muster_machine_up == 1 for 3 machines", Duration::from_secs(60), || {

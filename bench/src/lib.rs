@@ -1,0 +1,3 @@
+//! Shared pieces of Muster's benchmark binaries.
+
+pub mod stats;
