@@ -65,7 +65,7 @@ fn stopped_service_and_full_disk_make_a_machine_degraded() {
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let text = rt.block_on(http_get(ctl.ports.http, "/metrics", &[])).unwrap().text();
-    assert!(text.contains(&format!("muster_machine_service_up{{")), "{text}");
+    assert!(text.contains("muster_machine_service_up{"), "{text}");
     let line =
         text.lines().find(|l| l.starts_with("muster_machine_service_up{") && l.contains(&name)).unwrap();
     assert!(line.ends_with(" 0"), "{line}");
