@@ -3,6 +3,8 @@
 //! of `sleep` under a unique name, started by the test) is stopped. The machine turns `degraded`
 //! with exactly those reasons, in `muster health` and in `/metrics`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 use std::time::Duration;
 

@@ -4,6 +4,8 @@
 //! agent is killed: the controller turns it `unreachable` within 3 heartbeats and Prometheus sees
 //! `muster_machine_up` go to 0.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
