@@ -196,10 +196,19 @@ pub fn cli(musterconfig: &Path, args: &[&str]) -> Result<Output> {
         .context("running muster")
 }
 
+/// The agent binary: `$MUSTER_AGENT_BIN` if set (e.g. the size-optimised
+/// `target/agent/muster-agent`), else the workspace build.
+pub fn agent_bin() -> Result<PathBuf> {
+    match std::env::var_os("MUSTER_AGENT_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => bin("muster-agent"),
+    }
+}
+
 /// A `muster-agent` process.
 pub fn start_agent(ctl: &ControllerProc, token: &str, state_dir: &Path, extra: &[&str]) -> Result<Proc> {
     std::fs::create_dir_all(state_dir.parent().unwrap_or(state_dir))?;
-    let mut cmd = Command::new(bin("muster-agent")?);
+    let mut cmd = Command::new(agent_bin()?);
     cmd.args(["--controller", &ctl.endpoint(), "--ca-hash", &ctl.pin()?, "--state-dir"])
         .arg(state_dir)
         .args(["--cmdline-file", "/dev/null"])

@@ -2,7 +2,10 @@
 //! on the same machine in one run: idle RSS after 30 s, CPU time per scrape, bytes per scrape.
 //! The agent runs as it does on a node: enrolled, its stream to a real controller open.
 //!
-//! `cargo build --release -p muster-bench -p muster-controller -p muster-agent && target/release/muster-bench-node`
+//! ```sh
+//! cargo build --release -p muster-bench -p muster-controller && cargo build --profile agent -p muster-agent
+//! MUSTER_AGENT_BIN=target/agent/muster-agent target/release/muster-bench-node
+//! ```
 
 use std::process::Command;
 use std::time::Duration;
