@@ -94,6 +94,9 @@ enum SessionEnd {
 
 type Stop = watch::Receiver<bool>;
 
+/// How often the agent looks for inventory changes.
+const INVENTORY_CHECK: Duration = Duration::from_secs(60);
+
 async fn stopped(stop: &mut Stop) {
     let _ = stop.wait_for(|v| *v).await;
 }
@@ -316,14 +319,8 @@ impl Agent {
         stop: &mut Stop,
     ) -> SessionEnd {
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
-        let hello = pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-                inventory: Some(crate::inventory::collect(&self.cfg.hints)),
-                heartbeat_interval_ms: u32::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u32::MAX),
-                metrics_port: u32::from(self.metrics_port),
-            })),
-        };
-        if tx.send(hello).await.is_err() {
+        let mut inventory = crate::inventory::collect(&self.cfg.hints);
+        if tx.send(self.hello(&inventory)).await.is_err() {
             return SessionEnd::Lost("stream closed".into());
         }
         let mut inbound =
@@ -349,9 +346,22 @@ impl Agent {
             |wall: i64| Duration::from_secs(u64::try_from(wall - now_unix_ms() / 1000).unwrap_or(0).max(1));
         let mut renew_deadline =
             tokio::time::Instant::now() + renew_wall.map_or(Duration::from_secs(3600), renew_in);
+        let mut inventory_check = tokio::time::interval(INVENTORY_CHECK);
+        inventory_check.tick().await;
         loop {
             tokio::select! {
                 () = stopped(stop) => return SessionEnd::Shutdown,
+                _ = inventory_check.tick() => {
+                    // The full inventory goes up again only when it changed (a disk or NIC came or went).
+                    let current = crate::inventory::collect(&self.cfg.hints);
+                    if current != inventory {
+                        tracing::info!("inventory changed; sending it again");
+                        inventory = current;
+                        if tx.send(self.hello(&inventory)).await.is_err() {
+                            return SessionEnd::Lost("stream closed".into());
+                        }
+                    }
+                }
                 _ = ticker.tick() => {
                     seq += 1;
                     let health = self.collector.lock().map(|mut c| c.collect(offset_ms)).ok();
@@ -427,6 +437,16 @@ impl Agent {
                 }
             }
             None => {}
+        }
+    }
+
+    fn hello(&self, inventory: &pb::Inventory) -> pb::AgentMessage {
+        pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                inventory: Some(inventory.clone()),
+                heartbeat_interval_ms: u32::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u32::MAX),
+                metrics_port: u32::from(self.metrics_port),
+            })),
         }
     }
 

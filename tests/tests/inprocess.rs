@@ -130,7 +130,7 @@ async fn agent_reconnects_after_controller_restart_without_a_token() {
 async fn missed_heartbeats_make_a_machine_unreachable() {
     let f = TestController::start().await.unwrap();
     let token = f.token(0, 1).await.unwrap();
-    let heartbeat = Duration::from_millis(200);
+    let heartbeat = Duration::from_millis(500);
     let mut a = start_agent(&f, &token, "node-h", heartbeat);
     a.wait("connected", |s| s.connected && s.heartbeats_acked > 1).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
@@ -171,6 +171,36 @@ async fn revoke_closes_the_stream_within_a_second() {
     assert!(!a.state_dir.join("cert.pem").exists());
     assert!(!a.state_dir.join("key.pem").exists());
     assert_eq!(machine(&f, &id).await.state, pb::MachineState::Revoked as i32);
+    f.still_serving().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_renews_its_certificate_at_seventy_percent_and_stays_connected() {
+    // 6 s certificates: renewal due ~4 s after issuance.
+    let opts = muster_controller::server::ControllerOptions {
+        machine_cert_ttl: Duration::from_secs(6),
+        ..Default::default()
+    };
+    let f = TestController::start_with(opts).await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let mut a = start_agent(&f, &token, "node-c", Duration::from_millis(200));
+    a.wait("connected", |s| s.connected && s.cert_not_after > 0).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    let first = a.status.borrow().cert_not_after;
+    let serial = machine(&f, &id).await.cert_serial;
+    let t0 = Instant::now();
+    a.wait("a renewed certificate", |s| s.cert_not_after > first).await;
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_secs(2) && took <= Duration::from_secs(6), "renewed after {took:?}");
+    // Reconnected with the new certificate and still heartbeating; the controller knows it.
+    let acked = a.status.borrow().heartbeats_acked;
+    a.wait("heartbeats on the new certificate", |s| s.connected && s.heartbeats_acked > acked + 2).await;
+    let m = machine(&f, &id).await;
+    assert_ne!(m.cert_serial, serial);
+    assert_eq!(m.state, pb::MachineState::Ready as i32);
+    let on_disk = std::fs::read_to_string(a.state_dir.join("cert.pem")).unwrap();
+    assert!(!on_disk.is_empty());
+    a.stop().await;
     f.still_serving().await.unwrap();
 }
 

@@ -89,7 +89,33 @@ fn three_agents_enroll_get_roles_and_survive_a_controller_kill() {
         assert_eq!(m["cluster"], "homelab", "{m}");
     }
 
-    // The single token is used up: a fourth agent cannot enroll with it.
+    // An agent restarted without a token comes back as the same machine.
+    agents[2].kill();
+    let restarted = start_agent(
+        &ctl,
+        "",
+        &tmp.path().join("node-3"),
+        &[
+            "--heartbeat",
+            "300ms",
+            "--hint-hostname",
+            "node-3",
+            "--hint-uuid",
+            "00000000-0000-4000-8000-000000000003",
+        ],
+    )
+    .unwrap();
+    wait_for("node-3 back without a token", Duration::from_secs(30), || {
+        let ms = ctl.machines().ok()?;
+        (ms.len() == 3
+            && ms
+                .iter()
+                .any(|m| m["hostname"] == "node-3" && m["connected"] == true && m["state"] == "ready"))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", restarted.log_text()));
+
+    // The token is used up: a fourth agent cannot enroll with it.
     let mut fourth =
         start_agent(&ctl, &token, &tmp.path().join("node-4"), &["--hint-hostname", "node-4"]).unwrap();
     let exited = wait_for("the fourth agent to give up", Duration::from_secs(30), || {

@@ -111,8 +111,13 @@ fn prometheus_discovers_and_scrapes_the_fleet_and_sees_a_dead_agent() {
         (query(prom_addr, "muster_machine_up{job=\"muster-controller\"} == 1").len() == 3).then_some(())
     })
     .unwrap();
-    // The agents' own node metrics arrive through discovery too.
+    // The agents' own node metrics arrive through discovery too, and pass promtool.
     assert_eq!(query(prom_addr, "muster_machine_memory_total_bytes{job=\"muster-agents\"} > 0").len(), 3);
+    let target = found[0].0["instance"].as_str().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let agent_text = rt.block_on(http_get(target, "/metrics", &[])).unwrap().text();
+    assert!(agent_text.contains("muster_agent_connected 1"), "{agent_text}");
+    muster_tests::promtool_check_metrics(&agent_text).unwrap();
 
     // Kill one agent: unreachable within 3 heartbeats, and Prometheus sees it.
     agents[1].kill();
