@@ -43,12 +43,11 @@ pub fn classify(status: &Status) -> CallError {
 /// A status with its transport cause (under TLS 1.3 a rejected certificate shows up as an
 /// `Unknown` "transport error" whose source is the TLS alert).
 pub fn describe(status: &Status) -> String {
+    let causes = std::error::Error::source(status).map(muster_util::error_chain);
     let mut s = format!("{}: {}", code_name(status.code()), status.message());
-    let mut src = std::error::Error::source(status);
-    while let Some(e) = src {
+    if let Some(c) = causes {
         s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
+        s.push_str(&c);
     }
     s
 }

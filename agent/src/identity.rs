@@ -3,9 +3,8 @@
 //! 0600 in a 0700 directory, written temp + fsync + rename.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use muster_proto::model::Role;
@@ -93,7 +92,7 @@ impl StateDir {
 
     /// Creates the directory (0700).
     pub fn create(&self) -> Result<(), StateError> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(|source| StateError {
+        muster_util::create_dir_private(&self.root).map_err(|source| StateError {
             action: "creating",
             path: self.root.clone(),
             source,
@@ -167,30 +166,19 @@ impl StateDir {
     }
 }
 
-/// Writes `data` to `path` so readers and crashes see the old or the new content, never a mix.
+/// Writes `data` to `path` atomically with `mode` (see [`muster_util::write_atomic`]).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
-    let err = |action, source| StateError { action, path: path.to_owned(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(err("writing", e));
-    }
-    Ok(())
+    muster_util::write_atomic(path, data, mode).map_err(|source| StateError {
+        action: "writing",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn round_trip_modes_and_wipe() {

@@ -87,16 +87,7 @@ pub async fn admin_channel(cfg: &MusterConfig) -> Result<(Channel, String), Clie
         };
         match endpoint.connect().await {
             Ok(ch) => return Ok((ch, ep.clone())),
-            Err(e) => {
-                let mut msg = format!("{ep}: {e}");
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(": ");
-                    msg.push_str(&s.to_string());
-                    src = s.source();
-                }
-                failures.push(msg);
-            }
+            Err(e) => failures.push(format!("{ep}: {}", muster_util::error_chain(&e))),
         }
     }
     Err(ClientError::Unreachable(failures.join("; ")))

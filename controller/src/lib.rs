@@ -6,7 +6,6 @@
 //! - [`client`]: admin API client used by the `muster` CLI, tests and benchmarks.
 
 pub mod client;
-pub mod fsutil;
 pub mod metrics;
 pub mod pki;
 pub mod server;

@@ -19,8 +19,6 @@ use rcgen::{
 };
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::fsutil;
-
 /// Organization of admin client certificates.
 pub const ORG_ADMINS: &str = "muster:admins";
 /// Organization of machine client certificates.
@@ -167,7 +165,7 @@ pub fn init(dir: &DataDir, extra_sans: &[String], endpoint: &str) -> Result<Init
         return Err(PkiError::CaExists(dir.root().to_owned()));
     }
     let sans_checked: Vec<SanType> = extra_sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
-    fsutil::create_dir_private(dir.root()).map_err(|source| PkiError::Io {
+    muster_util::create_dir_private(dir.root()).map_err(|source| PkiError::Io {
         action: "create",
         path: dir.root().to_owned(),
         source,
@@ -222,7 +220,7 @@ pub fn init(dir: &DataDir, extra_sans: &[String], endpoint: &str) -> Result<Init
     let admin_cert = ap.signed_by(&admin_key, &issuer)?;
 
     let write = |path: PathBuf, content: &str, mode: u32| {
-        fsutil::write_atomic(&path, content.as_bytes(), mode).map_err(|source| PkiError::Io {
+        muster_util::write_atomic(&path, content.as_bytes(), mode).map_err(|source| PkiError::Io {
             action: "write",
             path,
             source,
@@ -274,7 +272,7 @@ pub fn set_musterconfig_endpoint(dir: &DataDir, endpoint: &str) -> Result<(), Pk
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    fsutil::write_atomic(&path, yaml.as_bytes(), 0o600).map_err(|source| PkiError::Io {
+    muster_util::write_atomic(&path, yaml.as_bytes(), 0o600).map_err(|source| PkiError::Io {
         action: "write",
         path,
         source,

@@ -642,7 +642,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
 
     pki::set_musterconfig_endpoint(&dir, &local_endpoint(grpc_addr))?;
     let ports_json = serde_json::to_vec_pretty(&ports).map_err(|e| ServeError::Runtime(e.to_string()))?;
-    crate::fsutil::write_atomic(&dir.ports(), &ports_json, 0o644)
+    muster_util::write_atomic(&dir.ports(), &ports_json, 0o644)
         .map_err(|source| ServeError::Write { path: dir.ports(), source })?;
 
     let controller = Controller::new(store, pki, opts.controller.clone(), Arc::new(Metrics::new())).await?;

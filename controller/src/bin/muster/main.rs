@@ -196,13 +196,9 @@ fn explain(s: tonic::Status, endpoint: &str) -> anyhow::Error {
         Code::Unavailable | Code::Unknown
             if msg.contains("transport") || msg.is_empty() || s.code() == Code::Unavailable =>
         {
-            let mut cause = String::new();
-            let mut src = std::error::Error::source(&s);
-            while let Some(e) = src {
-                cause.push_str(": ");
-                cause.push_str(&e.to_string());
-                src = e.source();
-            }
+            let cause = std::error::Error::source(&s)
+                .map(|e| format!(": {}", muster_util::error_chain(e)))
+                .unwrap_or_default();
             anyhow::anyhow!("cannot reach the controller at {endpoint}: {msg}{cause}")
         }
         Code::Unauthenticated | Code::PermissionDenied => {
