@@ -40,11 +40,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "build every binary"
 cargo build --workspace --bins --locked
 
+log "doc tests"
+cargo test --workspace --locked --doc
+
+# Last, so its summary closes the output.
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --profile ci "$@"
 else
     cargo test --workspace --locked -- "$@"
 fi
-log "doc tests"
-cargo test --workspace --locked --doc
