@@ -8,6 +8,7 @@
 //!
 //! Pure types and computation only: nothing in this crate touches files, sockets or clocks.
 
+pub mod config;
 pub mod model;
 pub mod musterconfig;
 pub mod node_metrics;

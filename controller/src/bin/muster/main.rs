@@ -87,6 +87,9 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Machine configs (offline checks for now).
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         #[arg(value_enum)]
@@ -124,6 +127,19 @@ enum TokenCmd {
     },
     /// Revoke a join token by its id.
     Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Check a MachineConfig file without a controller: every error with its field path, then
+    /// warnings. Exits 1 if there are errors.
+    Validate {
+        /// The YAML file, or - for standard input.
+        #[arg(short, long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of MachineConfig (for editor completion and checks).
+    Schema,
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +239,11 @@ async fn run(cli: Cli) -> Result<()> {
             return Ok(());
         }
         Cmd::Lab(cmd) => return lab::run(cmd).await,
+        Cmd::Config(ConfigCmd::Schema) => {
+            println!("{}", serde_json::to_string_pretty(&muster_proto::config::json_schema())?);
+            return Ok(());
+        }
+        Cmd::Config(ConfigCmd::Validate { file }) => return validate_config(file),
         _ => {}
     }
     let (mut admin, ep) = connect(&cli).await?;
@@ -411,9 +432,37 @@ async fn run(cli: Cli) -> Result<()> {
                 print!("{}", render(&v, output)?);
             }
         }
-        Cmd::Completion { .. } | Cmd::Lab(_) => bail!("unreachable"),
+        Cmd::Completion { .. } | Cmd::Lab(_) | Cmd::Config(_) => bail!("unreachable"),
     }
     Ok(())
+}
+
+/// `muster config validate`: prints every problem; fails if any is an error.
+fn validate_config(file: &std::path::Path) -> Result<()> {
+    use std::io::Read;
+    let mut text = String::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    }
+    match muster_proto::config::parse(&text) {
+        Ok((_, warnings)) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("{}: valid", file.display());
+            Ok(())
+        }
+        Err(muster_proto::config::ConfigError::Invalid(errors)) => {
+            for e in &errors {
+                println!("{}: {e}", file.display());
+            }
+            bail!("{} has {} error{}", file.display(), errors.len(), if errors.len() == 1 { "" } else { "s" })
+        }
+        Err(e) => bail!("{}: {e}", file.display()),
+    }
 }
 
 #[cfg(test)]
