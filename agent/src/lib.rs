@@ -13,10 +13,12 @@
 pub mod backoff;
 pub mod client;
 pub mod discovery;
+pub mod effects;
 pub mod health;
 pub mod identity;
 pub mod inventory;
 pub mod metrics;
+pub mod reconcile;
 mod run;
 pub mod settings;
 

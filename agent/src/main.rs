@@ -31,10 +31,50 @@ fn init_logging() {
     }
 }
 
+/// `--apply-once FILE`: reconcile the node with a config file once and print the report.
+fn apply_once(file: &std::path::Path, root: &std::path::Path, report_only: bool) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match muster_proto::config::parse(&text) {
+        Ok((cfg, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            cfg
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let report = muster_agent::reconcile::reconcile(
+        &cfg,
+        &muster_agent::effects::LinuxEffects::new(root),
+        report_only,
+    );
+    match serde_json::to_string_pretty(&report) {
+        Ok(j) => println!("{j}"),
+        Err(e) => eprintln!("error: {e}"),
+    }
+    if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn main() -> ExitCode {
     muster_agent::init_crypto();
     let flags = Flags::parse();
     init_logging();
+    if let Some(file) = &flags.apply_once {
+        return apply_once(file, &flags.root, flags.report_only);
+    }
     let cmdline = std::fs::read_to_string(&flags.cmdline_file).unwrap_or_default();
     let (cfg, svc) = match flags.resolve(&cmdline) {
         Ok(c) => c,

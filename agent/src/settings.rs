@@ -90,6 +90,15 @@ pub struct Flags {
     /// Report this SMBIOS UUID instead of the firmware's (labs and tests).
     #[arg(long, value_name = "UUID", hide = true)]
     pub hint_uuid: Option<String>,
+    /// Apply this MachineConfig file once, print a JSON report, and exit (no controller).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub apply_once: Option<PathBuf>,
+    /// With --apply-once: the root directory managed files are written under.
+    #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
+    pub root: PathBuf,
+    /// With --apply-once: only report differences, change nothing.
+    #[arg(long, hide = true)]
+    pub report_only: bool,
 }
 
 /// A setting that is missing or malformed; names the flag and the kernel parameter.

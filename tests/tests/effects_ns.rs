@@ -1,0 +1,94 @@
+//! The agent's real Linux effects, run inside namespaces this test creates (UTS, network,
+//! mount; `unshare`, as root in CI): the hostname is set and read back inside the UTS namespace,
+//! a file is written under a temp root with its content, mode and owner, a per-netns sysctl is
+//! set, and a second pass writes nothing. This machine's hostname and sysctl are checked
+//! unchanged afterwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+
+fn host_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned()
+}
+
+fn host_ip_forward() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim().to_owned()
+}
+
+#[test]
+fn hostname_file_and_sysctl_applied_in_namespaces_then_nothing_to_do() {
+    let agent = muster_tests::bin("muster-agent").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, out) = (tmp.path().join("root"), tmp.path().join("out"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let before = (host_hostname(), host_ip_forward());
+    // Whatever the host has, ask the namespace for the other value, so the pass must write it.
+    let want_forward = if before.1 == "1" { "0" } else { "1" };
+    let cfg = tmp.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: muster-ns-test\nfiles:\n  - path: /etc/motd\n    content: \"hello from muster\\n\"\n    mode: \"0640\"\n    owner: \"1000:1001\"\nsysctls:\n  net.ipv4.ip_forward: \"{want_forward}\"\n"
+        ),
+    )
+    .unwrap();
+    let script = r#"set -e
+"$1" --apply-once "$2" --root "$3" > "$4/pass1.json"
+"$1" --apply-once "$2" --root "$3" > "$4/pass2.json"
+cat /proc/sys/kernel/hostname > "$4/hostname"
+cat /proc/sys/net/ipv4/ip_forward > "$4/ip_forward"
+"#;
+    let status = Command::new("unshare")
+        .args(["--uts", "--net", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "sh"])
+        .arg(&agent)
+        .arg(&cfg)
+        .arg(&root)
+        .arg(&out)
+        .status()
+        .expect("unshare (util-linux)");
+    assert!(status.success(), "the namespace run failed (needs root, as in CI): {status}");
+
+    let pass1: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("pass1.json")).unwrap()).unwrap();
+    let pass2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("pass2.json")).unwrap()).unwrap();
+    assert_eq!(pass1["writes"], 3, "{pass1}");
+    assert_eq!(pass2["writes"], 0, "a second pass changes nothing: {pass2}");
+    assert!(pass2["resources"].as_array().unwrap().iter().all(|r| r["outcome"] == "unchanged"), "{pass2}");
+
+    assert_eq!(std::fs::read_to_string(out.join("hostname")).unwrap().trim(), "muster-ns-test");
+    assert_eq!(std::fs::read_to_string(out.join("ip_forward")).unwrap().trim(), want_forward);
+    assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).unwrap(), "muster-ns-test\n");
+    let motd = root.join("etc/motd");
+    assert_eq!(std::fs::read_to_string(&motd).unwrap(), "hello from muster\n");
+    let meta = std::fs::metadata(&motd).unwrap();
+    assert_eq!((meta.permissions().mode() & 0o7777, meta.uid(), meta.gid()), (0o640, 1000, 1001));
+
+    // Nothing leaked out of the namespaces.
+    assert_eq!((host_hostname(), host_ip_forward()), before);
+}
+
+#[test]
+fn invalid_config_is_refused_with_every_error_and_nothing_applied() {
+    let agent = muster_tests::bin("muster-agent").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: -bad\nfiles:\n  - path: etc/x\n    content: x\n    mode: \"9\"\n",
+    )
+    .unwrap();
+    let before = host_hostname();
+    let out =
+        Command::new(&agent).arg("--apply-once").arg(&cfg).arg("--root").arg(tmp.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for path in ["hostname:", "files[0].path:", "files[0].mode:"] {
+        assert!(err.contains(path), "{path} missing in {err}");
+    }
+    assert!(!tmp.path().join("etc").exists(), "nothing applied");
+    assert_eq!(host_hostname(), before);
+}
