@@ -193,6 +193,54 @@ impl Effects for LinuxEffects {
     }
 }
 
+/// A node held in memory: for tests of everything above the effects, and for dry runs. It never
+/// touches the machine it runs on. Unknown sysctls read as "0"; every owner resolves to 0:0.
+#[derive(Debug, Default)]
+pub struct MemoryEffects {
+    pub hostname: std::sync::Mutex<String>,
+    pub files: std::sync::Mutex<std::collections::BTreeMap<String, FileState>>,
+    pub sysctls: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Effects for MemoryEffects {
+    fn hostname(&self) -> Result<String, EffectError> {
+        Ok(locked(&self.hostname).clone())
+    }
+    fn set_hostname(&self, name: &str) -> Result<(), EffectError> {
+        *locked(&self.hostname) = name.into();
+        Ok(())
+    }
+    fn read_file(&self, path: &str) -> Result<Option<FileState>, EffectError> {
+        Ok(locked(&self.files).get(path).cloned())
+    }
+    fn write_file(
+        &self,
+        path: &str,
+        content: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), EffectError> {
+        locked(&self.files).insert(path.into(), FileState { content: content.into(), mode, uid, gid });
+        Ok(())
+    }
+    fn resolve_owner(&self, user: &str, group: Option<&str>) -> Result<(u32, u32), EffectError> {
+        let id = |s: &str| s.parse().unwrap_or(0);
+        Ok((id(user), group.map_or(id(user), id)))
+    }
+    fn sysctl(&self, key: &str) -> Result<Option<String>, EffectError> {
+        Ok(Some(locked(&self.sysctls).get(key).cloned().unwrap_or_else(|| "0".into())))
+    }
+    fn set_sysctl(&self, key: &str, value: &str) -> Result<(), EffectError> {
+        locked(&self.sysctls).insert(key.into(), value.into());
+        Ok(())
+    }
+}
+
 /// Where files would go for `path` under `root` (for callers that report paths).
 pub fn rooted(root: &Path, path: &str) -> PathBuf {
     root.join(path.trim_start_matches('/'))

@@ -76,6 +76,7 @@ fn main() -> ExitCode {
         return apply_once(file, &flags.root, flags.report_only);
     }
     let cmdline = std::fs::read_to_string(&flags.cmdline_file).unwrap_or_default();
+    let no_apply_config = flags.no_apply_config;
     let (cfg, svc) = match flags.resolve(&cmdline) {
         Ok(c) => c,
         Err(e) => {
@@ -93,6 +94,9 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         let (agent, status) = Agent::new(cfg);
         let mut agent = agent.with_service_checks(svc.service_checks);
+        if !no_apply_config {
+            agent = agent.with_effects(std::sync::Arc::new(muster_agent::effects::LinuxEffects::new("/")));
+        }
         if let Some(addr) = svc.metrics_listen {
             match muster_agent::metrics::spawn(addr, agent.collector(), status.clone()).await {
                 Ok(bound) => {

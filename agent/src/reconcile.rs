@@ -122,58 +122,9 @@ pub fn reconcile(cfg: &MachineConfig, fx: &dyn Effects, report_only: bool) -> Re
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
-
     use super::*;
-    use crate::effects::{EffectError, FileState};
 
-    /// An in-memory node, to test the reconcilers' logic (the real effects are tested in
-    /// namespaces by tests/tests/effects_ns.rs).
-    #[derive(Default)]
-    struct FakeNode {
-        hostname: Mutex<String>,
-        files: Mutex<BTreeMap<String, FileState>>,
-        sysctls: Mutex<BTreeMap<String, String>>,
-    }
-
-    impl Effects for FakeNode {
-        fn hostname(&self) -> Result<String, EffectError> {
-            Ok(self.hostname.lock().unwrap().clone())
-        }
-        fn set_hostname(&self, name: &str) -> Result<(), EffectError> {
-            *self.hostname.lock().unwrap() = name.into();
-            Ok(())
-        }
-        fn read_file(&self, path: &str) -> Result<Option<FileState>, EffectError> {
-            Ok(self.files.lock().unwrap().get(path).cloned())
-        }
-        fn write_file(
-            &self,
-            path: &str,
-            content: &[u8],
-            mode: u32,
-            uid: u32,
-            gid: u32,
-        ) -> Result<(), EffectError> {
-            self.files
-                .lock()
-                .unwrap()
-                .insert(path.into(), FileState { content: content.into(), mode, uid, gid });
-            Ok(())
-        }
-        fn resolve_owner(&self, user: &str, group: Option<&str>) -> Result<(u32, u32), EffectError> {
-            let id = |s: &str| if s == "root" { 0 } else { s.parse().unwrap_or(1000) };
-            Ok((id(user), group.map_or(id(user), id)))
-        }
-        fn sysctl(&self, key: &str) -> Result<Option<String>, EffectError> {
-            Ok(self.sysctls.lock().unwrap().get(key).cloned())
-        }
-        fn set_sysctl(&self, key: &str, value: &str) -> Result<(), EffectError> {
-            self.sysctls.lock().unwrap().insert(key.into(), value.into());
-            Ok(())
-        }
-    }
+    type FakeNode = crate::effects::MemoryEffects;
 
     fn cfg() -> MachineConfig {
         muster_proto::config::parse(
@@ -186,7 +137,6 @@ mod tests {
     #[test]
     fn applies_then_changes_nothing() {
         let node = FakeNode::default();
-        node.sysctls.lock().unwrap().insert("net.ipv4.ip_forward".into(), "0".into());
         let first = reconcile(&cfg(), &node, false);
         assert_eq!(first.writes, 3, "{first:?}");
         assert!(first.resources.iter().all(|r| r.outcome == Outcome::Applied));
@@ -198,14 +148,61 @@ mod tests {
     }
 
     #[test]
-    fn report_only_writes_nothing_and_missing_sysctls_fail() {
+    fn report_only_writes_nothing() {
         let node = FakeNode::default();
         let r = reconcile(&cfg(), &node, true);
         assert_eq!(r.writes, 0);
-        assert_eq!(r.resources[0].outcome, Outcome::Drifted);
+        assert!(r.resources.iter().all(|x| x.outcome == Outcome::Drifted), "{r:?}");
         assert!(node.files.lock().unwrap().is_empty());
-        assert!(matches!(&r.resources[2].outcome, Outcome::Failed(m) if m.contains("no sysctl")));
+        assert_eq!(*node.hostname.lock().unwrap(), "");
+        assert!(!r.failed());
+    }
+
+    #[test]
+    fn a_failed_resource_is_reported_and_the_rest_still_applied() {
+        struct NoSysctls(FakeNode);
+        impl Effects for NoSysctls {
+            fn hostname(&self) -> Result<String, crate::effects::EffectError> {
+                self.0.hostname()
+            }
+            fn set_hostname(&self, n: &str) -> Result<(), crate::effects::EffectError> {
+                self.0.set_hostname(n)
+            }
+            fn read_file(
+                &self,
+                p: &str,
+            ) -> Result<Option<crate::effects::FileState>, crate::effects::EffectError> {
+                self.0.read_file(p)
+            }
+            fn write_file(
+                &self,
+                p: &str,
+                c: &[u8],
+                m: u32,
+                u: u32,
+                g: u32,
+            ) -> Result<(), crate::effects::EffectError> {
+                self.0.write_file(p, c, m, u, g)
+            }
+            fn resolve_owner(
+                &self,
+                u: &str,
+                g: Option<&str>,
+            ) -> Result<(u32, u32), crate::effects::EffectError> {
+                self.0.resolve_owner(u, g)
+            }
+            fn sysctl(&self, _: &str) -> Result<Option<String>, crate::effects::EffectError> {
+                Ok(None)
+            }
+            fn set_sysctl(&self, k: &str, v: &str) -> Result<(), crate::effects::EffectError> {
+                self.0.set_sysctl(k, v)
+            }
+        }
+        let node = NoSysctls(FakeNode::default());
+        let r = reconcile(&cfg(), &node, false);
+        assert!(matches!(&r.resources[2].outcome, Outcome::Failed(m) if m.contains("no sysctl")), "{r:?}");
         assert!(r.failed());
+        assert_eq!(r.writes, 2, "hostname and file still applied");
     }
 
     #[test]

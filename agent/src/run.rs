@@ -28,6 +28,8 @@ pub struct AgentStatus {
     pub last_rtt: Option<Duration>,
     pub heartbeats_acked: u64,
     pub reconnects: u64,
+    /// The config generation last applied (0: none).
+    pub config_generation: u64,
     pub clock_offset_ms: i64,
     /// Unix seconds; 0 when unknown.
     pub cert_not_after: i64,
@@ -65,6 +67,17 @@ pub struct Agent {
     status: watch::Sender<AgentStatus>,
     collector: Arc<Mutex<Collector>>,
     metrics_port: u16,
+    /// How configs reach the node; `None`: configs are recorded and reported, not applied.
+    effects: Option<Arc<dyn crate::effects::Effects>>,
+    /// The hostname the applied config set (reported instead of a hint).
+    config_hostname: Mutex<Option<String>>,
+}
+
+/// The config generation saved in the state dir (`config.json`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedConfig {
+    generation: u64,
+    yaml: String,
 }
 
 fn now_unix_ms() -> i64 {
@@ -114,7 +127,24 @@ impl Agent {
         let (status, rx) = watch::channel(AgentStatus::default());
         let state = StateDir::new(&cfg.state_dir);
         let collector = Arc::new(Mutex::new(Collector::new(Sources::default(), Vec::new())));
-        (Self { cfg, state, status, collector, metrics_port: 0 }, rx)
+        (
+            Self {
+                cfg,
+                state,
+                status,
+                collector,
+                metrics_port: 0,
+                effects: None,
+                config_hostname: Mutex::new(None),
+            },
+            rx,
+        )
+    }
+
+    /// Applies configs through `effects` (the binary passes the real Linux implementation).
+    pub fn with_effects(mut self, effects: Arc<dyn crate::effects::Effects>) -> Self {
+        self.effects = Some(effects);
+        self
     }
 
     /// Units or processes reported as service checks.
@@ -162,6 +192,10 @@ impl Agent {
             s.cert_not_after = validity(&ident.cert_pem).map_or(0, |v| v.1);
         });
         tracing::info!(machine = %ident.machine.machine_id, controller = %self.cfg.controller, "identity ready");
+        // Converge to the last config we were given, without waiting for the controller.
+        if let Some(saved) = self.saved_config() {
+            let _ = self.apply_config(&saved);
+        }
         let mut backoff = Backoff::reconnect();
         loop {
             let started = Instant::now();
@@ -388,7 +422,22 @@ impl Agent {
                     }
                 }
                 msg = inbound.message() => match msg {
-                    Ok(Some(m)) => self.handle(m, &mut sent, &mut offset_ms, ident),
+                    Ok(Some(m)) => {
+                        if let Some(report) = self.handle(m, &mut sent, &mut offset_ms, ident) {
+                            let hostname_changed = report.resources.iter().any(|r| r.resource == "hostname" && r.outcome == "applied");
+                            let msg = pb::AgentMessage { msg: Some(pb::agent_message::Msg::ConfigStatus(report)) };
+                            if tx.send(msg).await.is_err() {
+                                return SessionEnd::Lost("stream closed".into());
+                            }
+                            if hostname_changed {
+                                // The controller shows the node's new name at once.
+                                inventory = crate::inventory::collect(&self.cfg.hints);
+                                if tx.send(self.hello(&inventory)).await.is_err() {
+                                    return SessionEnd::Lost("stream closed".into());
+                                }
+                            }
+                        }
+                    }
                     Ok(None) => return SessionEnd::Lost("the controller closed the stream".into()),
                     Err(s) => return match classify(&s) {
                         CallError::Revoked(m) => SessionEnd::Revoked(m),
@@ -405,8 +454,15 @@ impl Agent {
         sent: &mut VecDeque<(u64, Instant, i64)>,
         offset_ms: &mut i64,
         ident: &mut Identity,
-    ) {
+    ) -> Option<pb::ConfigStatus> {
         match m.msg {
+            Some(pb::controller_message::Msg::Config(c)) => {
+                let saved = SavedConfig { generation: c.generation, yaml: c.yaml };
+                if let Err(e) = self.save_config(&saved) {
+                    tracing::warn!(error = %e, "could not save the config");
+                }
+                return Some(self.apply_config(&saved));
+            }
             Some(pb::controller_message::Msg::Welcome(w)) => {
                 tracing::debug!(machine = %w.machine_id, "welcome");
             }
@@ -438,12 +494,71 @@ impl Agent {
             }
             None => {}
         }
+        None
+    }
+
+    fn saved_config(&self) -> Option<SavedConfig> {
+        let text = std::fs::read_to_string(self.state.root().join("config.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save_config(&self, c: &SavedConfig) -> Result<(), StateError> {
+        let json = serde_json::to_vec(c).unwrap_or_default();
+        crate::identity::write_atomic(&self.state.root().join("config.json"), &json, 0o600)
+    }
+
+    /// Validates and applies one generation through the effects; the report for the controller.
+    fn apply_config(&self, saved: &SavedConfig) -> pb::ConfigStatus {
+        let fail = |error: String| {
+            tracing::warn!(generation = saved.generation, %error, "config not applied");
+            pb::ConfigStatus { generation: saved.generation, applied: false, resources: Vec::new(), error }
+        };
+        let cfg = match muster_proto::config::parse(&saved.yaml) {
+            Ok((cfg, _)) => cfg,
+            Err(e) => return fail(format!("invalid config: {e}")),
+        };
+        let Some(fx) = &self.effects else {
+            return fail("this agent does not apply configs (started with --no-apply-config)".into());
+        };
+        // A new generation is applied whatever its drift policy; `drift: report` governs the
+        // periodic drift passes, not this.
+        let report = crate::reconcile::reconcile(&cfg, fx.as_ref(), false);
+        let applied = !report.failed();
+        if applied {
+            self.status.send_modify(|s| s.config_generation = saved.generation);
+        }
+        if let (Some(h), Ok(mut slot)) = (&cfg.hostname, self.config_hostname.lock()) {
+            *slot = Some(h.clone());
+        }
+        tracing::info!(generation = saved.generation, writes = report.writes, applied, "config reconciled");
+        pb::ConfigStatus {
+            generation: saved.generation,
+            applied,
+            resources: report
+                .resources
+                .into_iter()
+                .map(|r| {
+                    let (outcome, detail) = match r.outcome {
+                        crate::reconcile::Outcome::Unchanged => ("unchanged", String::new()),
+                        crate::reconcile::Outcome::Applied => ("applied", String::new()),
+                        crate::reconcile::Outcome::Drifted => ("drifted", String::new()),
+                        crate::reconcile::Outcome::Failed(e) => ("failed", e),
+                    };
+                    pb::ResourceStatus { resource: r.resource, outcome: outcome.into(), detail }
+                })
+                .collect(),
+            error: String::new(),
+        }
     }
 
     fn hello(&self, inventory: &pb::Inventory) -> pb::AgentMessage {
+        let mut inventory = inventory.clone();
+        if let Some(h) = self.config_hostname.lock().ok().and_then(|h| h.clone()) {
+            inventory.hostname = h;
+        }
         pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-                inventory: Some(inventory.clone()),
+                inventory: Some(inventory),
                 heartbeat_interval_ms: u32::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u32::MAX),
                 metrics_port: u32::from(self.metrics_port),
             })),

@@ -90,6 +90,10 @@ pub struct Flags {
     /// Report this SMBIOS UUID instead of the firmware's (labs and tests).
     #[arg(long, value_name = "UUID", hide = true)]
     pub hint_uuid: Option<String>,
+    /// Record and report configs from the controller but change nothing on this machine
+    /// (`muster lab` uses it while its agents share the host's namespaces).
+    #[arg(long)]
+    pub no_apply_config: bool,
     /// Apply this MachineConfig file once, print a JSON report, and exit (no controller).
     #[arg(long, value_name = "FILE", hide = true)]
     pub apply_once: Option<PathBuf>,

@@ -348,4 +348,10 @@ impl Store for MeteredStore {
     async fn record_last_seen(&self, seen: Vec<(MachineId, i64)>) -> Result<(), StoreError> {
         self.timed("record_last_seen", self.inner.record_last_seen(seen)).await
     }
+    async fn get_layer(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        self.timed("get_layer", self.inner.get_layer(key)).await
+    }
+    async fn put_layer(&self, key: &str, layer: Option<serde_json::Value>) -> Result<(), StoreError> {
+        self.timed("put_layer", self.inner.put_layer(key, layer)).await
+    }
 }

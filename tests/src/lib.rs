@@ -212,6 +212,8 @@ pub fn start_agent(ctl: &ControllerProc, token: &str, state_dir: &Path, extra: &
     cmd.args(["--controller", &ctl.endpoint(), "--ca-hash", &ctl.pin()?, "--state-dir"])
         .arg(state_dir)
         .args(["--cmdline-file", "/dev/null"])
+        // Test agents run in this machine's namespaces: never apply configs to it.
+        .arg("--no-apply-config")
         .args(extra);
     if !token.is_empty() {
         cmd.args(["--token", token]);

@@ -35,6 +35,16 @@ impl RunningAgent {
 }
 
 fn start_agent(f: &TestController, token: &str, name: &str, heartbeat: Duration) -> RunningAgent {
+    start_agent_with(f, token, name, heartbeat, None)
+}
+
+fn start_agent_with(
+    f: &TestController,
+    token: &str,
+    name: &str,
+    heartbeat: Duration,
+    effects: Option<std::sync::Arc<dyn muster_agent::effects::Effects>>,
+) -> RunningAgent {
     let state_dir = f.dir.path().join(name);
     let cfg = AgentConfig {
         controller: f.endpoint.clone(),
@@ -49,6 +59,10 @@ fn start_agent(f: &TestController, token: &str, name: &str, heartbeat: Duration)
         },
     };
     let (agent, status) = Agent::new(cfg);
+    let agent = match effects {
+        Some(fx) => agent.with_effects(fx),
+        None => agent,
+    };
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(agent.run(async move {
         let _ = rx.await;
@@ -230,6 +244,59 @@ async fn pending_token_lands_pending_until_approved() {
     f.admin().await.unwrap().approve(pb::MachineRef { query: id.clone() }).await.unwrap();
     a.wait("approval pushed down the stream", |s| s.assignment.as_ref().is_some_and(|x| x.approved)).await;
     wait_state(&f, &id, pb::MachineState::Ready, Duration::from_secs(5)).await;
+    a.stop().await;
+    f.still_serving().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_apply_reaches_the_node_and_the_new_hostname_shows() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let node = std::sync::Arc::new(muster_agent::effects::MemoryEffects::default());
+    let mut a = start_agent_with(&f, &token, "node-cfg", Duration::from_millis(200), Some(node.clone()));
+    a.wait("connected", |s| s.connected).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    let yaml = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: renamed-node\nfiles:\n  - path: /etc/motd\n    content: \"hi\\n\"\nsysctls:\n  net.ipv4.ip_forward: \"1\"\n";
+    let r = f
+        .admin()
+        .await
+        .unwrap()
+        .apply_config(pb::ApplyConfigRequest {
+            scope: pb::ConfigScope::Machine.into(),
+            target: id.clone(),
+            yaml: yaml.into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].generation, 1);
+    a.wait("generation 1 applied", |s| s.config_generation == 1).await;
+    assert_eq!(*node.hostname.lock().unwrap(), "renamed-node");
+    assert_eq!(node.files.lock().unwrap()["/etc/motd"].content, b"hi\n");
+    assert_eq!(node.sysctls.lock().unwrap()["net.ipv4.ip_forward"], "1");
+    // The controller records what the agent did, and shows the new hostname.
+    let start = Instant::now();
+    loop {
+        let cfg = f
+            .admin()
+            .await
+            .unwrap()
+            .get_config(pb::GetConfigRequest { query: id.clone(), rendered: true })
+            .await
+            .unwrap()
+            .into_inner();
+        let m = machine(&f, &id).await;
+        if cfg.applied_generation == 1 && m.hostname == "renamed-node" {
+            assert_eq!(cfg.resources.len(), 3);
+            assert!(cfg.resources.iter().all(|r| r.outcome == "applied"), "{:?}", cfg.resources);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "not recorded: {cfg:?} {m:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Persisted for restarts without the controller.
+    assert!(std::fs::read_to_string(a.state_dir.join("config.json")).unwrap().contains("renamed-node"));
     a.stop().await;
     f.still_serving().await.unwrap();
 }

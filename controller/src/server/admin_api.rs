@@ -270,4 +270,86 @@ impl pb::admin_service_server::AdminService for AdminApi {
         tracing::info!(machine = %m.id, by = %admin, "machine deleted");
         Ok(Response::new(pb::DeleteResponse { id: m.id.to_string() }))
     }
+
+    async fn apply_config(
+        &self,
+        req: Request<pb::ApplyConfigRequest>,
+    ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let dry = r.dry_run;
+        let out = self.c.apply_config(r).await?;
+        if !dry {
+            tracing::info!(machines = out.results.len(), by = %admin, "config applied");
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn get_config(
+        &self,
+        req: Request<pb::GetConfigRequest>,
+    ) -> Result<Response<pb::GetConfigResponse>, Status> {
+        auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let m = self.c.resolve(&r.query)?;
+        let yaml = if r.rendered {
+            m.config.rendered.clone()
+        } else {
+            match &m.config.layer {
+                Some(l) => serde_saphyr::to_string(l).map_err(|e| ApiError::Internal(e.to_string()))?,
+                None => String::new(),
+            }
+        };
+        Ok(Response::new(pb::GetConfigResponse {
+            machine_id: m.id.to_string(),
+            yaml,
+            generation: m.config.generation,
+            applied_generation: m.config.applied_generation,
+            resources: m
+                .config
+                .resources
+                .iter()
+                .map(|r| pb::ResourceStatus {
+                    resource: r.resource.clone(),
+                    outcome: r.outcome.clone(),
+                    detail: r.detail.clone(),
+                })
+                .collect(),
+            error: m.config.error.clone(),
+        }))
+    }
+
+    async fn config_history(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::ConfigHistoryResponse>, Status> {
+        auth::require_admin(&req)?;
+        let m = self.c.resolve(&req.get_ref().query)?;
+        Ok(Response::new(pb::ConfigHistoryResponse {
+            revisions: m
+                .config
+                .revisions
+                .iter()
+                .rev()
+                .map(|r| pb::ConfigRevision {
+                    generation: r.generation,
+                    created_unix_ms: r.created_ms,
+                    source: r.source.clone(),
+                    yaml: r.rendered.clone(),
+                })
+                .collect(),
+            applied_generation: m.config.applied_generation,
+        }))
+    }
+
+    async fn rollback_config(
+        &self,
+        req: Request<pb::RollbackConfigRequest>,
+    ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let out = self.c.rollback_config(&r.query, r.to_generation).await?;
+        tracing::info!(machine = %r.query, by = %admin, "config rolled back");
+        Ok(Response::new(out))
+    }
 }

@@ -147,6 +147,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 token_id: t.id.clone(),
                 cert_serial: cert.serial_hex.clone(),
                 cert_not_after_ms: unix_ms(cert.not_after),
+                config: Default::default(),
             }
         };
         let m = match self.c.enroll_machine(&token, now_ms, Box::new(record)).await {
@@ -227,6 +228,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         // The channel is new and empty: these cannot fail for lack of room.
         let _ = tx.try_send(Ok(welcome));
         let _ = tx.try_send(Ok(Controller::assignment_msg(&m)));
+        if let Some(cfg) = Controller::config_msg(&m) {
+            let _ = tx.try_send(Ok(cfg));
+        }
         tracing::info!(machine = %id, conn = conn_id, "agent connected");
 
         let c = self.c.clone();
@@ -277,6 +281,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         if let Err(e) = r {
                             tracing::warn!(machine = %id, error = %e, "could not record inventory");
                         }
+                    }
+                    Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::ConfigStatus(st)) })) => {
+                        c.touch(&id, |_| {});
+                        c.record_config_status(&id, st).await;
                     }
                     Ok(Some(_)) => {
                         let _ = tx.send(Err(Status::invalid_argument("msg: empty agent message"))).await;

@@ -9,6 +9,7 @@
 mod admin_api;
 mod agent_api;
 pub mod auth;
+pub mod config;
 pub mod error;
 pub mod health;
 mod http;

@@ -49,6 +49,50 @@ pub struct MachineRecord {
     pub token_id: String,
     pub cert_serial: String,
     pub cert_not_after_ms: i64,
+    #[serde(default)]
+    pub config: ConfigState,
+}
+
+/// A machine's config: its own layer, the current rendered generation, history, and what the
+/// agent last reported.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConfigState {
+    /// The machine's own layer (merged last), if any.
+    pub layer: Option<serde_json::Value>,
+    /// 0 until the first config.
+    pub generation: u64,
+    /// Rendered YAML of `generation`.
+    pub rendered: String,
+    /// Oldest first, at most [`MAX_REVISIONS`].
+    pub revisions: Vec<ConfigRevision>,
+    /// The generation the agent last reported as applied.
+    pub applied_generation: u64,
+    pub resources: Vec<ResourceRecord>,
+    /// Why the agent did not apply the current generation, if it said so.
+    pub error: String,
+}
+
+/// How many revisions a machine keeps.
+pub const MAX_REVISIONS: usize = 50;
+
+/// One generation of a machine's config.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ConfigRevision {
+    pub generation: u64,
+    pub created_ms: i64,
+    pub source: String,
+    pub rendered: String,
+    /// The machine's own layer at the time (what a rollback restores).
+    pub layer: Option<serde_json::Value>,
+}
+
+/// One resource as the agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ResourceRecord {
+    pub resource: String,
+    pub outcome: String,
+    pub detail: String,
 }
 
 /// Why a join token was not accepted. Only `Invalid` is said to a caller that does not hold the
@@ -110,6 +154,10 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_machine(&self, id: &MachineId) -> Result<(), StoreError>;
     /// Records heartbeat times in one batch (missing machines are skipped).
     async fn record_last_seen(&self, seen: Vec<(MachineId, i64)>) -> Result<(), StoreError>;
+    /// A shared config layer (`cluster/NAME`, `role/NAME`).
+    async fn get_layer(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError>;
+    /// Sets (or with `None` removes) a shared config layer.
+    async fn put_layer(&self, key: &str, layer: Option<serde_json::Value>) -> Result<(), StoreError>;
 }
 
 /// Checks a presented token against its record at `now_ms`.

@@ -57,6 +57,7 @@ impl SqliteStore {
         }
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS layers (key TEXT PRIMARY KEY, doc TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS machines (
                  id TEXT PRIMARY KEY, doc TEXT NOT NULL, last_seen_ms INTEGER NOT NULL DEFAULT 0);
              PRAGMA user_version = 1;",
@@ -273,6 +274,53 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn get_layer(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let key = key.to_owned();
+        self.run(move |c| {
+            let doc: Option<String> = c
+                .query_row("SELECT doc FROM layers WHERE key = ?1", [&key], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            doc.map(|d| serde_json::from_str(&d).map_err(|e| corrupt("layer", &key, e))).transpose()
+        })
+        .await
+    }
+
+    async fn put_layer(&self, key: &str, layer: Option<serde_json::Value>) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.run(move |c| {
+            match layer {
+                Some(v) => c
+                    .execute(
+                        "INSERT INTO layers (key, doc) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET doc = excluded.doc",
+                        params![key, to_json(&v)?],
+                    )
+                    .map_err(backend)?,
+                None => c.execute("DELETE FROM layers WHERE key = ?1", [&key]).map_err(backend)?,
+            };
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod layer_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn layers_round_trip_and_delete() {
+        let s = SqliteStore::in_memory().unwrap();
+        assert_eq!(s.get_layer("cluster/lab").await.unwrap(), None);
+        let v = serde_json::json!({"sysctls": {"vm.swappiness": "1"}});
+        s.put_layer("cluster/lab", Some(v.clone())).await.unwrap();
+        s.put_layer("cluster/lab", Some(v.clone())).await.unwrap();
+        assert_eq!(s.get_layer("cluster/lab").await.unwrap(), Some(v));
+        s.put_layer("cluster/lab", None).await.unwrap();
+        assert_eq!(s.get_layer("cluster/lab").await.unwrap(), None);
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +365,7 @@ mod tests {
             token_id: t.id.clone(),
             cert_serial: String::new(),
             cert_not_after_ms: 0,
+            config: Default::default(),
         }
     }
 

@@ -253,6 +253,8 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration) -> Resu
                 "127.0.0.1:0".into(),
                 "--cmdline-file".into(),
                 "/dev/null".into(),
+                // Lab agents share this machine's namespaces: they must not apply configs to it.
+                "--no-apply-config".into(),
                 "--hint-hostname".into(),
                 name.clone(),
                 "--hint-uuid".into(),

@@ -87,7 +87,7 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Machine configs (offline checks for now).
+    /// Machine configs: apply layers, diff, history, rollback, offline validation.
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -129,8 +129,73 @@ enum TokenCmd {
     Revoke { id: String },
 }
 
+#[derive(clap::Args, Debug)]
+#[group(required = false, multiple = false)]
+struct ConfigTarget {
+    /// Machine id, unique id prefix, hostname or MAC: sets that machine's own layer.
+    id: Option<String>,
+    /// Set the layer of every machine in this cluster instead.
+    #[arg(long, value_parser = parse_cluster)]
+    cluster: Option<String>,
+    /// Set the layer of every machine with this role instead.
+    #[arg(long, value_parser = parse_role)]
+    role: Option<Role>,
+}
+
+impl ConfigTarget {
+    fn scope(&self) -> Result<(pb::ConfigScope, String)> {
+        match (&self.id, &self.cluster, &self.role) {
+            (Some(id), None, None) => Ok((pb::ConfigScope::Machine, id.clone())),
+            (None, Some(c), None) => Ok((pb::ConfigScope::Cluster, c.clone())),
+            (None, None, Some(r)) => Ok((pb::ConfigScope::Role, r.to_string())),
+            _ => bail!("name one target: a machine ID, --cluster NAME or --role ROLE"),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
+    /// Set a config layer and push the result to the machines it affects. Layers merge as
+    /// cluster, then role, then machine (RFC 7386: maps merge, lists replace, null deletes).
+    Apply {
+        #[command(flatten)]
+        target: ConfigTarget,
+        /// The layer, a MachineConfig YAML file (- for standard input).
+        #[arg(short, long, value_name = "FILE")]
+        file: PathBuf,
+        /// Show what would change (a unified diff per machine) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the unified diff of the rendered config a file would produce; changes nothing.
+    Diff {
+        #[command(flatten)]
+        target: ConfigTarget,
+        #[arg(short, long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Show a machine's own layer, or with --rendered the merged config and what its agent reported.
+    Get {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        #[arg(long)]
+        rendered: bool,
+    },
+    /// A machine's config generations, newest first.
+    History {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Restore a machine's own layer as of an earlier generation (as a new generation).
+    Rollback {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        /// Generation to return to [default: the one before the current]
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Check a MachineConfig file without a controller: every error with its field path, then
     /// warnings. Exits 1 if there are errors.
     Validate {
@@ -245,6 +310,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Config(ConfigCmd::Validate { file }) => return validate_config(file),
         _ => {}
+    }
+    if let Cmd::Config(cmd) = &cli.cmd {
+        let (mut admin, ep) = connect(&cli).await?;
+        return config_cmd(&mut admin, &ep, cmd).await;
     }
     let (mut admin, ep) = connect(&cli).await?;
     let e = |s| explain(s, &ep);
@@ -437,8 +506,7 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// `muster config validate`: prints every problem; fails if any is an error.
-fn validate_config(file: &std::path::Path) -> Result<()> {
+fn read_input(file: &std::path::Path) -> Result<String> {
     use std::io::Read;
     let mut text = String::new();
     if file.as_os_str() == "-" {
@@ -447,6 +515,148 @@ fn validate_config(file: &std::path::Path) -> Result<()> {
         text = std::fs::read_to_string(file)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     }
+    Ok(text)
+}
+
+async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> {
+    let e = |s| explain(s, ep);
+    let apply = match cmd {
+        ConfigCmd::Apply { target, file, dry_run } => Some((target, file, *dry_run)),
+        ConfigCmd::Diff { target, file } => Some((target, file, true)),
+        _ => None,
+    };
+    match cmd {
+        _ if apply.is_some() => {
+            let Some((target, file, dry_run)) = apply else { bail!("unreachable") };
+            let (scope, target) = target.scope()?;
+            let yaml = read_input(file)?;
+            let r = admin
+                .apply_config(pb::ApplyConfigRequest { scope: scope.into(), target, yaml, dry_run })
+                .await
+                .map_err(e)?
+                .into_inner();
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            if r.results.is_empty() {
+                println!(
+                    "no machines are affected yet{}",
+                    if dry_run { "" } else { "; the layer is saved for machines that join" }
+                );
+            }
+            for m in &r.results {
+                if dry_run {
+                    if m.changed {
+                        println!("machine {} ({}):\n{}", m.machine_id, m.hostname, m.diff);
+                    } else {
+                        println!("machine {} ({}): no change", m.machine_id, m.hostname);
+                    }
+                } else if m.changed {
+                    println!("machine {} ({}): generation {}", m.machine_id, m.hostname, m.generation);
+                } else {
+                    println!(
+                        "machine {} ({}): unchanged at generation {}",
+                        m.machine_id, m.hostname, m.generation
+                    );
+                }
+            }
+        }
+        ConfigCmd::Get { id, rendered } => {
+            let r = admin
+                .get_config(pb::GetConfigRequest { query: id.clone(), rendered: *rendered })
+                .await
+                .map_err(e)?
+                .into_inner();
+            if *rendered {
+                println!(
+                    "# machine {}: generation {}, applied {}",
+                    r.machine_id, r.generation, r.applied_generation
+                );
+                for res in &r.resources {
+                    println!(
+                        "# {} {}{}",
+                        res.resource,
+                        res.outcome,
+                        if res.detail.is_empty() { String::new() } else { format!(": {}", res.detail) }
+                    );
+                }
+                if !r.error.is_empty() {
+                    println!("# error: {}", r.error);
+                }
+            }
+            if r.yaml.is_empty() {
+                eprintln!("(no {} config)", if *rendered { "rendered" } else { "machine-level" });
+            } else {
+                print!("{}", r.yaml);
+            }
+        }
+        ConfigCmd::History { id, output } => {
+            let r = admin.config_history(pb::MachineRef { query: id.clone() }).await.map_err(e)?.into_inner();
+            if *output == Output::Table {
+                let rows: Vec<Vec<String>> = r
+                    .revisions
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.generation.to_string(),
+                            output::rfc3339(v.created_unix_ms).unwrap_or_default(),
+                            v.source.clone(),
+                            if v.generation <= r.applied_generation { "yes".into() } else { "no".into() },
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["GENERATION", "CREATED", "SOURCE", "APPLIED"], &rows));
+            } else {
+                #[derive(serde::Serialize)]
+                struct Rev<'a> {
+                    generation: u64,
+                    created: Option<String>,
+                    source: &'a str,
+                    applied: bool,
+                    yaml: &'a str,
+                }
+                let v: Vec<Rev<'_>> = r
+                    .revisions
+                    .iter()
+                    .map(|v| Rev {
+                        generation: v.generation,
+                        created: output::rfc3339(v.created_unix_ms),
+                        source: &v.source,
+                        applied: v.generation <= r.applied_generation,
+                        yaml: &v.yaml,
+                    })
+                    .collect();
+                print!("{}", render(&v, *output)?);
+            }
+        }
+        ConfigCmd::Rollback { id, to } => {
+            let r = admin
+                .rollback_config(pb::RollbackConfigRequest {
+                    query: id.clone(),
+                    to_generation: to.unwrap_or(0),
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            for m in &r.results {
+                println!(
+                    "machine {} ({}): generation {}{}",
+                    m.machine_id,
+                    m.hostname,
+                    m.generation,
+                    if m.changed { "" } else { " (unchanged)" }
+                );
+            }
+        }
+        ConfigCmd::Apply { .. } | ConfigCmd::Diff { .. } | ConfigCmd::Validate { .. } | ConfigCmd::Schema => {
+        }
+    }
+    Ok(())
+}
+
+/// `muster config validate`: prints every problem; fails if any is an error.
+fn validate_config(file: &std::path::Path) -> Result<()> {
+    let text = read_input(file)?;
     match muster_proto::config::parse(&text) {
         Ok((_, warnings)) => {
             for w in &warnings {

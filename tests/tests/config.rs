@@ -1,0 +1,237 @@
+//! Config layers, generations and the push down the stream, against a real controller in this
+//! process. The "agent" here is a raw stream that records what it is sent and reports status,
+//! so nothing is applied to this machine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use muster_proto::pb;
+use muster_tests::{Enrolled, TestController};
+use tokio::sync::mpsc;
+use tonic::Code;
+
+struct Stream {
+    up: mpsc::Sender<pb::AgentMessage>,
+    down: tonic::Streaming<pb::ControllerMessage>,
+}
+
+impl Stream {
+    async fn open(f: &TestController, m: &Enrolled) -> Self {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                heartbeat_interval_ms: 5000,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let down = f
+            .machine_agent(m)
+            .await
+            .unwrap()
+            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { up: tx, down }
+    }
+
+    /// The next config update pushed to this machine.
+    async fn next_config(&mut self) -> pb::ConfigUpdate {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), self.down.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Some(pb::controller_message::Msg::Config(c)) = m.msg {
+                return c;
+            }
+        }
+    }
+
+    async fn report(&self, generation: u64) {
+        self.up
+            .send(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::ConfigStatus(pb::ConfigStatus {
+                    generation,
+                    applied: true,
+                    resources: vec![pb::ResourceStatus {
+                        resource: "hostname".into(),
+                        outcome: "applied".into(),
+                        detail: String::new(),
+                    }],
+                    error: String::new(),
+                })),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn req(scope: pb::ConfigScope, target: &str, yaml: &str, dry_run: bool) -> pb::ApplyConfigRequest {
+    pb::ApplyConfigRequest { scope: scope.into(), target: target.into(), yaml: yaml.into(), dry_run }
+}
+
+const CONFIG: &str = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: node-a\nfiles:\n  - path: /etc/motd\n    content: \"hello\\n\"\nsysctls:\n  net.ipv4.ip_forward: \"1\"\n";
+
+#[tokio::test]
+async fn dry_run_apply_push_status_history_and_rollback() {
+    let f = TestController::start().await.unwrap();
+    let m = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
+    let mut s = Stream::open(&f, &m).await;
+    let mut admin = f.admin().await.unwrap();
+
+    // Dry run: a diff, nothing stored.
+    let dry =
+        admin.apply_config(req(pb::ConfigScope::Machine, &m.id, CONFIG, true)).await.unwrap().into_inner();
+    assert_eq!(dry.results.len(), 1);
+    let d = &dry.results[0];
+    assert!(d.changed && d.generation == 0, "{d:?}");
+    assert!(d.diff.contains("+hostname: node-a"), "{}", d.diff);
+    let got = admin
+        .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.generation, got.yaml.as_str()), (0, ""));
+
+    // Apply: generation 1, pushed down the open stream.
+    let r =
+        admin.apply_config(req(pb::ConfigScope::Machine, &m.id, CONFIG, false)).await.unwrap().into_inner();
+    assert_eq!(r.results[0].generation, 1);
+    let pushed = s.next_config().await;
+    assert_eq!(pushed.generation, 1);
+    assert!(pushed.yaml.contains("hostname: node-a"), "{}", pushed.yaml);
+    s.report(1).await;
+    let mut applied = 0;
+    for _ in 0..100 {
+        let g = admin
+            .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+            .await
+            .unwrap()
+            .into_inner();
+        applied = g.applied_generation;
+        if applied == 1 {
+            assert_eq!(g.resources[0].resource, "hostname");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(applied, 1, "the agent's report is recorded");
+
+    // The same config again: no new generation.
+    let same =
+        admin.apply_config(req(pb::ConfigScope::Machine, &m.id, CONFIG, false)).await.unwrap().into_inner();
+    assert!(!same.results[0].changed && same.results[0].generation == 1);
+
+    // A change: generation 2, then rollback to 1 makes generation 3 with generation 1's content.
+    let v2 = CONFIG.replace("node-a", "node-b");
+    admin.apply_config(req(pb::ConfigScope::Machine, &m.id, &v2, false)).await.unwrap();
+    assert_eq!(s.next_config().await.generation, 2);
+    let rb = admin
+        .rollback_config(pb::RollbackConfigRequest { query: m.id.clone(), to_generation: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rb.results[0].generation, 3);
+    let third = s.next_config().await;
+    assert_eq!(third.yaml, pushed.yaml);
+    let h = admin.config_history(pb::MachineRef { query: m.id.clone() }).await.unwrap().into_inner();
+    let gens: Vec<(u64, &str)> = h.revisions.iter().map(|r| (r.generation, r.source.as_str())).collect();
+    assert_eq!(gens, [(3, "rollback to 1"), (2, "machine layer"), (1, "machine layer")]);
+    let err = admin
+        .rollback_config(pb::RollbackConfigRequest { query: m.id.clone(), to_generation: 99 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // A reconnecting agent gets the current generation at once.
+    drop(s);
+    let mut again = Stream::open(&f, &m).await;
+    assert_eq!(again.next_config().await.generation, 3);
+    f.still_serving().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_config_lists_every_error_and_changes_nothing() {
+    let f = TestController::start().await.unwrap();
+    let m = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    admin.apply_config(req(pb::ConfigScope::Machine, &m.id, CONFIG, false)).await.unwrap();
+    let bad = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: -x\nfiles:\n  - path: motd\n    content: x\n    mode: \"99\"\n";
+    let err = admin.apply_config(req(pb::ConfigScope::Machine, &m.id, bad, false)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    for path in ["hostname:", "files[0].path:", "files[0].mode:"] {
+        assert!(err.message().contains(path), "{path}: {}", err.message());
+    }
+    let got = admin
+        .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.generation, 1, "generation unchanged");
+    assert!(got.yaml.contains("node-a"));
+    let err = admin.apply_config(req(pb::ConfigScope::Machine, &m.id, "- a list", false)).await.unwrap_err();
+    assert!(err.message().contains("mapping"), "{}", err.message());
+    f.still_serving().await.unwrap();
+}
+
+#[tokio::test]
+async fn cluster_and_role_layers_merge_under_the_machine_layer() {
+    let f = TestController::start().await.unwrap();
+    let t = f.token(0, 2).await.unwrap();
+    let a = f.enroll(&t).await.unwrap();
+    let b = f.enroll(&t).await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    for (m, role) in [(&a, pb::Role::Worker), (&b, pb::Role::Controlplane)] {
+        admin
+            .assign(pb::AssignRequest {
+                query: m.id.clone(),
+                role: role.into(),
+                cluster: "lab".into(),
+                force: false,
+            })
+            .await
+            .unwrap();
+    }
+    let cluster = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nsysctls:\n  vm.swappiness: \"10\"\n  net.ipv4.ip_forward: \"1\"\n";
+    let r =
+        admin.apply_config(req(pb::ConfigScope::Cluster, "lab", cluster, false)).await.unwrap().into_inner();
+    assert_eq!(r.results.len(), 2);
+    let role = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nsysctls:\n  vm.swappiness: \"1\"\n";
+    let r = admin.apply_config(req(pb::ConfigScope::Role, "worker", role, false)).await.unwrap().into_inner();
+    assert_eq!(r.results.len(), 1);
+    assert_eq!(r.results[0].machine_id, a.id);
+    let own = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nsysctls:\n  net.ipv4.ip_forward: null\n";
+    admin.apply_config(req(pb::ConfigScope::Machine, &a.id, own, false)).await.unwrap();
+    let ra = admin
+        .get_config(pb::GetConfigRequest { query: a.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        ra.yaml.contains("vm.swappiness: '1'") || ra.yaml.contains("vm.swappiness: \"1\""),
+        "{}",
+        ra.yaml
+    );
+    assert!(!ra.yaml.contains("ip_forward"), "the machine layer deleted it: {}", ra.yaml);
+    assert_eq!(ra.generation, 3);
+    let rb = admin
+        .get_config(pb::GetConfigRequest { query: b.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        rb.yaml.contains("ip_forward") && rb.yaml.contains("'10'") || rb.yaml.contains("\"10\""),
+        "{}",
+        rb.yaml
+    );
+    assert_eq!(rb.generation, 1);
+    // Bad target names are refused.
+    let err = admin.apply_config(req(pb::ConfigScope::Role, "boss", role, true)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    f.still_serving().await.unwrap();
+}
