@@ -59,12 +59,20 @@ pub trait Effects: Send + Sync {
 pub struct LinuxEffects {
     root: PathBuf,
     proc_sys: PathBuf,
+    namespaced_sysctls_only: bool,
 }
 
 impl LinuxEffects {
     /// Files (and `/etc/hostname`, `/etc/passwd`, `/etc/group`) under `root`; sysctls in `/proc/sys`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), proc_sys: PathBuf::from("/proc/sys") }
+        Self { root: root.into(), proc_sys: PathBuf::from("/proc/sys"), namespaced_sysctls_only: false }
+    }
+
+    /// Refuse sysctls that are not per network namespace (everything but `net.*`): for agents
+    /// that share a kernel with others, as in `muster lab`.
+    pub fn namespaced_sysctls_only(mut self) -> Self {
+        self.namespaced_sysctls_only = true;
+        self
     }
 
     fn under_root(&self, path: &str) -> PathBuf {
@@ -188,6 +196,15 @@ impl Effects for LinuxEffects {
     }
 
     fn set_sysctl(&self, key: &str, value: &str) -> Result<(), EffectError> {
+        if self.namespaced_sysctls_only && !key.starts_with("net.") {
+            return Err(EffectError {
+                what: format!("setting sysctl {key}"),
+                source: io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "only net.* sysctls are per network namespace; this agent shares its kernel (lab) and refuses others",
+                ),
+            });
+        }
         fs::write(self.sysctl_path(key), value.as_bytes())
             .map_err(fail(format!("setting sysctl {key}={value}")))
     }

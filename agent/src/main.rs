@@ -77,6 +77,8 @@ fn main() -> ExitCode {
     }
     let cmdline = std::fs::read_to_string(&flags.cmdline_file).unwrap_or_default();
     let no_apply_config = flags.no_apply_config;
+    let config_root = flags.config_root.clone();
+    let namespaced_sysctls_only = flags.namespaced_sysctls_only;
     let (cfg, svc) = match flags.resolve(&cmdline) {
         Ok(c) => c,
         Err(e) => {
@@ -95,7 +97,11 @@ fn main() -> ExitCode {
         let (agent, status) = Agent::new(cfg);
         let mut agent = agent.with_service_checks(svc.service_checks);
         if !no_apply_config {
-            agent = agent.with_effects(std::sync::Arc::new(muster_agent::effects::LinuxEffects::new("/")));
+            let mut fx = muster_agent::effects::LinuxEffects::new(config_root);
+            if namespaced_sysctls_only {
+                fx = fx.namespaced_sysctls_only();
+            }
+            agent = agent.with_effects(std::sync::Arc::new(fx));
         }
         if let Some(addr) = svc.metrics_listen {
             match muster_agent::metrics::spawn(addr, agent.collector(), status.clone()).await {

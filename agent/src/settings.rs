@@ -94,6 +94,12 @@ pub struct Flags {
     /// (`muster lab` uses it while its agents share the host's namespaces).
     #[arg(long)]
     pub no_apply_config: bool,
+    /// Root directory for the files a config manages (labs give each node its own).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub config_root: PathBuf,
+    /// Refuse sysctls that are not per network namespace (labs, where nodes share a kernel).
+    #[arg(long, hide = true)]
+    pub namespaced_sysctls_only: bool,
     /// Apply this MachineConfig file once, print a JSON report, and exit (no controller).
     #[arg(long, value_name = "FILE", hide = true)]
     pub apply_once: Option<PathBuf>,

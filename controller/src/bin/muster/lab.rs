@@ -32,6 +32,25 @@ pub enum LabCmd {
         /// How nodes are provided: local processes (`qemu` VMs come in a later release).
         #[arg(long, default_value = "process")]
         provisioner: String,
+        /// How process nodes are kept off this machine: `netns` gives each its own network
+        /// (a veth on a lab bridge), UTS and mount namespace and file root, so configs apply for
+        /// real without touching the host (needs root and `ip`); `none` shares this machine's
+        /// namespaces and records configs without applying them; `auto` picks netns when it can.
+        #[arg(long, value_enum, default_value_t = Isolation::Auto)]
+        isolation: Isolation,
+    },
+    /// (internal) Relays host loopback ports into the lab's network namespace.
+    #[command(hide = true)]
+    Relay {
+        /// The lab network namespace (a /run/netns path).
+        #[arg(long)]
+        netns: PathBuf,
+        /// LISTEN=TARGET, e.g. 127.0.0.1:0=10.77.0.1:7443. Repeatable.
+        #[arg(long = "map")]
+        maps: Vec<String>,
+        /// Where to write the bound ports (JSON).
+        #[arg(long)]
+        ports_file: PathBuf,
     },
     /// Stop the lab's processes and remove its directory.
     Down {
@@ -50,6 +69,14 @@ pub enum LabCmd {
     },
 }
 
+/// How lab nodes are isolated from this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    Auto,
+    Netns,
+    None,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct LabFile {
     dir: PathBuf,
@@ -58,6 +85,122 @@ struct LabFile {
     grpc: String,
     http: String,
     musterconfig: PathBuf,
+    #[serde(default)]
+    relay_pid: Option<u32>,
+    /// Network namespaces the lab created (deleted by `lab down`).
+    #[serde(default)]
+    netns: Vec<String>,
+}
+
+/// The lab bridge's address inside the lab network namespace; nodes get .10 onwards.
+const LAB_ROUTER: &str = "10.77.0.1";
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn euid_is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+/// Creates the lab's namespaces: a router with a bridge, and per node a namespace with a veth on
+/// it. Nothing is added to this machine's own network. Returns the names created (so far, on
+/// error, after removing them).
+fn setup_netns(prefix: &str, nodes: u32) -> Result<Vec<String>> {
+    let router = format!("{prefix}r");
+    let mut created = Vec::new();
+    let result = (|| {
+        ip(&["netns", "add", &router])?;
+        created.push(router.clone());
+        ip(&["-n", &router, "link", "set", "lo", "up"])?;
+        ip(&["-n", &router, "link", "add", "mbr0", "type", "bridge"])?;
+        ip(&["-n", &router, "addr", "add", &format!("{LAB_ROUTER}/24"), "dev", "mbr0"])?;
+        ip(&["-n", &router, "link", "set", "mbr0", "up"])?;
+        for i in 1..=nodes {
+            let ns = format!("{prefix}n{i}");
+            ip(&["netns", "add", &ns])?;
+            created.push(ns.clone());
+            let veth = format!("vn{i}");
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &router, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &router, "link", "set", &veth, "master", "mbr0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("10.77.0.{}/24", 9 + i), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "route", "add", "default", "via", LAB_ROUTER])?;
+        }
+        Ok::<(), anyhow::Error>(())
+    })();
+    match result {
+        Ok(()) => Ok(created),
+        Err(e) => {
+            teardown_netns(&created);
+            Err(e.context("setting up the lab's network namespaces"))
+        }
+    }
+}
+
+fn teardown_netns(names: &[String]) {
+    for n in names.iter().rev() {
+        // Only names this lab recorded, and only ours by prefix.
+        if n.starts_with("mlab") {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
+/// Connects to `target` from inside the network namespace at `netns`, on a thread of its own
+/// (setns changes only the calling thread, which then ends).
+fn connect_in_netns(netns: &Path, target: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(netns)?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd we hold open; it affects only this thread,
+        // which does nothing but this one connect and exits.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("relay thread panicked"))?
+}
+
+async fn relay(netns: PathBuf, maps: Vec<String>, ports_file: PathBuf) -> Result<()> {
+    let mut bound = Vec::new();
+    for m in &maps {
+        let (listen, target) =
+            m.split_once('=').with_context(|| format!("--map {m:?}: expected LISTEN=TARGET"))?;
+        let target: std::net::SocketAddr =
+            target.parse().with_context(|| format!("--map {m:?}: bad target"))?;
+        let l = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        bound.push(serde_json::json!({"listen": l.local_addr()?.to_string(), "target": target.to_string()}));
+        let netns = netns.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = l.accept().await else { continue };
+                let netns = netns.clone();
+                tokio::spawn(async move {
+                    let connected =
+                        tokio::task::spawn_blocking(move || connect_in_netns(&netns, target)).await;
+                    let Ok(Ok(std_stream)) = connected else { return };
+                    let _ = std_stream.set_nonblocking(true);
+                    if let Ok(mut outbound) = tokio::net::TcpStream::from_std(std_stream) {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+    }
+    muster_util::write_atomic(&ports_file, &serde_json::to_vec(&bound)?, 0o644)?;
+    muster_util::shutdown_signal().await;
+    Ok(())
 }
 
 fn default_dir() -> PathBuf {
@@ -140,11 +283,21 @@ fn tail(path: &Path) -> String {
 
 pub async fn run(cmd: &LabCmd) -> Result<()> {
     match cmd {
-        LabCmd::Up { nodes, dir, detach, heartbeat, provisioner } => {
+        LabCmd::Up { nodes, dir, detach, heartbeat, provisioner, isolation } => {
             if provisioner != "process" {
                 bail!("--provisioner {provisioner:?}: only `process` is implemented so far (qemu comes with network boot)");
             }
-            up(*nodes, dir.clone().unwrap_or_else(default_dir), *detach, *heartbeat).await
+            let netns = match isolation {
+                Isolation::Netns => true,
+                Isolation::None => false,
+                Isolation::Auto => {
+                    euid_is_root() && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
+                }
+            };
+            up(*nodes, dir.clone().unwrap_or_else(default_dir), *detach, *heartbeat, netns).await
+        }
+        LabCmd::Relay { netns, maps, ports_file } => {
+            relay(netns.clone(), maps.clone(), ports_file.clone()).await
         }
         LabCmd::Down { dir, keep } => down(&dir.clone().unwrap_or_else(default_dir), *keep),
         LabCmd::Status { dir } => {
@@ -182,7 +335,9 @@ fn down(dir: &Path, keep: bool) -> Result<()> {
         Some(l) => {
             let mut pids = l.agent_pids.clone();
             pids.push(l.controller_pid);
+            pids.extend(l.relay_pid);
             stop_pids(&pids);
+            teardown_netns(&l.netns);
             println!("lab in {} stopped", dir.display());
         }
         None => println!("no running lab recorded in {}", dir.display()),
@@ -194,31 +349,73 @@ fn down(dir: &Path, keep: bool) -> Result<()> {
     Ok(())
 }
 
-async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration) -> Result<()> {
+async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: bool) -> Result<()> {
     if let Some(l) = read_lab(&dir) {
         if is_ours(l.controller_pid) || l.agent_pids.iter().any(|p| is_ours(*p)) {
             bail!("a lab is already running in {}; run `muster lab down` first", dir.display());
         }
+        teardown_netns(&l.netns);
     }
     let controller_bin = find_bin("muster-controller")?;
     let agent_bin = find_bin("muster-agent")?;
+    let muster_bin = std::env::current_exe().context("locating this muster binary")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let ctl_dir = dir.join("controller");
     let _ = std::fs::remove_file(ctl_dir.join("ports.json"));
+    let prefix = format!("mlab{}", std::process::id());
     let mut children: Vec<Child> = Vec::new();
+    let mut relay_child: Option<Child> = None;
+    let mut namespaces: Vec<String> = Vec::new();
     let result = async {
+        if netns {
+            namespaces = setup_netns(&prefix, nodes)?;
+        }
+        let router = format!("{prefix}r");
         let ctl_log = dir.join("controller.log");
-        let args: Vec<String> =
-            ["serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain([ctl_dir.display().to_string()])
-                .collect();
-        children.push(spawn(&controller_bin, &args, &ctl_log)?);
+        let s = |v: &str| v.to_string();
+        let (grpc_listen, http_listen) = if netns {
+            (format!("{LAB_ROUTER}:7443"), format!("{LAB_ROUTER}:7480"))
+        } else {
+            (s("127.0.0.1:0"), s("127.0.0.1:0"))
+        };
+        let mut ctl_args = vec![s("serve"), s("--grpc-listen"), grpc_listen, s("--http-listen"), http_listen];
+        ctl_args.extend([s("--san"), s(LAB_ROUTER), s("--data-dir"), ctl_dir.display().to_string()]);
+        let (bin, args) = if netns {
+            let mut a = vec![s("netns"), s("exec"), router.clone(), controller_bin.display().to_string()];
+            a.extend(ctl_args);
+            (PathBuf::from("ip"), a)
+        } else {
+            (controller_bin.clone(), ctl_args)
+        };
+        children.push(spawn(&bin, &args, &ctl_log)?);
         let ports = wait_ports(&ctl_dir, &ctl_log, &mut children[0]).await?;
-        let grpc = ports["grpc"].as_str().unwrap_or_default().to_owned();
-        let http = ports["http"].as_str().unwrap_or_default().to_owned();
-        let endpoint = format!("https://{grpc}");
+        let (endpoint, grpc, http) = if netns {
+            // The host reaches the controller through a relay; the agents directly.
+            let relay_file = dir.join("relay.json");
+            let _ = std::fs::remove_file(&relay_file);
+            let args = vec![
+                s("lab"),
+                s("relay"),
+                s("--netns"),
+                format!("/run/netns/{router}"),
+                s("--map"),
+                format!("127.0.0.1:0={LAB_ROUTER}:7443"),
+                s("--map"),
+                format!("127.0.0.1:0={LAB_ROUTER}:7480"),
+                s("--ports-file"),
+                relay_file.display().to_string(),
+            ];
+            let mut child = spawn(&muster_bin, &args, &dir.join("relay.log"))?;
+            let maps = wait_file(&relay_file, &mut child, &dir.join("relay.log")).await?;
+            relay_child = Some(child);
+            let listen = |i: usize| maps[i]["listen"].as_str().unwrap_or_default().to_owned();
+            (format!("https://{LAB_ROUTER}:7443"), listen(0), listen(1))
+        } else {
+            let grpc = ports["grpc"].as_str().unwrap_or_default().to_owned();
+            (format!("https://{grpc}"), grpc, ports["http"].as_str().unwrap_or_default().to_owned())
+        };
+        let dd = muster_controller::pki::DataDir::new(&ctl_dir);
+        muster_controller::pki::set_musterconfig_endpoint(&dd, &format!("https://{grpc}"))?;
         let mc_path = ctl_dir.join("musterconfig");
         let mc = client::load_musterconfig(&mc_path)?;
         let ca = std::fs::read_to_string(ctl_dir.join("ca.crt")).context("reading the lab CA")?;
@@ -238,29 +435,51 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration) -> Resu
             .token;
         for i in 1..=nodes {
             let name = format!("lab-node-{i}");
-            let args: Vec<String> = vec![
-                "--controller".into(),
+            let mut args: Vec<String> = vec![
+                s("--controller"),
                 endpoint.clone(),
-                "--token".into(),
+                s("--token"),
                 token.clone(),
-                "--ca-hash".into(),
+                s("--ca-hash"),
                 pin.to_string(),
-                "--state-dir".into(),
-                dir.join(&name).display().to_string(),
-                "--heartbeat".into(),
+                s("--state-dir"),
+                dir.join(&name).join("state").display().to_string(),
+                s("--heartbeat"),
                 humantime::format_duration(heartbeat).to_string(),
-                "--metrics-listen".into(),
-                "127.0.0.1:0".into(),
-                "--cmdline-file".into(),
-                "/dev/null".into(),
-                // Lab agents share this machine's namespaces: they must not apply configs to it.
-                "--no-apply-config".into(),
-                "--hint-hostname".into(),
+                s("--cmdline-file"),
+                s("/dev/null"),
+                s("--hint-hostname"),
                 name.clone(),
-                "--hint-uuid".into(),
+                s("--hint-uuid"),
                 format!("6d757374-6572-4c61-8200-{i:012x}"),
             ];
-            children.push(spawn(&agent_bin, &args, &dir.join(format!("{name}.log")))?);
+            let (bin, args) = if netns {
+                // Its own network (veth on the lab bridge), hostname and mounts; files under its
+                // own root; only per-namespace sysctls.
+                args.extend([
+                    s("--metrics-listen"),
+                    s("0.0.0.0:7481"),
+                    s("--config-root"),
+                    dir.join(&name).join("root").display().to_string(),
+                    s("--namespaced-sysctls-only"),
+                ]);
+                let mut a = vec![
+                    s("netns"),
+                    s("exec"),
+                    format!("{prefix}n{i}"),
+                    s("unshare"),
+                    s("--uts"),
+                    s("--mount"),
+                ];
+                a.extend([s("--propagation"), s("private"), agent_bin.display().to_string()]);
+                a.extend(args);
+                (PathBuf::from("ip"), a)
+            } else {
+                // Sharing this machine's namespaces: record configs, never apply them here.
+                args.extend([s("--metrics-listen"), s("127.0.0.1:0"), s("--no-apply-config")]);
+                (agent_bin.clone(), args)
+            };
+            children.push(spawn(&bin, &args, &dir.join(format!("{name}.log")))?);
         }
         let lab = LabFile {
             dir: dir.clone(),
@@ -269,11 +488,18 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration) -> Resu
             grpc: grpc.clone(),
             http: http.clone(),
             musterconfig: mc_path.clone(),
+            relay_pid: relay_child.as_ref().map(Child::id),
+            netns: namespaces.clone(),
         };
         std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
         let ms = wait_ready(&mut admin, nodes as usize).await?;
+        let how = if netns {
+            "each in its own namespaces on 10.77.0.0/24"
+        } else {
+            "sharing this machine's namespaces (configs are recorded, not applied)"
+        };
         println!(
-            "Lab is up in {}: controller {endpoint} (HTTP http://{http}), {nodes} agents.\n",
+            "Lab is up in {}: controller https://{grpc} (HTTP http://{http}), {nodes} agents {how}.\n",
             dir.display()
         );
         print!("{}", crate::output::machines_table(&ms, SystemTime::now()));
@@ -283,10 +509,11 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration) -> Resu
     }
     .await;
     if let Err(e) = result {
-        for c in children.iter_mut() {
+        for c in children.iter_mut().chain(relay_child.iter_mut()) {
             let _ = c.kill();
             let _ = c.wait();
         }
+        teardown_netns(&namespaces);
         let _ = std::fs::remove_file(dir.join("lab.json"));
         return Err(e);
     }
@@ -296,14 +523,34 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration) -> Resu
     }
     println!("Stop it with Ctrl-C (or `muster lab down` from another shell).");
     wait_for_signal_or_exit(&mut children).await;
-    let pids: Vec<u32> = children.iter().map(Child::id).rev().collect();
+    let mut pids: Vec<u32> = children.iter().map(Child::id).rev().collect();
+    pids.extend(relay_child.as_ref().map(Child::id));
     stop_pids(&pids);
-    for c in children.iter_mut() {
+    for c in children.iter_mut().chain(relay_child.iter_mut()) {
         let _ = c.wait();
     }
+    teardown_netns(&namespaces);
     let _ = std::fs::remove_file(dir.join("lab.json"));
     println!("lab stopped (state and logs kept in {}; `muster lab down` removes them)", dir.display());
     Ok(())
+}
+
+async fn wait_file(path: &Path, child: &mut Child, log: &Path) -> Result<Vec<serde_json::Value>> {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(v) = serde_json::from_str::<Vec<serde_json::Value>>(&text) {
+                return Ok(v);
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("the lab relay exited ({status}):\n{}", tail(log));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the lab relay did not start within 10s:\n{}", tail(log));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_for_signal_or_exit(children: &mut [Child]) {

@@ -1,0 +1,155 @@
+//! `muster lab` with namespaces, end to end with real binaries: each agent in its own network
+//! (veth on a lab bridge), UTS and mount namespace with its own file root. `muster config apply`
+//! shows a diff with --dry-run, then applies hostname, file and sysctl inside the node;
+//! `muster machines` shows the new hostname; history and rollback work; a sysctl that is not per
+//! namespace is refused; this machine's hostname, sysctls and /etc stay untouched; `lab down`
+//! removes every namespace. Needs root (as in CI).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use muster_tests::{bin, cli, wait_for};
+
+fn muster(mc: &Path, args: &[&str]) -> String {
+    let out = cli(mc, args).unwrap();
+    assert!(out.status.success(), "muster {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn read(p: &str) -> String {
+    std::fs::read_to_string(p).unwrap_or_default().trim().to_owned()
+}
+
+fn machine_json(mc: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_str(&muster(mc, &["machine", "get", id, "-o", "json"])).unwrap()
+}
+
+#[test]
+fn lab_nodes_apply_config_in_their_own_namespaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = tmp.path().join("lab");
+    let before = (
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/net/ipv4/ip_forward"),
+        read("/proc/sys/vm/swappiness"),
+    );
+    let motd_before = std::fs::read("/etc/motd").ok();
+    let up = Command::new(bin("muster").unwrap())
+        .args([
+            "lab",
+            "up",
+            "--nodes",
+            "2",
+            "--detach",
+            "--isolation",
+            "netns",
+            "--heartbeat",
+            "500ms",
+            "--dir",
+        ])
+        .arg(&lab)
+        .output()
+        .unwrap();
+    let lab_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.join("lab.json")).unwrap_or_else(|_| "{}".into()))
+            .unwrap();
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            up.status.success(),
+            "lab up: {}{}",
+            String::from_utf8_lossy(&up.stdout),
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let mc = lab.join("controller/musterconfig");
+        let cfg = tmp.path().join("node-a.yaml");
+        std::fs::write(
+            &cfg,
+            "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: node-a\nfiles:\n  - path: /etc/motd\n    content: \"hello from muster\\n\"\n    mode: \"0644\"\nsysctls:\n  net.ipv4.ip_forward: \"1\"\n",
+        )
+        .unwrap();
+        let id = machine_json(&mc, "lab-node-1")["id"].as_str().unwrap().to_owned();
+        let diff = muster(&mc, &["config", "apply", "lab-node-1", "-f", cfg.to_str().unwrap(), "--dry-run"]);
+        assert!(diff.contains("+hostname: node-a"), "{diff}");
+        assert_eq!(machine_json(&mc, &id)["hostname"], "lab-node-1", "a dry run changes nothing");
+
+        muster(&mc, &["config", "apply", "lab-node-1", "-f", cfg.to_str().unwrap()]);
+        wait_for("node-a in muster machines", Duration::from_secs(30), || {
+            let v: serde_json::Value =
+                serde_json::from_str(&muster(&mc, &["machines", "-o", "json"])).ok()?;
+            v.as_array()?.iter().any(|m| m["hostname"] == "node-a").then_some(())
+        })
+        .unwrap();
+        let rendered = muster(&mc, &["config", "get", "node-a", "--rendered"]);
+        assert!(rendered.contains("generation 1, applied 1"), "{rendered}");
+
+        // Inside the node's own namespaces.
+        let pid = lab_json["agent_pids"][0].as_u64().unwrap().to_string();
+        let ns = |flag: &str, file: &str| {
+            let o = Command::new("nsenter").args(["-t", &pid, flag, "cat", file]).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).trim().to_owned()
+        };
+        assert_eq!(ns("-u", "/proc/sys/kernel/hostname"), "node-a");
+        assert_eq!(ns("-n", "/proc/sys/net/ipv4/ip_forward"), "1");
+        assert_eq!(
+            std::fs::read_to_string(lab.join("lab-node-1/root/etc/motd")).unwrap(),
+            "hello from muster\n"
+        );
+
+        // History and rollback.
+        let v2 = tmp.path().join("node-b.yaml");
+        std::fs::write(&v2, std::fs::read_to_string(&cfg).unwrap().replace("node-a", "node-b")).unwrap();
+        muster(&mc, &["config", "apply", "node-a", "-f", v2.to_str().unwrap()]);
+        wait_for("node-b", Duration::from_secs(30), || {
+            (machine_json(&mc, &id)["hostname"] == "node-b").then_some(())
+        })
+        .unwrap();
+        let history = muster(&mc, &["config", "history", "node-b"]);
+        assert!(history.lines().count() == 3, "{history}");
+        muster(&mc, &["config", "rollback", "node-b", "--to", "1"]);
+        wait_for("back to node-a", Duration::from_secs(30), || {
+            (machine_json(&mc, &id)["hostname"] == "node-a").then_some(())
+        })
+        .unwrap();
+        assert_eq!(ns("-u", "/proc/sys/kernel/hostname"), "node-a");
+
+        // A sysctl that is not per network namespace is refused in the lab.
+        let sw = tmp.path().join("sw.yaml");
+        std::fs::write(
+            &sw,
+            "apiVersion: muster/v1alpha1\nkind: MachineConfig\nsysctls:\n  vm.swappiness: \"7\"\n",
+        )
+        .unwrap();
+        muster(&mc, &["config", "apply", "lab-node-2", "-f", sw.to_str().unwrap()]);
+        wait_for("the refusal to be reported", Duration::from_secs(30), || {
+            muster(&mc, &["config", "get", "lab-node-2", "--rendered"])
+                .contains("sysctl:vm.swappiness failed")
+                .then_some(())
+        })
+        .unwrap();
+    });
+    let down =
+        Command::new(bin("muster").unwrap()).args(["lab", "down", "--dir"]).arg(&lab).output().unwrap();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let ours: Vec<String> =
+        lab_json["netns"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_owned()).collect();
+    assert!(ours.len() == 3, "{ours:?}");
+    let listed = String::from_utf8_lossy(&left.stdout);
+    assert!(ours.iter().all(|n| !listed.contains(n.as_str())), "namespaces left behind: {listed}");
+    // This machine is as it was.
+    assert_eq!(
+        (
+            read("/proc/sys/kernel/hostname"),
+            read("/proc/sys/net/ipv4/ip_forward"),
+            read("/proc/sys/vm/swappiness")
+        ),
+        before
+    );
+    assert_eq!(std::fs::read("/etc/motd").ok(), motd_before);
+}
