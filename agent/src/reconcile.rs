@@ -19,6 +19,8 @@ pub enum Outcome {
     Applied,
     /// Differs, but the drift policy says only report (nothing written).
     Drifted,
+    /// Had drifted and was put back (by a drift pass).
+    Corrected,
     Failed(String),
 }
 

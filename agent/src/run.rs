@@ -71,6 +71,8 @@ pub struct Agent {
     effects: Option<Arc<dyn crate::effects::Effects>>,
     /// The hostname the applied config set (reported instead of a hint).
     config_hostname: Mutex<Option<String>>,
+    /// Resources the last drift pass found off (to report only changes).
+    last_drift: Mutex<Vec<(String, String)>>,
 }
 
 /// The config generation saved in the state dir (`config.json`).
@@ -136,6 +138,7 @@ impl Agent {
                 metrics_port: 0,
                 effects: None,
                 config_hostname: Mutex::new(None),
+                last_drift: Mutex::new(Vec::new()),
             },
             rx,
         )
@@ -382,9 +385,20 @@ impl Agent {
             tokio::time::Instant::now() + renew_wall.map_or(Duration::from_secs(3600), renew_in);
         let mut inventory_check = tokio::time::interval(INVENTORY_CHECK);
         inventory_check.tick().await;
+        let mut drift_check = tokio::time::interval(self.cfg.drift_interval);
+        drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        drift_check.tick().await;
         loop {
             tokio::select! {
                 () = stopped(stop) => return SessionEnd::Shutdown,
+                _ = drift_check.tick() => {
+                    if let Some(st) = self.drift_pass() {
+                        let msg = pb::AgentMessage { msg: Some(pb::agent_message::Msg::ConfigStatus(st)) };
+                        if tx.send(msg).await.is_err() {
+                            return SessionEnd::Lost("stream closed".into());
+                        }
+                    }
+                }
                 _ = inventory_check.tick() => {
                     // The full inventory goes up again only when it changed (a disk or NIC came or went).
                     let current = crate::inventory::collect(&self.cfg.hints);
@@ -497,6 +511,65 @@ impl Agent {
         None
     }
 
+    /// Checks the node against the applied config: corrects drift, or with `drift: report`
+    /// only reports it. A status goes up only when the set of drifted resources changes.
+    fn drift_pass(&self) -> Option<pb::ConfigStatus> {
+        let fx = self.effects.as_ref()?;
+        let saved = self.saved_config()?;
+        if self.status.borrow().config_generation != saved.generation {
+            return None;
+        }
+        let (cfg, _) = muster_proto::config::parse(&saved.yaml).ok()?;
+        let report_only = cfg.drift == Some(muster_proto::config::DriftPolicy::Report);
+        let mut report = crate::reconcile::reconcile(&cfg, fx.as_ref(), report_only);
+        for r in &mut report.resources {
+            if r.outcome == crate::reconcile::Outcome::Applied {
+                r.outcome = crate::reconcile::Outcome::Corrected;
+            }
+        }
+        let off: Vec<(String, String)> = report
+            .resources
+            .iter()
+            .filter(|r| r.outcome != crate::reconcile::Outcome::Unchanged)
+            .map(|r| (r.resource.clone(), format!("{:?}", r.outcome)))
+            .collect();
+        {
+            let mut last = self.last_drift.lock().ok()?;
+            if *last == off {
+                return None;
+            }
+            *last = off.clone();
+        }
+        if !off.is_empty() {
+            tracing::warn!(drifted = ?off.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(), report_only, "the node drifted from its config");
+        }
+        Some(self.status_of(saved.generation, report))
+    }
+
+    fn status_of(&self, generation: u64, report: crate::reconcile::Report) -> pb::ConfigStatus {
+        let applied = !report.failed()
+            && !report.resources.iter().any(|r| r.outcome == crate::reconcile::Outcome::Drifted);
+        pb::ConfigStatus {
+            generation,
+            applied,
+            resources: report
+                .resources
+                .into_iter()
+                .map(|r| {
+                    let (outcome, detail) = match r.outcome {
+                        crate::reconcile::Outcome::Unchanged => ("unchanged", String::new()),
+                        crate::reconcile::Outcome::Applied => ("applied", String::new()),
+                        crate::reconcile::Outcome::Drifted => ("drifted", String::new()),
+                        crate::reconcile::Outcome::Corrected => ("corrected", String::new()),
+                        crate::reconcile::Outcome::Failed(e) => ("failed", e),
+                    };
+                    pb::ResourceStatus { resource: r.resource, outcome: outcome.into(), detail }
+                })
+                .collect(),
+            error: String::new(),
+        }
+    }
+
     fn saved_config(&self) -> Option<SavedConfig> {
         let text = std::fs::read_to_string(self.state.root().join("config.json")).ok()?;
         serde_json::from_str(&text).ok()
@@ -527,28 +600,14 @@ impl Agent {
         if applied {
             self.status.send_modify(|s| s.config_generation = saved.generation);
         }
+        if let Ok(mut d) = self.last_drift.lock() {
+            d.clear();
+        }
         if let (Some(h), Ok(mut slot)) = (&cfg.hostname, self.config_hostname.lock()) {
             *slot = Some(h.clone());
         }
         tracing::info!(generation = saved.generation, writes = report.writes, applied, "config reconciled");
-        pb::ConfigStatus {
-            generation: saved.generation,
-            applied,
-            resources: report
-                .resources
-                .into_iter()
-                .map(|r| {
-                    let (outcome, detail) = match r.outcome {
-                        crate::reconcile::Outcome::Unchanged => ("unchanged", String::new()),
-                        crate::reconcile::Outcome::Applied => ("applied", String::new()),
-                        crate::reconcile::Outcome::Drifted => ("drifted", String::new()),
-                        crate::reconcile::Outcome::Failed(e) => ("failed", e),
-                    };
-                    pb::ResourceStatus { resource: r.resource, outcome: outcome.into(), detail }
-                })
-                .collect(),
-            error: String::new(),
-        }
+        self.status_of(saved.generation, report)
     }
 
     fn hello(&self, inventory: &pb::Inventory) -> pb::AgentMessage {

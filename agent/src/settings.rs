@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub heartbeat: Duration,
     pub hints: Hints,
+    /// How often the applied config is checked against the node (drift).
+    pub drift_interval: Duration,
 }
 
 /// Extra settings of the binary (not needed by the library's loop).
@@ -74,6 +76,9 @@ pub struct Flags {
     /// Heartbeat interval, 100ms..10m [kernel: muster.heartbeat=] [default: 5s]
     #[arg(long, value_name = "DURATION")]
     pub heartbeat: Option<String>,
+    /// How often the node is checked against its config for drift [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub drift_interval: Option<String>,
     /// Where the agent serves /metrics, or "off" [default: 0.0.0.0:7481]
     #[arg(long, value_name = "ADDR|off")]
     pub metrics_listen: Option<String>,
@@ -190,6 +195,17 @@ impl Flags {
                 d
             }
         };
+        let drift_interval = match &self.drift_interval {
+            None => Duration::from_secs(30),
+            Some(s) => {
+                let d = humantime::parse_duration(s)
+                    .map_err(|e| err("drift-interval", "drift_interval", format!("{s:?}: {e}")))?;
+                if d < Duration::from_millis(100) {
+                    return Err(err("drift-interval", "drift_interval", "must be at least 100ms"));
+                }
+                d
+            }
+        };
         let metrics_listen = match self.metrics_listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN) {
             "off" | "" => None,
             s => Some(s.parse().map_err(|e| err("metrics-listen", "metrics_listen", format!("{s:?}: {e}")))?),
@@ -209,6 +225,7 @@ impl Flags {
                 state_dir,
                 heartbeat,
                 hints: Hints { hostname: self.hint_hostname, uuid: self.hint_uuid },
+                drift_interval,
             },
             ServiceSettings { metrics_listen, service_checks },
         ))

@@ -60,6 +60,9 @@ fn machine(i: usize) -> MachineSample {
         os: "Debian GNU/Linux 12 (bookworm)".into(),
         agent_version: "0.1.0".into(),
         snapshot: Some(snapshot),
+        config_generation: 0,
+        config_applied: 0,
+        config_drift: Vec::new(),
     }
 }
 

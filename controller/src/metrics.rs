@@ -133,6 +133,11 @@ pub struct MachineSample {
     pub os: String,
     pub agent_version: String,
     pub snapshot: Option<pb::HealthSnapshot>,
+    /// Config generation and the one the agent applied (0: no config).
+    pub config_generation: u64,
+    pub config_applied: u64,
+    /// Each reported resource and whether it drifted (found off at the last drift pass).
+    pub config_drift: Vec<(String, bool)>,
 }
 
 /// The fleet at one scrape.
@@ -210,6 +215,35 @@ impl FleetSnapshot {
         );
         for (m, p) in all().filter(|(m, _)| m.cert_not_after_ms > 0) {
             w.sample(p, &[], m.cert_not_after_ms as f64 / 1000.0);
+        }
+        let configured = || all().filter(|(m, _)| m.config_generation > 0);
+        if configured().next().is_some() {
+            w.family(
+                "muster_machine_config_generation",
+                "The machine's current config generation",
+                Kind::Gauge,
+            );
+            for (m, p) in configured() {
+                w.sample(p, &[], m.config_generation as f64);
+            }
+            w.family(
+                "muster_machine_config_applied_generation",
+                "The config generation the agent reported applied",
+                Kind::Gauge,
+            );
+            for (m, p) in configured() {
+                w.sample(p, &[], m.config_applied as f64);
+            }
+            w.family(
+                "muster_machine_config_drift",
+                "1 if the resource was found changed behind Muster's back at the last drift pass",
+                Kind::Gauge,
+            );
+            for (m, p) in configured() {
+                for (resource, drifted) in &m.config_drift {
+                    w.sample(p, &[("resource", resource)], f64::from(u8::from(*drifted)));
+                }
+            }
         }
         let nodes: Vec<NodeSample<'_>> = all()
             .filter_map(|(m, p)| m.snapshot.as_ref().map(|s| NodeSample { prefix: p, snapshot: s }))

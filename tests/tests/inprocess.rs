@@ -57,6 +57,7 @@ fn start_agent_with(
             hostname: Some(name.to_owned()),
             uuid: Some(format!("00000000-0000-4000-8000-{:0>12}", name.len())),
         },
+        drift_interval: Duration::from_millis(200),
     };
     let (agent, status) = Agent::new(cfg);
     let agent = match effects {
@@ -297,6 +298,81 @@ async fn config_apply_reaches_the_node_and_the_new_hostname_shows() {
     }
     // Persisted for restarts without the controller.
     assert!(std::fs::read_to_string(a.state_dir.join("config.json")).unwrap().contains("renamed-node"));
+    a.stop().await;
+    f.still_serving().await.unwrap();
+}
+
+async fn resources(f: &TestController, id: &str) -> Vec<(String, String)> {
+    let c = f
+        .admin()
+        .await
+        .unwrap()
+        .get_config(pb::GetConfigRequest { query: id.into(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    c.resources.into_iter().map(|r| (r.resource, r.outcome)).collect()
+}
+
+async fn wait_resource(f: &TestController, id: &str, resource: &str, outcome: &str) {
+    let start = Instant::now();
+    loop {
+        let rs = resources(f, id).await;
+        if rs.iter().any(|(r, o)| r == resource && o == outcome) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{resource} never {outcome}: {rs:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn apply(f: &TestController, id: &str, yaml: &str) {
+    f.admin()
+        .await
+        .unwrap()
+        .apply_config(pb::ApplyConfigRequest {
+            scope: pb::ConfigScope::Machine.into(),
+            target: id.into(),
+            yaml: yaml.into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_corrected_and_reported_or_only_reported() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let node = std::sync::Arc::new(muster_agent::effects::MemoryEffects::default());
+    let mut a = start_agent_with(&f, &token, "node-d", Duration::from_millis(200), Some(node.clone()));
+    a.wait("connected", |s| s.connected).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    let yaml = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/motd\n    content: \"managed\\n\"\n";
+    apply(&f, &id, yaml).await;
+    a.wait("generation 1", |s| s.config_generation == 1).await;
+
+    // Edited behind Muster's back: reported and put back.
+    node.files.lock().unwrap().get_mut("/etc/motd").unwrap().content = b"tampered\n".to_vec();
+    wait_resource(&f, &id, "file:/etc/motd", "corrected").await;
+    assert_eq!(node.files.lock().unwrap()["/etc/motd"].content, b"managed\n");
+    let text = muster_tests::http_get(f.running.ports.http, "/metrics", &[]).await.unwrap().text();
+    let drift = text
+        .lines()
+        .find(|l| l.starts_with("muster_machine_config_drift{") && l.contains("file:/etc/motd"))
+        .unwrap();
+    assert!(drift.ends_with(" 1"), "{drift}");
+
+    // With `drift: report`, only reported.
+    apply(&f, &id, &format!("{yaml}drift: report\n")).await;
+    a.wait("generation 2", |s| s.config_generation == 2).await;
+    node.files.lock().unwrap().get_mut("/etc/motd").unwrap().content = b"tampered again\n".to_vec();
+    wait_resource(&f, &id, "file:/etc/motd", "drifted").await;
+    assert_eq!(
+        node.files.lock().unwrap()["/etc/motd"].content,
+        b"tampered again\n",
+        "report only: left as found"
+    );
     a.stop().await;
     f.still_serving().await.unwrap();
 }

@@ -418,6 +418,14 @@ impl Controller {
                     os: m.inventory.os.clone(),
                     agent_version: m.inventory.agent_version.clone(),
                     snapshot: l.health.clone(),
+                    config_generation: m.config.generation,
+                    config_applied: m.config.applied_generation,
+                    config_drift: m
+                        .config
+                        .resources
+                        .iter()
+                        .map(|r| (r.resource.clone(), matches!(r.outcome.as_str(), "drifted" | "corrected")))
+                        .collect(),
                 }
             })
             .collect();
