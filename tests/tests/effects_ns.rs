@@ -92,3 +92,71 @@ fn invalid_config_is_refused_with_every_error_and_nothing_applied() {
     assert!(!tmp.path().join("etc").exists(), "nothing applied");
     assert_eq!(host_hostname(), before);
 }
+
+#[test]
+fn kill_9_mid_apply_leaves_no_half_written_file_and_a_restart_converges() {
+    let agent = muster_tests::bin("muster-agent").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    // Many files of 64 KiB: the first pass takes long enough to be killed in the middle.
+    let body = "x".repeat(64 * 1024);
+    let mut cfg = String::from("apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n");
+    for i in 0..400 {
+        cfg.push_str(&format!("  - path: /srv/data/f{i:03}\n    content: \"{body}\"\n"));
+    }
+    let file = tmp.path().join("many.yaml");
+    std::fs::write(&file, &cfg).unwrap();
+    let run = || {
+        Command::new("unshare")
+            // No --fork: unshare execs the agent, so the child's PID is the agent's.
+            .args(["--uts", "--net", "--mount", "--propagation", "private"])
+            .arg(&agent)
+            .arg("--apply-once")
+            .arg(&file)
+            .arg("--root")
+            .arg(&root)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let data = root.join("srv/data");
+    let mut child = run();
+    // Kill as soon as some files exist, while others are still to come.
+    let start = std::time::Instant::now();
+    while std::fs::read_dir(&data).map(|d| d.count()).unwrap_or(0) < 20
+        && start.elapsed() < std::time::Duration::from_secs(30)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let _ = child.kill(); // SIGKILL
+
+    let _ = child.wait();
+    let written: Vec<_> = std::fs::read_dir(&data).unwrap().filter_map(Result::ok).collect();
+    let complete = written.iter().filter(|e| e.file_name().to_string_lossy().starts_with('f')).count();
+    assert!(complete < 400, "the kill came too late to prove anything ({complete} files)");
+    for e in &written {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('f') {
+            assert_eq!(
+                std::fs::metadata(e.path()).unwrap().len(),
+                body.len() as u64,
+                "{name} is half-written"
+            );
+        }
+    }
+    // A restart converges, and the pass after that writes nothing.
+    let out = run().wait_with_output().unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["writes"].as_u64().unwrap() as usize,
+        400 - complete,
+        "only the missing files were written"
+    );
+    let again: serde_json::Value = serde_json::from_slice(&run().wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(again["writes"], 0);
+    for i in 0..400 {
+        assert_eq!(std::fs::read_to_string(data.join(format!("f{i:03}"))).unwrap(), body);
+    }
+}
