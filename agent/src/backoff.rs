@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
 
+/// Delays for retrying: `attempt` counts the failures since the last [`Backoff::reset`].
 #[derive(Debug)]
 pub struct Backoff {
     base: Duration,
@@ -14,6 +15,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays up to `base·2ⁿ`, never more than `cap`.
     pub fn new(base: Duration, cap: Duration) -> Self {
         Self { base, cap, attempt: 0, rng: SystemRandom::new() }
     }
@@ -33,15 +35,24 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
-        let mut b = [0u8; 8];
-        let r = if self.rng.fill(&mut b).is_ok() { u64::from_le_bytes(b) } else { u64::MAX / 2 };
-        let frac = (r >> 11) as f64 / (1u64 << 53) as f64;
-        ceiling.mul_f64(frac)
+        ceiling.mul_f64(fraction(&self.rng))
     }
 
+    /// Back to the first attempt (after a success).
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+}
+
+/// A uniform random number in `[0, 1)` (0.5 if the system has no randomness to give).
+pub fn random_fraction() -> f64 {
+    fraction(&SystemRandom::new())
+}
+
+fn fraction(rng: &SystemRandom) -> f64 {
+    let mut b = [0u8; 8];
+    let r = if rng.fill(&mut b).is_ok() { u64::from_le_bytes(b) } else { u64::MAX / 2 };
+    (r >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -65,6 +76,14 @@ mod tests {
         assert!(max_seen > Duration::from_millis(500), "jitter uses the range: {max_seen:?}");
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn fractions_are_in_the_unit_interval() {
+        for _ in 0..1000 {
+            let f = random_fraction();
+            assert!((0.0..1.0).contains(&f), "{f}");
+        }
     }
 
     #[test]

@@ -25,8 +25,19 @@ pub enum CallError {
 }
 
 /// Classifies a gRPC status.
+///
+/// A status whose causes include a TLS error is final: under TLS 1.3 a controller that rejects
+/// the client certificate does so after the handshake, so the rejection shows up on the first
+/// call as `Unknown("transport error")` with the alert (`UnknownCA`, `CertificateRequired`,
+/// ...) only in its sources.
 pub fn classify(status: &Status) -> CallError {
     let msg = describe(status);
+    if let Some(tls) = tls_failure(status) {
+        return CallError::Final(format!(
+            "authentication failed at the TLS layer ({tls}); the controller does not accept this \
+             machine's certificate, or its own does not verify against our CA: {msg}"
+        ));
+    }
     match status.code() {
         Code::PermissionDenied => CallError::Revoked(msg),
         Code::Unauthenticated
@@ -38,6 +49,33 @@ pub fn classify(status: &Status) -> CallError {
         | Code::Unimplemented => CallError::Final(msg),
         _ => CallError::Retry(msg),
     }
+}
+
+/// The TLS error among the causes of `e`, if any: an alert from the peer, or a peer
+/// certificate that failed our checks.
+pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut causes = Vec::new();
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        causes.push(x);
+        cur = x.source();
+    }
+    let typed = causes.iter().find_map(|x| {
+        x.downcast_ref::<rustls::Error>().or_else(|| {
+            x.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref())
+        })
+    });
+    if let Some(t) = typed {
+        return Some(t.to_string());
+    }
+    // Some layers (h2) keep only the text of the TLS error. The outermost error is skipped: a
+    // `Status` prints its sources with `Debug`.
+    causes.iter().skip(1).find_map(|x| {
+        let text = x.to_string();
+        ["received fatal alert", "invalid peer certificate", "peer is incompatible"]
+            .iter()
+            .find_map(|m| text.find(m).map(|at| text[at..].to_owned()))
+    })
 }
 
 /// A status with its transport cause (under TLS 1.3 a rejected certificate shows up as an
@@ -80,18 +118,16 @@ fn endpoint(url: &str, ca_pem: &str) -> Result<(Endpoint, ClientTlsConfig), Call
 }
 
 async fn connect(ep: Endpoint, tls: ClientTlsConfig, url: &str) -> Result<Channel, CallError> {
-    ep.tls_config(tls).map_err(|e| CallError::Final(format!("TLS config: {e}")))?.connect().await.map_err(
-        |e| {
-            let mut s = format!("cannot connect to {url}: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(x) = src {
-                s.push_str(": ");
-                s.push_str(&x.to_string());
-                src = x.source();
-            }
-            CallError::Retry(s)
-        },
-    )
+    let ep = ep.tls_config(tls).map_err(|e| CallError::Final(format!("TLS config: {e}")))?;
+    ep.connect().await.map_err(|e| {
+        let chain = muster_util::error_chain(&e);
+        match tls_failure(&e) {
+            // The controller's certificate does not verify against our CA (or its name does not
+            // match the URL): retrying will not change that.
+            Some(tls) => CallError::Final(format!("TLS handshake with {url} failed ({tls}): {chain}")),
+            None => CallError::Retry(format!("cannot connect to {url}: {chain}")),
+        }
+    })
 }
 
 /// A channel that verifies the server against `ca_pem` and presents no certificate.
@@ -146,7 +182,10 @@ pub async fn renew(channel: Channel, csr_pem: &str) -> Result<pb::RenewResponse,
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
+    use crate::test_support::{tls_server, Ca};
 
     #[test]
     fn classification() {
@@ -156,6 +195,51 @@ mod tests {
             matches!(classify(&Status::unauthenticated("join token has expired")), CallError::Final(m) if m.contains("expired"))
         );
         assert!(matches!(classify(&Status::permission_denied("revoked")), CallError::Revoked(_)));
+    }
+
+    /// What a call over `channel` fails with, classified (the connect error if there is one).
+    async fn first_call(channel: Result<Channel, CallError>) -> CallError {
+        match channel {
+            Err(e) => e,
+            Ok(ch) => renew(ch, "x").await.expect_err("the TLS server cannot answer"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_rejected_by_tls_is_a_final_authentication_failure() {
+        crate::init_crypto();
+        let ca = Ca::new("controller CA");
+        let (leaf, key) = ca.server_leaf(&["127.0.0.1"]);
+        let addr = tls_server(vec![leaf, ca.der()], key, Some(ca.der())).await;
+        let url = format!("https://{addr}");
+        let (cert, key) = Ca::new("another CA").client_pem();
+        let err = first_call(mtls_channel(&url, &ca.pem(), &cert, &key).await).await;
+        match &err {
+            CallError::Final(m) => assert!(m.contains("TLS") && m.contains("alert: UnknownCA"), "{m}"),
+            other => panic!("want a final TLS failure, got {other:?}"),
+        }
+        // No certificate at all: the same.
+        let err = first_call(server_tls_channel(&url, &ca.pem()).await).await;
+        assert!(matches!(&err, CallError::Final(m) if m.contains("TLS")), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_certificate_from_another_ca_is_final() {
+        crate::init_crypto();
+        let (leaf, key) = Ca::new("impostor").server_leaf(&["127.0.0.1"]);
+        let addr = tls_server(vec![leaf], key, None).await;
+        let err =
+            first_call(server_tls_channel(&format!("https://{addr}"), &Ca::new("ours").pem()).await).await;
+        assert!(matches!(&err, CallError::Final(m) if m.contains("invalid peer certificate")), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_retried() {
+        crate::init_crypto();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let err =
+            server_tls_channel(&format!("https://127.0.0.1:{port}"), &Ca::new("x").pem()).await.unwrap_err();
+        assert!(matches!(err, CallError::Retry(_)), "{err:?}");
     }
 
     #[test]

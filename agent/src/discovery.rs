@@ -137,5 +137,79 @@ pub async fn discover_ca(url: &str, pin: &CaPin) -> Result<String, DiscoveryErro
     verifier
         .verify_server_cert(leaf, rest, &server_name, &[], UnixTime::now())
         .map_err(|e| DiscoveryError::Verify(e.to_string()))?;
-    Ok(pem::encode(&pem::Pem::new("CERTIFICATE", ca.to_vec())))
+    Ok(to_pem("CERTIFICATE", ca.to_vec()))
+}
+
+/// PEM with Unix line endings.
+pub(crate) fn to_pem(tag: &str, der: Vec<u8>) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(tag, der), config)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::test_support::{tls_server, Ca};
+
+    #[test]
+    fn host_port_of_urls() {
+        assert_eq!(host_port("https://127.0.0.1:7443").unwrap(), ("127.0.0.1".into(), 7443));
+        assert_eq!(host_port("https://ctl.example").unwrap(), ("ctl.example".into(), 443));
+        assert_eq!(host_port("https://[::1]:1").unwrap(), ("::1".into(), 1));
+        assert!(host_port("not a url").is_err());
+    }
+
+    #[tokio::test]
+    async fn finds_the_pinned_ca_and_verifies_the_server() {
+        crate::init_crypto();
+        let ca = Ca::new("muster test CA");
+        let (leaf, key) = ca.server_leaf(&["localhost", "127.0.0.1"]);
+        let addr = tls_server(vec![leaf, ca.der()], key, None).await;
+        let pem = discover_ca(&format!("https://{addr}"), &ca.pin()).await.unwrap();
+        assert_eq!(muster_proto::pin::CaPin::of_cert_pem(&pem).unwrap(), ca.pin());
+        assert_eq!(pem.trim(), ca.pem().trim());
+    }
+
+    #[tokio::test]
+    async fn refuses_a_controller_without_the_pinned_ca_naming_both_pins() {
+        crate::init_crypto();
+        let ca = Ca::new("muster test CA");
+        let (leaf, key) = ca.server_leaf(&["127.0.0.1"]);
+        let addr = tls_server(vec![leaf, ca.der()], key, None).await;
+        let want = Ca::new("another CA").pin();
+        let err = discover_ca(&format!("https://{addr}"), &want).await.unwrap_err();
+        assert!(matches!(err, DiscoveryError::PinMismatch { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&want.to_string()) && msg.contains(&ca.pin().to_string()), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn refuses_a_leaf_the_pinned_ca_did_not_sign() {
+        crate::init_crypto();
+        // An impostor presents the real CA certificate (it is public) next to its own leaf.
+        let real = Ca::new("muster test CA");
+        let (leaf, key) = Ca::new("impostor").server_leaf(&["127.0.0.1"]);
+        let addr = tls_server(vec![leaf, real.der()], key, None).await;
+        let err = discover_ca(&format!("https://{addr}"), &real.pin()).await.unwrap_err();
+        assert!(matches!(err, DiscoveryError::Verify(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn refuses_a_server_certificate_for_another_name() {
+        crate::init_crypto();
+        let ca = Ca::new("muster test CA");
+        let (leaf, key) = ca.server_leaf(&["ctl.example"]);
+        let addr = tls_server(vec![leaf, ca.der()], key, None).await;
+        let err = discover_ca(&format!("https://{addr}"), &ca.pin()).await.unwrap_err();
+        assert!(matches!(err, DiscoveryError::Verify(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let err = discover_ca(&format!("https://127.0.0.1:{port}"), &Ca::new("x").pin()).await.unwrap_err();
+        assert!(matches!(err, DiscoveryError::Connect { .. }), "{err}");
+    }
 }

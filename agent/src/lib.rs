@@ -9,6 +9,10 @@
 //! - [`Agent`]: the loop that enrolls if needed, keeps one stream open with heartbeats,
 //!   reconnects with backoff and full jitter, renews its certificate at ~70 % of its lifetime,
 //!   and stops for good when the controller revokes it.
+//!
+//! The lower-level steps ([`discover_ca`], [`generate_key`], [`csr_pem`], [`enroll_once`],
+//! [`mtls_channel`], [`inventory::collect`]) are public so that tests and the benchmark can
+//! drive many simulated agents from one process.
 
 pub mod backoff;
 pub mod client;
@@ -21,9 +25,17 @@ pub mod metrics;
 pub mod reconcile;
 mod run;
 pub mod settings;
+#[cfg(test)]
+mod test_support;
 
-pub use run::{Agent, AgentError, AgentStatus};
+pub use run::{renew_at, renew_at_jittered, Agent, AgentError, AgentStatus};
 pub use settings::{AgentConfig, Hints};
+
+// The steps of the loop, for in-process tests and the benchmark (many simulated agents in one
+// process): find the CA by its pin, make a key and a CSR, enroll, open the mutual-TLS channel.
+pub use client::{csr_pem, enroll_once, generate_key, mtls_channel, CallError};
+pub use discovery::{discover_ca, DiscoveryError};
+pub use identity::Assignment;
 
 /// Installs the ring crypto provider for rustls (once per process; later calls are no-ops).
 pub fn init_crypto() {

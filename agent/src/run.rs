@@ -96,8 +96,16 @@ fn validity(cert_pem: &str) -> Option<(i64, i64)> {
 /// When to renew a certificate valid from `nb` to `na` (Unix seconds): at 70 % of its lifetime,
 /// never earlier than one second from `now`.
 pub fn renew_at(nb: i64, na: i64, now: i64) -> i64 {
-    let at = nb + (na - nb) * 7 / 10;
-    at.max(now + 1)
+    renew_at_jittered(nb, na, now, 0.0)
+}
+
+/// [`renew_at`], moved earlier by `jitter` (0..1) times 5 % of the lifetime, so that machines
+/// enrolled together do not all renew in the same second. Never earlier than one second from
+/// `now`.
+pub fn renew_at_jittered(nb: i64, na: i64, now: i64, jitter: f64) -> i64 {
+    let life = (na - nb).max(0);
+    let early = (life as f64 * 0.05 * jitter.clamp(0.0, 1.0)) as i64;
+    (nb + life * 7 / 10 - early).max(now + 1)
 }
 
 enum SessionEnd {
@@ -221,7 +229,7 @@ impl Agent {
                 }
                 SessionEnd::Revoked(reason) => {
                     let id = ident.machine.machine_id.clone();
-                    tracing::error!(machine = %id, %reason, "this machine was revoked by the controller; forgetting its identity");
+                    tracing::error!(%reason, "machine {id} was revoked by the controller; restart with a new join token to enroll again");
                     self.state.wipe()?;
                     return Err(AgentError::Revoked { id, reason });
                 }
@@ -284,7 +292,17 @@ impl Agent {
             }
             return Ok(Some(pem));
         }
-        let Some(pin) = self.cfg.ca_pin else { return Err(AgentError::NoTrust) };
+        let Some(pin) = self.cfg.ca_pin else {
+            // The CA an earlier enrollment verified (kept after a revocation) still authenticates
+            // the controller; the join token alone cannot.
+            return match self.state.load_ca()? {
+                Some(pem) => {
+                    tracing::info!(path = %self.state.ca().display(), "trusting the CA saved by an earlier enrollment");
+                    Ok(Some(pem))
+                }
+                None => Err(AgentError::NoTrust),
+            };
+        };
         let mut backoff = Backoff::reconnect();
         loop {
             match discovery::discover_ca(&self.cfg.controller, &pin).await {
@@ -378,7 +396,10 @@ impl Agent {
         let mut seq = 0u64;
         let mut sent: VecDeque<(u64, Instant, i64)> = VecDeque::new();
         let mut offset_ms = 0i64;
-        let renew_wall = validity(&ident.cert_pem).map(|(nb, na)| renew_at(nb, na, now_unix_ms() / 1000));
+        let jitter = crate::backoff::random_fraction();
+        let renew_wall =
+            validity(&ident.cert_pem).map(|(nb, na)| renew_at_jittered(nb, na, now_unix_ms() / 1000, jitter));
+        let mut renew_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
         let renew_in =
             |wall: i64| Duration::from_secs(u64::try_from(wall - now_unix_ms() / 1000).unwrap_or(0).max(1));
         let mut renew_deadline =
@@ -430,8 +451,9 @@ impl Agent {
                         Ok(()) => return SessionEnd::Renewed,
                         Err(CallError::Revoked(m)) => return SessionEnd::Revoked(m),
                         Err(e) => {
-                            tracing::warn!(error = %e, "certificate renewal failed; retrying in 30s");
-                            renew_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                            let delay = renew_backoff.next_delay().max(Duration::from_secs(1));
+                            tracing::warn!(error = %e, retry_in = ?delay, "certificate renewal failed");
+                            renew_deadline = tokio::time::Instant::now() + delay;
                         }
                     }
                 }
@@ -647,5 +669,19 @@ mod tests {
         assert_eq!(renew_at(0, 1000, 0), 700);
         assert_eq!(renew_at(1000, 87_400, 1000), 1000 + 86_400 * 7 / 10);
         assert_eq!(renew_at(0, 1000, 900), 901, "overdue: renew now");
+        assert_eq!(renew_at(0, 0, 50), 51, "no lifetime: renew now");
+    }
+
+    #[test]
+    fn renewal_jitter_only_moves_it_a_little_earlier() {
+        assert_eq!(renew_at_jittered(0, 1000, 0, 1.0), 650);
+        assert_eq!(renew_at_jittered(0, 1000, 0, 0.5), 675);
+        assert_eq!(renew_at_jittered(0, 1000, 0, 7.0), 650, "clamped");
+        assert_eq!(renew_at_jittered(0, 1000, 0, -1.0), 700, "clamped");
+        assert_eq!(renew_at_jittered(0, 1000, 680, 1.0), 681, "never in the past");
+        for _ in 0..100 {
+            let at = renew_at_jittered(0, 86_400, 0, crate::backoff::random_fraction());
+            assert!((86_400 * 65 / 100..=86_400 * 7 / 10).contains(&at), "{at}");
+        }
     }
 }
