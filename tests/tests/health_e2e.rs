@@ -17,7 +17,18 @@ fn stopped_service_and_full_disk_make_a_machine_degraded() {
         &tmp.path().join("ctl"),
         "127.0.0.1:0",
         "127.0.0.1:0",
-        &["--health-disk-percent", "0.001"],
+        &[
+            "--health-disk-percent",
+            "0.001",
+            // Only the disk and the service are under test: this machine's load and memory
+            // must not add reasons of their own (CI runs busy).
+            "--health-load-per-cpu",
+            "1000000",
+            "--health-memory-percent",
+            "100",
+            "--health-memory-critical-percent",
+            "100",
+        ],
     )
     .unwrap();
     // A process only this test runs, under a name nothing else has.
