@@ -25,8 +25,9 @@ ensure_pkgs() {
     fi
 }
 # prometheus: promtool checks of /metrics and the alert rules, and the real scraper in the
-# end-to-end test. prometheus-node-exporter: the peer in the metrics benchmark.
-ensure_pkgs curl prometheus
+# end-to-end test. iproute2 and util-linux: `ip netns`, `unshare` and `nsenter` for the tests
+# that run the agent's real effects (and the lab) inside namespaces they create.
+ensure_pkgs curl prometheus iproute2 util-linux
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
