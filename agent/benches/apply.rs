@@ -6,6 +6,8 @@
 //! `cargo build --profile agent -p muster-agent && MUSTER_AGENT_BIN=target/agent/muster-agent cargo bench -p muster-agent --bench apply`
 //! (needs root for the namespaces).
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,6 +20,8 @@ struct Run {
     resources: usize,
 }
 
+// The child is reaped by wait4 below, which clippy cannot see.
+#[allow(clippy::zombie_processes)]
 fn run(agent: &Path, cfg: &Path, root: &Path) -> Run {
     let start = Instant::now();
     let child = Command::new("unshare")
