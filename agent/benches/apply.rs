@@ -61,6 +61,83 @@ fn run(agent: &Path, cfg: &Path, root: &Path) -> Run {
     }
 }
 
+/// Runs `cmd` and returns its CPU time and peak RSS from the kernel's accounting.
+#[allow(clippy::zombie_processes)]
+fn measure(cmd: &mut Command) -> Option<(Duration, Duration, i64)> {
+    let start = Instant::now();
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().ok()?;
+    let pid = libc::pid_t::try_from(child.id()).ok()?;
+    let mut status = 0;
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: wait4 on our own child with valid pointers to a status int and a rusage struct.
+    #[allow(unsafe_code)]
+    let ru = unsafe {
+        libc::wait4(pid, &mut status, 0, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let tv =
+        |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    (status == 0).then(|| (start.elapsed(), tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss))
+}
+
+/// cloud-init's own cost for the same config, when it is installed (Debian `cloud-init`):
+/// importing it, and `cloud-init schema` on equivalent user-data (which applies nothing).
+fn cloud_init(dir: &Path) {
+    if !Path::new("/usr/bin/cloud-init").exists() {
+        println!("cloud-init: not installed (apt-get install cloud-init) - no comparison");
+        return;
+    }
+    let mut ud = String::from("#cloud-config\nhostname: bench-node\nwrite_files:\n");
+    for i in 0..40 {
+        ud.push_str(&format!(
+            "  - path: /etc/muster-bench/file-{i:02}.conf\n    permissions: '0644'\n    content: |\n"
+        ));
+        for _ in 0..64 {
+            ud.push_str("      setting = value\n");
+        }
+    }
+    ud.push_str("bootcmd:\n");
+    for kv in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.rp_filter=2",
+        "net.ipv4.conf.default.rp_filter=2",
+        "net.ipv4.tcp_syncookies=1",
+        "net.core.somaxconn=8192",
+        "net.ipv4.ip_local_port_range=20000 60999",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv4.tcp_keepalive_time=600",
+        "net.ipv4.conf.all.accept_redirects=0",
+    ] {
+        ud.push_str(&format!("  - [sysctl, -w, '{kv}']\n"));
+    }
+    let file = dir.join("user-data");
+    std::fs::write(&file, ud).expect("user-data");
+    for (what, mut cmd) in [
+        ("import", {
+            let mut c = Command::new("/usr/bin/python3");
+            c.args(["-c", "import cloudinit.cmd.main, cloudinit.config.schema"]);
+            c
+        }),
+        ("schema", {
+            let mut c = Command::new("/usr/bin/cloud-init");
+            c.args(["schema", "--config-file"]).arg(&file);
+            c
+        }),
+    ] {
+        let runs: Vec<_> = (0..5).filter_map(|_| measure(&mut cmd)).collect();
+        if runs.is_empty() {
+            println!("cloud-init {what}: failed to run");
+            continue;
+        }
+        println!(
+            "cloud-init {what} (same config as user-data): median wall {:.1} ms, CPU {:.1} ms; peak RSS {} KiB",
+            median(runs.iter().map(|r| r.0).collect()).as_secs_f64() * 1e3,
+            median(runs.iter().map(|r| r.1).collect()).as_secs_f64() * 1e3,
+            runs.iter().map(|r| r.2).max().unwrap_or(0)
+        );
+    }
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -137,4 +214,5 @@ fn main() {
         rss.1
     );
     println!("(whole process: start, YAML parse, validation, reconcile; 7 runs each)");
+    cloud_init(tmp.path());
 }
