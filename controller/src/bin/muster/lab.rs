@@ -29,9 +29,10 @@ pub enum LabCmd {
         /// Agents' heartbeat interval.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         heartbeat: Duration,
-        /// How nodes are provided: local processes (`qemu` VMs come in a later release).
-        #[arg(long, default_value = "process")]
-        provisioner: String,
+        /// How nodes are provided: `process` runs each agent as a local process; `qemu` (VMs
+        /// that network-boot from the controller) is not implemented yet.
+        #[arg(long, value_enum, default_value_t = Provisioner::Process)]
+        provisioner: Provisioner,
         /// How process nodes are kept off this machine: `netns` gives each its own network
         /// (a veth on a lab bridge), UTS and mount namespace and file root, so configs apply for
         /// real without touching the host (needs root and `ip`); `none` shares this machine's
@@ -67,6 +68,15 @@ pub enum LabCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// Where lab nodes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provisioner {
+    /// Agents as local processes.
+    Process,
+    /// QEMU virtual machines (not implemented yet).
+    Qemu,
 }
 
 /// How lab nodes are isolated from this machine.
@@ -229,10 +239,27 @@ fn find_bin(name: &str) -> Result<PathBuf> {
 
 /// Whether `pid` is alive and runs one of our binaries (never signal anything else).
 fn is_ours(pid: u32) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .is_some_and(|n| n.starts_with("muster-controller") || n.starts_with("muster-agent"))
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else { return false };
+    let Some(name) = exe.file_name().map(|n| n.to_string_lossy().into_owned()) else { return false };
+    let args: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| b.split(|c| *c == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+        .unwrap_or_default();
+    ours_by(&name, &args)
+}
+
+/// The controller and agent binaries (a rebuilt binary shows as `NAME (deleted)`), and this
+/// binary only while it runs the lab's relay.
+fn ours_by(exe_name: &str, args: &[String]) -> bool {
+    exe_name.starts_with("muster-controller")
+        || exe_name.starts_with("muster-agent")
+        || ((exe_name == "muster" || exe_name.starts_with("muster ("))
+            && args.windows(2).any(|w| w[0] == "lab" && w[1] == "relay"))
+}
+
+/// The `--hint-uuid` of lab node `i`: stable across runs, distinct per node ("muster-La..." in
+/// hex, then the node number).
+fn node_uuid(i: u32) -> String {
+    format!("6d757374-6572-4c61-8200-{i:012x}")
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
@@ -260,7 +287,19 @@ fn stop_pids(pids: &[u32]) {
     }
 }
 
+/// `args` with the join token hidden, for logs.
+fn redacted(args: &[String]) -> Vec<&str> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut hide = false;
+    for a in args {
+        out.push(if hide { "<redacted>" } else { a.as_str() });
+        hide = a == "--token";
+    }
+    out
+}
+
 fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
+    tracing::debug!(bin = %bin.display(), args = ?redacted(args), log = %log.display(), "starting");
     let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let f2 = f.try_clone()?;
     use std::os::unix::process::CommandExt;
@@ -284,8 +323,11 @@ fn tail(path: &Path) -> String {
 pub async fn run(cmd: &LabCmd) -> Result<()> {
     match cmd {
         LabCmd::Up { nodes, dir, detach, heartbeat, provisioner, isolation } => {
-            if provisioner != "process" {
-                bail!("--provisioner {provisioner:?}: only `process` is implemented so far (qemu comes with network boot)");
+            match provisioner {
+                Provisioner::Process => {}
+                Provisioner::Qemu => {
+                    bail!("--provisioner qemu is not implemented yet; use --provisioner process")
+                }
             }
             let netns = match isolation {
                 Isolation::Netns => true,
@@ -305,7 +347,7 @@ pub async fn run(cmd: &LabCmd) -> Result<()> {
             match read_lab(&dir) {
                 Some(l) if is_ours(l.controller_pid) => {
                     let alive = l.agent_pids.iter().filter(|p| is_ours(**p)).count();
-                    println!(
+                    outln!(
                         "lab running in {}: controller pid {} (grpc {}, http {}), {alive}/{} agents alive",
                         dir.display(),
                         l.controller_pid,
@@ -313,13 +355,13 @@ pub async fn run(cmd: &LabCmd) -> Result<()> {
                         l.http,
                         l.agent_pids.len()
                     );
-                    println!("export MUSTERCONFIG={}", l.musterconfig.display());
+                    outln!("export MUSTERCONFIG={}", l.musterconfig.display());
                 }
-                Some(_) => println!(
+                Some(_) => outln!(
                     "lab in {} is not running (stale lab.json; `muster lab down` cleans up)",
                     dir.display()
                 ),
-                None => println!("no lab in {}", dir.display()),
+                None => outln!("no lab in {}", dir.display()),
             }
             Ok(())
         }
@@ -338,13 +380,13 @@ fn down(dir: &Path, keep: bool) -> Result<()> {
             pids.extend(l.relay_pid);
             stop_pids(&pids);
             teardown_netns(&l.netns);
-            println!("lab in {} stopped", dir.display());
+            outln!("lab in {} stopped", dir.display());
         }
-        None => println!("no running lab recorded in {}", dir.display()),
+        None => outln!("no running lab recorded in {}", dir.display()),
     }
     if !keep && dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-        println!("removed {}", dir.display());
+        outln!("removed {}", dir.display());
     }
     Ok(())
 }
@@ -430,7 +472,7 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
                 description: "muster lab".into(),
             })
             .await
-            .map_err(|s| anyhow::anyhow!("creating the lab token: {}", s.message()))?
+            .map_err(|s| crate::explain(s, &format!("https://{grpc}")).context("creating the lab token"))?
             .into_inner()
             .token;
         for i in 1..=nodes {
@@ -451,7 +493,7 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
                 s("--hint-hostname"),
                 name.clone(),
                 s("--hint-uuid"),
-                format!("6d757374-6572-4c61-8200-{i:012x}"),
+                node_uuid(i),
             ];
             let (bin, args) = if netns {
                 // Its own network (veth on the lab bridge), hostname and mounts; files under its
@@ -492,19 +534,21 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
             netns: namespaces.clone(),
         };
         std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
-        let ms = wait_ready(&mut admin, nodes as usize).await?;
+        let ms =
+            wait_ready(&mut admin, &format!("https://{grpc}"), nodes as usize, &dir.join("lab-node-*.log"))
+                .await?;
         let how = if netns {
             "each in its own namespaces on 10.77.0.0/24"
         } else {
             "sharing this machine's namespaces (configs are recorded, not applied)"
         };
-        println!(
+        outln!(
             "Lab is up in {}: controller https://{grpc} (HTTP http://{http}), {nodes} agents {how}.\n",
             dir.display()
         );
-        print!("{}", crate::output::machines_table(&ms, SystemTime::now()));
-        println!("\nPoint the CLI at it:\n  export MUSTERCONFIG={}", mc_path.display());
-        println!("Metrics: curl http://{http}/metrics   Service discovery: curl http://{http}/sd/prometheus");
+        out!("{}", crate::output::machines_table(&ms, SystemTime::now()));
+        outln!("\nPoint the CLI at it:\n  export MUSTERCONFIG={}", mc_path.display());
+        outln!("Metrics: curl http://{http}/metrics   Service discovery: curl http://{http}/sd/prometheus");
         Ok::<(), anyhow::Error>(())
     }
     .await;
@@ -518,10 +562,11 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
         return Err(e);
     }
     if detach {
-        println!("Running in the background; stop it with `muster lab down`.");
+        outln!("Running in the background; stop it with `muster lab down`.");
         return Ok(());
     }
-    println!("Stop it with Ctrl-C (or `muster lab down` from another shell).");
+    // Never fail from here on: the children must be stopped whatever happens to stdout.
+    let _ = crate::output::emit("Stop it with Ctrl-C (or `muster lab down` from another shell).\n");
     wait_for_signal_or_exit(&mut children).await;
     let mut pids: Vec<u32> = children.iter().map(Child::id).rev().collect();
     pids.extend(relay_child.as_ref().map(Child::id));
@@ -531,7 +576,10 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
     }
     teardown_netns(&namespaces);
     let _ = std::fs::remove_file(dir.join("lab.json"));
-    println!("lab stopped (state and logs kept in {}; `muster lab down` removes them)", dir.display());
+    let _ = crate::output::emit(&format!(
+        "lab stopped (state and logs kept in {}; `muster lab down` removes them)\n",
+        dir.display()
+    ));
     Ok(())
 }
 
@@ -597,14 +645,14 @@ async fn wait_ports(ctl_dir: &Path, log: &Path, child: &mut Child) -> Result<ser
     }
 }
 
-async fn wait_ready(admin: &mut crate::Admin, n: usize) -> Result<Vec<pb::Machine>> {
+async fn wait_ready(admin: &mut crate::Admin, ep: &str, n: usize, logs: &Path) -> Result<Vec<pb::Machine>> {
     let start = Instant::now();
     let mut last = usize::MAX;
     loop {
         let ms = admin
             .list_machines(pb::ListMachinesRequest {})
             .await
-            .map_err(|s| anyhow::anyhow!(s.message().to_owned()))?
+            .map_err(|s| crate::explain(s, ep))?
             .into_inner()
             .machines;
         let ready = ms.iter().filter(|m| m.state == pb::MachineState::Ready as i32 && m.connected).count();
@@ -616,8 +664,66 @@ async fn wait_ready(admin: &mut crate::Admin, n: usize) -> Result<Vec<pb::Machin
             return Ok(ms);
         }
         if start.elapsed() > Duration::from_secs(60) {
-            bail!("only {ready} of {n} agents became ready within 60s; see the lab-node-*.log files");
+            bail!("only {ready} of {n} agents became ready within 60s; see {}", logs.display());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn only_our_binaries_are_signalled() {
+        assert!(ours_by("muster-controller", &args(&["muster-controller", "serve"])));
+        assert!(ours_by("muster-agent (deleted)", &[]));
+        assert!(ours_by("muster", &args(&["muster", "lab", "relay", "--netns", "x"])));
+        assert!(!ours_by("muster", &args(&["muster", "machines"])), "an operator's muster is not the relay");
+        assert!(!ours_by("bash", &args(&["bash", "muster-agent", "lab", "relay"])));
+        assert!(!ours_by("sleep", &[]));
+        assert!(!is_ours(u32::MAX), "no such process");
+        // This test process is none of ours.
+        assert!(!is_ours(std::process::id()));
+    }
+
+    #[test]
+    fn tokens_stay_out_of_logs() {
+        let a = args(&["--controller", "https://x", "--token", "abc.secret", "--heartbeat", "2s"]);
+        assert_eq!(redacted(&a), ["--controller", "https://x", "--token", "<redacted>", "--heartbeat", "2s"]);
+    }
+
+    #[test]
+    fn node_uuids_are_stable_and_distinct() {
+        let ids: std::collections::BTreeSet<String> = (1..=200).map(node_uuid).collect();
+        assert_eq!(ids.len(), 200);
+        assert_eq!(node_uuid(1), "6d757374-6572-4c61-8200-000000000001");
+        assert!(ids.iter().all(|u| u.len() == 36));
+    }
+
+    #[test]
+    fn a_missing_lab_is_not_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(read_lab(t.path()).is_none());
+        std::fs::write(t.path().join("lab.json"), "{not json").unwrap();
+        assert!(read_lab(t.path()).is_none());
+    }
+
+    #[tokio::test]
+    async fn qemu_is_refused_with_a_clear_message() {
+        let cmd = LabCmd::Up {
+            nodes: 1,
+            dir: Some(PathBuf::from("/nonexistent/lab")),
+            detach: true,
+            heartbeat: Duration::from_secs(1),
+            provisioner: Provisioner::Qemu,
+            isolation: Isolation::None,
+        };
+        let e = run(&cmd).await.unwrap_err().to_string();
+        assert!(e.contains("not implemented yet"), "{e}");
     }
 }

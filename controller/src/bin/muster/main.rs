@@ -1,4 +1,20 @@
 //! `muster`: the operator's CLI. See `muster --help`.
+//!
+//! Results go to stdout (tables for people, `-o json|yaml` for scripts), everything else to
+//! stderr; a failure is one `error: ...` line and exit status 1. Output into a closed pipe
+//! (`muster machines | head -1`) ends the command quietly.
+
+/// `print!` that returns a broken pipe as an error instead of panicking (use inside functions
+/// returning `anyhow::Result`).
+macro_rules! out {
+    ($($t:tt)*) => { $crate::output::emit(&format!($($t)*))? };
+}
+
+/// `println!` counterpart of [`out!`].
+macro_rules! outln {
+    () => { $crate::output::emit("\n")? };
+    ($($t:tt)*) => { $crate::output::emit(&format!("{}\n", format_args!($($t)*)))? };
+}
 
 mod lab;
 mod output;
@@ -25,8 +41,9 @@ type Admin = pb::admin_service_client::AdminServiceClient<Channel>;
 #[derive(Parser, Debug)]
 #[command(name = "muster", version, about, long_about)]
 struct Cli {
-    /// Path of the musterconfig (controller endpoints, CA, admin certificate).
-    #[arg(long, global = true, env = "MUSTERCONFIG", value_name = "PATH")]
+    /// Path of the musterconfig (controller endpoints, CA, admin certificate)
+    /// [default: $MUSTERCONFIG, else ~/.muster/config]
+    #[arg(long, global = true, value_name = "PATH")]
     musterconfig: Option<PathBuf>,
     /// More log output on stderr (-v, -vv).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -42,6 +59,7 @@ enum Cmd {
     Token(TokenCmd),
     /// List machines.
     Machines {
+        /// Output format: a table for people, json or yaml for scripts.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
         /// Refresh the table every 2 seconds until Ctrl-C.
@@ -55,9 +73,10 @@ enum Cmd {
     Assign {
         /// Machine id, unique id prefix, hostname or MAC.
         id: String,
-        #[arg(long, value_parser = parse_role)]
+        /// The machine's role: controlplane or worker.
+        #[arg(long, value_parser = parse_role, value_name = "ROLE")]
         role: Role,
-        /// Cluster name (a DNS label).
+        /// Cluster name (a DNS label: lowercase letters, digits and '-').
         #[arg(long, value_parser = parse_cluster)]
         cluster: String,
         /// Reassign a machine that already has a role or cluster.
@@ -84,14 +103,16 @@ enum Cmd {
     Health {
         /// Machine id, unique id prefix, hostname or MAC (all machines if omitted).
         id: Option<String>,
+        /// Output format: a table for people, json or yaml for scripts.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
     /// Machine configs: apply layers, diff, history, rollback, offline validation.
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    /// Print a shell completion script, e.g. `source <(muster completion bash)`.
     Completion {
+        /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -122,11 +143,15 @@ enum TokenCmd {
     },
     /// List join tokens (never their secrets).
     List {
+        /// Output format: a table for people, json or yaml for scripts.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Revoke a join token by its id.
-    Revoke { id: String },
+    /// Revoke a join token by its id: no more machines can enroll with it.
+    Revoke {
+        /// The token id (the part before the dot; see `muster token list`).
+        id: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -171,6 +196,7 @@ enum ConfigCmd {
     Diff {
         #[command(flatten)]
         target: ConfigTarget,
+        /// The layer, a MachineConfig YAML file (- for standard input).
         #[arg(short, long, value_name = "FILE")]
         file: PathBuf,
     },
@@ -178,6 +204,7 @@ enum ConfigCmd {
     Get {
         /// Machine id, unique id prefix, hostname or MAC.
         id: String,
+        /// Show the merged config (cluster, role and machine layers) and the agent's report.
         #[arg(long)]
         rendered: bool,
     },
@@ -185,6 +212,7 @@ enum ConfigCmd {
     History {
         /// Machine id, unique id prefix, hostname or MAC.
         id: String,
+        /// Output format: a table for people, json or yaml for scripts.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
@@ -213,10 +241,15 @@ enum MachineCmd {
     Get {
         /// Machine id, unique id prefix, hostname or MAC.
         id: String,
+        /// Output format: a table for people, json or yaml for scripts.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
 }
+
+/// What an empty fleet looks like in a table (on stderr, like kubectl's "No resources found").
+const NO_MACHINES: &str =
+    "no machines yet (create a join token with `muster token create` and start agents with it)";
 
 fn parse_role(s: &str) -> Result<Role, String> {
     s.parse::<Role>().map_err(|e| e.to_string())
@@ -241,9 +274,10 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
+    // -v: our own debug logs; -vv: everything's (tonic, hyper, rustls). RUST_LOG overrides.
     let level = match cli.verbose {
         0 => "warn",
-        1 => "info",
+        1 => "warn,muster=debug,muster_controller=debug",
         _ => "debug",
     };
     tracing_subscriber::fmt()
@@ -251,6 +285,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -262,6 +297,8 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): nothing more to say to anyone.
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -269,43 +306,63 @@ fn main() -> ExitCode {
     }
 }
 
-/// One line per gRPC failure, saying what went wrong in the operator's terms.
+/// One line per gRPC failure, saying what went wrong in the operator's terms. The controller's
+/// own messages (not found, ambiguous query, already assigned, ...) are already written for
+/// operators and pass through; transport failures and credential problems are explained.
 fn explain(s: tonic::Status, endpoint: &str) -> anyhow::Error {
     use tonic::Code;
     let msg = s.message().to_owned();
+    // A status with a source was made on this side of the connection (transport, TLS, timeout).
+    let cause = std::error::Error::source(&s).map(muster_util::error_chain);
+    let local = cause.is_some() || msg.contains("transport error");
     match s.code() {
-        Code::Unavailable | Code::Unknown
-            if msg.contains("transport") || msg.is_empty() || s.code() == Code::Unavailable =>
-        {
-            let cause = std::error::Error::source(&s)
-                .map(|e| format!(": {}", muster_util::error_chain(e)))
-                .unwrap_or_default();
-            anyhow::anyhow!("cannot reach the controller at {endpoint}: {msg}{cause}")
+        Code::Unavailable | Code::Unknown | Code::Cancelled if local => {
+            let detail = match cause {
+                Some(c) if !msg.is_empty() && !c.contains(&msg) => format!("{msg}: {c}"),
+                Some(c) => c,
+                None => msg,
+            };
+            let detail = detail.strip_prefix("transport error: ").unwrap_or(&detail).to_owned();
+            anyhow::anyhow!("cannot reach the controller at {endpoint}: {}", client::with_tls_hint(detail))
         }
+        Code::Unavailable => anyhow::anyhow!("the controller at {endpoint} is unavailable: {msg}"),
         Code::Unauthenticated | Code::PermissionDenied => {
             anyhow::anyhow!("the controller refused this musterconfig's credentials: {msg}")
         }
         Code::DeadlineExceeded => anyhow::anyhow!("the controller at {endpoint} did not answer in time"),
+        Code::Unimplemented => anyhow::anyhow!(
+            "the controller at {endpoint} does not support this call (is it older than this muster?): {msg}"
+        ),
+        Code::Internal => anyhow::anyhow!("the controller failed: {msg}"),
+        _ if msg.is_empty() => anyhow::anyhow!("the controller answered {:?} with no message", s.code()),
         _ => anyhow::anyhow!("{msg}"),
     }
 }
 
 async fn connect(cli: &Cli) -> Result<(Admin, String)> {
     let path = client::musterconfig_path(cli.musterconfig.as_deref())?;
+    tracing::debug!(path = %path.display(), "using musterconfig");
     let cfg = client::load_musterconfig(&path)?;
     let (ch, ep) = client::admin_channel(&cfg).await?;
-    Ok((pb::admin_service_client::AdminServiceClient::new(ch).max_decoding_message_size(64 << 20), ep))
+    Ok((
+        pb::admin_service_client::AdminServiceClient::new(ch)
+            .max_decoding_message_size(client::MAX_RESPONSE_BYTES),
+        ep,
+    ))
 }
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Completion { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "muster", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics if it cannot write.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "muster", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
             return Ok(());
         }
         Cmd::Lab(cmd) => return lab::run(cmd).await,
         Cmd::Config(ConfigCmd::Schema) => {
-            println!("{}", serde_json::to_string_pretty(&muster_proto::config::json_schema())?);
+            outln!("{}", serde_json::to_string_pretty(&muster_proto::config::json_schema())?);
             return Ok(());
         }
         Cmd::Config(ConfigCmd::Validate { file }) => return validate_config(file),
@@ -330,7 +387,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(e)?
                 .into_inner();
-            println!("{}", r.token);
+            outln!("{}", r.token);
         }
         Cmd::Token(TokenCmd::List { output }) => {
             let tokens = admin.list_tokens(pb::ListTokensRequest {}).await.map_err(e)?.into_inner().tokens;
@@ -347,7 +404,9 @@ async fn run(cli: Cli) -> Result<()> {
                 description: String,
             }
             let now = SystemTime::now();
-            if output == Output::Table {
+            if output == Output::Table && tokens.is_empty() {
+                eprintln!("no join tokens (create one with `muster token create`)");
+            } else if output == Output::Table {
                 let rows: Vec<Vec<String>> = tokens
                     .iter()
                     .map(|t| {
@@ -371,7 +430,7 @@ async fn run(cli: Cli) -> Result<()> {
                         ]
                     })
                     .collect();
-                print!(
+                out!(
                     "{}",
                     table(
                         &["ID", "STATUS", "USES LEFT", "EXPIRES", "PENDING", "LABELS", "DESCRIPTION"],
@@ -393,29 +452,33 @@ async fn run(cli: Cli) -> Result<()> {
                         description: t.description,
                     })
                     .collect();
-                print!("{}", render(&v, output)?);
+                out!("{}", render(&v, output)?);
             }
         }
         Cmd::Token(TokenCmd::Revoke { id }) => {
             let t = admin.revoke_token(pb::RevokeTokenRequest { id }).await.map_err(e)?.into_inner();
-            println!("token {} revoked", t.id);
+            outln!("token {} revoked", t.id);
         }
         Cmd::Machines { output, watch } => loop {
             let ms = admin.list_machines(pb::ListMachinesRequest {}).await.map_err(e)?.into_inner().machines;
             match output {
                 Output::Table => {
                     if watch {
-                        print!(
+                        out!(
                             "\x1b[2J\x1b[H{} machines at {}\n\n",
                             ms.len(),
                             humantime::format_rfc3339_seconds(SystemTime::now())
                         );
                     }
-                    print!("{}", machines_table(&ms, SystemTime::now()));
+                    if ms.is_empty() && !watch {
+                        eprintln!("{NO_MACHINES}");
+                    } else {
+                        out!("{}", machines_table(&ms, SystemTime::now()));
+                    }
                 }
                 o => {
                     let v: Vec<MachineView> = ms.iter().map(|m| MachineView::new(m, false)).collect();
-                    print!("{}", render(&v, o)?);
+                    out!("{}", render(&v, o)?);
                 }
             }
             if !watch {
@@ -429,8 +492,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Machine(MachineCmd::Get { id, output }) => {
             let m = admin.get_machine(pb::MachineRef { query: id }).await.map_err(e)?.into_inner();
             match output {
-                Output::Table => print!("{}", machine_detail(&m, SystemTime::now())),
-                o => print!("{}", render(&MachineView::new(&m, true), o)?),
+                Output::Table => out!("{}", machine_detail(&m, SystemTime::now())),
+                o => out!("{}", render(&MachineView::new(&m, true), o)?),
             }
         }
         Cmd::Assign { id, role, cluster, force } => {
@@ -439,19 +502,19 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(e)?
                 .into_inner();
-            println!("machine {} ({}) assigned role {role} in cluster {}", m.id, m.hostname, m.cluster);
+            outln!("machine {} ({}) assigned role {role} in cluster {}", m.id, m.hostname, m.cluster);
         }
         Cmd::Approve { id } => {
             let m = admin.approve(pb::MachineRef { query: id }).await.map_err(e)?.into_inner();
-            println!("machine {} ({}) approved", m.id, m.hostname);
+            outln!("machine {} ({}) approved", m.id, m.hostname);
         }
         Cmd::Revoke { id } => {
             let m = admin.revoke(pb::MachineRef { query: id }).await.map_err(e)?.into_inner();
-            println!("machine {} ({}) revoked; it must enroll again with a new token", m.id, m.hostname);
+            outln!("machine {} ({}) revoked; it must enroll again with a new token", m.id, m.hostname);
         }
         Cmd::Delete { id } => {
             let r = admin.delete(pb::MachineRef { query: id }).await.map_err(e)?.into_inner();
-            println!("machine {} deleted", r.id);
+            outln!("machine {} deleted", r.id);
         }
         Cmd::Health { id, output } => {
             let ms = match id {
@@ -462,7 +525,9 @@ async fn run(cli: Cli) -> Result<()> {
                     admin.list_machines(pb::ListMachinesRequest {}).await.map_err(e)?.into_inner().machines
                 }
             };
-            if output == Output::Table {
+            if output == Output::Table && ms.is_empty() {
+                eprintln!("{NO_MACHINES}");
+            } else if output == Output::Table {
                 let rows: Vec<Vec<String>> = ms
                     .iter()
                     .map(|m| {
@@ -478,7 +543,7 @@ async fn run(cli: Cli) -> Result<()> {
                         ]
                     })
                     .collect();
-                print!("{}", table(&["ID", "HOSTNAME", "HEALTH", "REASONS"], &rows));
+                out!("{}", table(&["ID", "HOSTNAME", "HEALTH", "REASONS"], &rows));
             } else {
                 #[derive(serde::Serialize)]
                 struct H<'a> {
@@ -498,7 +563,7 @@ async fn run(cli: Cli) -> Result<()> {
                         snapshot: m.health_snapshot.as_ref(),
                     })
                     .collect();
-                print!("{}", render(&v, output)?);
+                out!("{}", render(&v, output)?);
             }
         }
         Cmd::Completion { .. } | Cmd::Lab(_) | Cmd::Config(_) => bail!("unreachable"),
@@ -539,7 +604,7 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                 eprintln!("warning: {w}");
             }
             if r.results.is_empty() {
-                println!(
+                outln!(
                     "no machines are affected yet{}",
                     if dry_run { "" } else { "; the layer is saved for machines that join" }
                 );
@@ -547,16 +612,18 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
             for m in &r.results {
                 if dry_run {
                     if m.changed {
-                        println!("machine {} ({}):\n{}", m.machine_id, m.hostname, m.diff);
+                        outln!("machine {} ({}):\n{}", m.machine_id, m.hostname, m.diff);
                     } else {
-                        println!("machine {} ({}): no change", m.machine_id, m.hostname);
+                        outln!("machine {} ({}): no change", m.machine_id, m.hostname);
                     }
                 } else if m.changed {
-                    println!("machine {} ({}): generation {}", m.machine_id, m.hostname, m.generation);
+                    outln!("machine {} ({}): generation {}", m.machine_id, m.hostname, m.generation);
                 } else {
-                    println!(
+                    outln!(
                         "machine {} ({}): unchanged at generation {}",
-                        m.machine_id, m.hostname, m.generation
+                        m.machine_id,
+                        m.hostname,
+                        m.generation
                     );
                 }
             }
@@ -568,12 +635,14 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                 .map_err(e)?
                 .into_inner();
             if *rendered {
-                println!(
+                outln!(
                     "# machine {}: generation {}, applied {}",
-                    r.machine_id, r.generation, r.applied_generation
+                    r.machine_id,
+                    r.generation,
+                    r.applied_generation
                 );
                 for res in &r.resources {
-                    println!(
+                    outln!(
                         "# {} {}{}",
                         res.resource,
                         res.outcome,
@@ -581,13 +650,13 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                     );
                 }
                 if !r.error.is_empty() {
-                    println!("# error: {}", r.error);
+                    outln!("# error: {}", r.error);
                 }
             }
             if r.yaml.is_empty() {
                 eprintln!("(no {} config)", if *rendered { "rendered" } else { "machine-level" });
             } else {
-                print!("{}", r.yaml);
+                out!("{}", r.yaml);
             }
         }
         ConfigCmd::History { id, output } => {
@@ -605,7 +674,7 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                         ]
                     })
                     .collect();
-                print!("{}", table(&["GENERATION", "CREATED", "SOURCE", "APPLIED"], &rows));
+                out!("{}", table(&["GENERATION", "CREATED", "SOURCE", "APPLIED"], &rows));
             } else {
                 #[derive(serde::Serialize)]
                 struct Rev<'a> {
@@ -626,7 +695,7 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                         yaml: &v.yaml,
                     })
                     .collect();
-                print!("{}", render(&v, *output)?);
+                out!("{}", render(&v, *output)?);
             }
         }
         ConfigCmd::Rollback { id, to } => {
@@ -639,7 +708,7 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                 .map_err(e)?
                 .into_inner();
             for m in &r.results {
-                println!(
+                outln!(
                     "machine {} ({}): generation {}{}",
                     m.machine_id,
                     m.hostname,
@@ -662,12 +731,12 @@ fn validate_config(file: &std::path::Path) -> Result<()> {
             for w in &warnings {
                 eprintln!("warning: {w}");
             }
-            println!("{}: valid", file.display());
+            outln!("{}: valid", file.display());
             Ok(())
         }
         Err(muster_proto::config::ConfigError::Invalid(errors)) => {
             for e in &errors {
-                println!("{}: {e}", file.display());
+                outln!("{}: {e}", file.display());
             }
             bail!("{} has {} error{}", file.display(), errors.len(), if errors.len() == 1 { "" } else { "s" })
         }
@@ -699,5 +768,92 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["muster", "assign", "x", "--role", "worker", "--cluster", "homelab"])
             .is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let e = Cli::try_parse_from(["muster", "assign", "x", "--role", "master", "--cluster", "c"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--role") && e.contains("controlplane"), "{e}");
+        let e = Cli::try_parse_from(["muster", "token", "create", "--label", "a=b", "--label", "=x"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--label"), "{e}");
+        let e =
+            Cli::try_parse_from(["muster", "lab", "up", "--provisioner", "vbox"]).unwrap_err().to_string();
+        assert!(e.contains("--provisioner") && e.contains("qemu"), "{e}");
+    }
+
+    #[test]
+    fn token_create_defaults() {
+        let Cmd::Token(TokenCmd::Create { ttl, uses, labels, pending, .. }) =
+            Cli::try_parse_from(["muster", "token", "create"]).unwrap().cmd
+        else {
+            panic!("not token create")
+        };
+        assert_eq!((ttl, uses, labels.len(), pending), (Duration::from_secs(3600), 1, 0, false));
+        let Cmd::Token(TokenCmd::Create { ttl, uses, labels, pending, .. }) = Cli::try_parse_from([
+            "muster",
+            "token",
+            "create",
+            "--ttl",
+            "15m",
+            "--uses",
+            "3",
+            "--label",
+            "muster.dev/lab=true",
+            "--pending",
+        ])
+        .unwrap()
+        .cmd
+        else {
+            panic!("not token create")
+        };
+        assert_eq!(ttl, Duration::from_secs(900));
+        assert_eq!(uses, 3);
+        assert_eq!(labels, vec![("muster.dev/lab".to_owned(), "true".to_owned())]);
+        assert!(pending);
+    }
+
+    #[test]
+    fn every_verb_explains_itself() {
+        fn walk(c: &clap::Command, path: &str) {
+            for sub in c.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+                let p = format!("{path} {}", sub.get_name());
+                assert!(sub.get_about().is_some(), "`{p}` has no help text");
+                for a in sub.get_arguments().filter(|a| !a.is_hide_set() && a.get_id() != "help") {
+                    assert!(a.get_help().is_some(), "`{p}` argument {} has no help text", a.get_id());
+                }
+                walk(sub, &p);
+            }
+        }
+        walk(&Cli::command(), "muster");
+    }
+
+    #[test]
+    fn statuses_become_one_clear_line() {
+        let ep = "https://127.0.0.1:7443";
+        let msg = |s: tonic::Status| explain(s, ep).to_string();
+        assert_eq!(
+            msg(tonic::Status::not_found("no machine matches \"x\"")),
+            "no machine matches \"x\"",
+            "the controller's own words pass through"
+        );
+        let local = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        )));
+        let m = msg(local);
+        assert!(m.starts_with("cannot reach the controller at https://127.0.0.1:7443: "), "{m}");
+        assert!(m.contains("connection refused"), "{m}");
+        let m = msg(tonic::Status::unavailable("store backend is down"));
+        assert_eq!(m, "the controller at https://127.0.0.1:7443 is unavailable: store backend is down");
+        assert!(msg(tonic::Status::permission_denied("admins only")).contains("credentials"));
+        assert!(msg(tonic::Status::deadline_exceeded("")).contains("did not answer in time"));
+        assert!(msg(tonic::Status::invalid_argument("")).contains("InvalidArgument"));
+        for m in [msg(tonic::Status::internal("boom\nsecond line")), msg(tonic::Status::unimplemented("x"))] {
+            assert!(!m.is_empty());
+        }
     }
 }

@@ -15,6 +15,22 @@ pub enum Output {
     Yaml,
 }
 
+/// Writes `s` to stdout now. A closed pipe comes back as an error (see [`is_broken_pipe`])
+/// rather than a panic as with `print!`.
+pub fn emit(s: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())?;
+    out.flush()
+}
+
+/// Whether `e` is, or was caused by, writing into a pipe whose reader has gone.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// RFC 3339 (UTC, seconds) of a Unix-ms time; `None` for 0.
 pub fn rfc3339(ms: i64) -> Option<String> {
     (ms > 0)
@@ -186,7 +202,10 @@ fn bytes(n: u64) -> String {
 pub fn machine_detail(m: &pb::Machine, now: SystemTime) -> String {
     let v = MachineView::new(m, true);
     let mut s = String::new();
-    let mut kv = |k: &str, val: String| s.push_str(&format!("{k:<14} {val}\n"));
+    let mut kv = |k: &str, val: String| {
+        let val = val.trim_end();
+        s.push_str(&format!("{k:<14} {}\n", if val.is_empty() { "-" } else { val }));
+    };
     kv("ID:", v.id.clone());
     kv("Hostname:", v.hostname.clone());
     kv("State:", format!("{}{}", v.state, if v.connected { " (connected)" } else { "" }));
@@ -248,19 +267,23 @@ pub fn machine_detail(m: &pb::Machine, now: SystemTime) -> String {
             ),
         );
         for d in &inv.disks {
-            kv(
-                "Disk:",
-                format!(
-                    "{} {} {}{}",
-                    d.name,
-                    bytes(d.size_bytes),
-                    d.model,
-                    if d.removable { " (removable)" } else { "" }
-                ),
-            );
+            let mut disk = format!("{} {}", d.name, bytes(d.size_bytes));
+            if !d.model.is_empty() {
+                disk.push(' ');
+                disk.push_str(&d.model);
+            }
+            if d.removable {
+                disk.push_str(" (removable)");
+            }
+            kv("Disk:", disk);
         }
         for n in &inv.nics {
-            kv("NIC:", format!("{} {}", n.name, n.mac));
+            let mut nic = format!("{} {}", n.name, if n.mac.is_empty() { "-" } else { &n.mac });
+            if !n.addresses.is_empty() {
+                nic.push(' ');
+                nic.push_str(&n.addresses.join(", "));
+            }
+            kv("NIC:", nic);
         }
     }
     for w in &v.warnings {
@@ -322,10 +345,76 @@ mod tests {
     }
 
     #[test]
+    fn detail_is_a_readable_block() {
+        let mut m = sample();
+        m.inventory = Some(pb::Inventory {
+            cpu_model: "AMD EPYC".into(),
+            cpu_count: 4,
+            memory_bytes: 8 << 30,
+            kernel: "6.1.0".into(),
+            os: "Debian GNU/Linux 12".into(),
+            agent_version: "0.1.0".into(),
+            disks: vec![pb::Disk { name: "vda".into(), size_bytes: 256 << 30, ..Default::default() }],
+            nics: vec![pb::Nic {
+                name: "eth0".into(),
+                mac: "52:54:00:00:00:01".into(),
+                addresses: vec!["10.0.0.5/24".into()],
+            }],
+            smbios: Some(pb::Smbios { uuid: "u".into(), ..Default::default() }),
+            ..Default::default()
+        });
+        let d = machine_detail(&m, UNIX_EPOCH + Duration::from_millis(1_763_856_003_000));
+        for want in [
+            "ID:            0123456789abcdef\n",
+            "Role:          worker\n",
+            "Cluster:       homelab\n",
+            "Last seen:     2025-11-23T00:00:00Z (3s ago)\n",
+            "CPU:           4 × AMD EPYC\n",
+            "Memory:        8.0 GiB\n",
+            "Kernel:        6.1.0\n",
+            "OS:            Debian GNU/Linux 12\n",
+            "Agent:         0.1.0\n",
+            "Disk:          vda 256.0 GiB\n",
+            "NIC:           eth0 52:54:00:00:00:01 10.0.0.5/24\n",
+            "SMBIOS:        uuid u, serial -, - -\n",
+            "Warning:       w\n",
+        ] {
+            assert!(d.contains(want), "missing {want:?} in\n{d}");
+        }
+        assert!(d.lines().all(|l| l == l.trim_end()), "no trailing spaces:\n{d}");
+    }
+
+    #[test]
+    fn json_of_one_machine_has_the_inventory() {
+        let mut m = sample();
+        m.inventory = Some(pb::Inventory { kernel: "6.1.0".into(), ..Default::default() });
+        m.enrolled_unix_ms = 1_763_856_000_000;
+        let v = serde_json::to_value(MachineView::new(&m, true)).unwrap();
+        assert_eq!(v["inventory"]["kernel"], "6.1.0");
+        assert_eq!(v["enrolled_at"], "2025-11-23T00:00:00Z");
+        assert!(v["cert_expires"].is_null());
+        let list = serde_json::to_value(MachineView::new(&m, false)).unwrap();
+        assert!(list.get("inventory").is_none(), "the list stays small");
+    }
+
+    #[test]
+    fn broken_pipes_are_recognised() {
+        let e = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe)).context("writing");
+        assert!(is_broken_pipe(&e));
+        assert!(!is_broken_pipe(&anyhow::anyhow!("broken pipe, but only in words")));
+    }
+
+    #[test]
     fn relative_times() {
         let now = UNIX_EPOCH + Duration::from_secs(100_000);
         assert_eq!(relative(0, now), "never");
+        let later = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(relative(1_000_000_000 - 3 * 86_400_000, later), "3d ago");
         assert_eq!(relative(99_000_000, now), "16m ago");
         assert_eq!(relative(100_000_000 + 7_200_000, now), "in 2h");
+        assert_eq!(relative(100_000_000, now), "0s ago");
+        assert_eq!(relative(100_000_000 - 59_999, now), "59s ago");
+        assert_eq!(relative(100_000_000 - 60_000, now), "1m ago");
+        assert_eq!(relative(-5, now), "never");
     }
 }
