@@ -1,311 +1,473 @@
 //! `muster-bench`: N simulated agents in one process, each with its own key, mutual-TLS
-//! connection and stream, against a real `muster-controller` process. Prints enrollment rate,
-//! heartbeat round-trip percentiles, and the controller's memory and CPU.
+//! connection and stream, against a real `muster-controller` process on loopback. Reports the
+//! enrollment rate, heartbeat round-trip percentiles, and the controller's memory and CPU.
 //!
-//! Build it in release with the controller beside it, then run:
-//! `cargo build --release -p muster-bench -p muster-controller && target/release/muster-bench --agents 1000`
+//! The controller is the binary built beside the bench, so build both in the same profile:
+//!
+//! ```sh
+//! cargo build --release -p muster-bench -p muster-controller
+//! target/release/muster-bench --agents 1000 --duration 30s
+//! ```
+//!
+//! Phases: start the controller in a temp dir; make every agent's key and CSR; enroll all agents
+//! (bounded concurrency); bring every agent's stream up (bounded concurrency); let heartbeats
+//! settle; measure for `--duration`; list the machines; stop. The controller is killed and the
+//! temp dir removed at the end, on errors and on Ctrl-C too.
+//!
+//! The report goes to stdout (`-o json` for tools), progress to stderr. Exit status: 0 for a
+//! clean run, 1 when the report lists problems (failed enrollments or streams, lost acks,
+//! machines not ready, the controller out of file descriptors), 2 when the bench could not run.
 
-use muster_bench::stats;
-
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use clap::Parser;
-use muster_agent::client;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use muster_bench::report::{self, Report};
+use muster_bench::sim::{self, Identity, Shared};
+use muster_bench::stats::Latency;
+use muster_bench::sys;
 use muster_proto::musterconfig::MusterConfig;
 use muster_proto::pb;
+use muster_proto::pb::admin_service_client::AdminServiceClient;
 use muster_tests::ControllerProc;
-use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How long acks of heartbeats sent at the very end of the window may still arrive.
+const ACK_GRACE: Duration = Duration::from_secs(5);
+/// How often a long phase prints its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Simulate N agents against a real controller and report its throughput, latency and cost.
 #[derive(Parser, Debug)]
 #[command(name = "muster-bench", version, about)]
 struct Args {
     /// Number of simulated agents.
-    #[arg(long, default_value_t = 1000)]
-    agents: usize,
-    /// Heartbeat interval of each agent.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    agents: u32,
+    /// Heartbeat interval of every agent (100ms..=10m, as the controller accepts).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
-    /// Measuring window once every agent is connected.
+    /// Steady-state measuring window, once every agent is connected.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Enrollments in flight at once.
-    #[arg(long, default_value_t = 64)]
-    enroll_concurrency: usize,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    enroll_concurrency: u32,
+    /// Streams being set up at once (each: TCP + mTLS handshake + Connect + welcome).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    connect_concurrency: u32,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    output: Output,
 }
 
-#[derive(Debug, Serialize, Default)]
-struct Report {
-    agents: usize,
-    heartbeat_ms: u128,
-    enroll_seconds: f64,
-    enroll_per_second: f64,
-    enroll_failures: usize,
-    connect_seconds: f64,
-    connect_failures: usize,
-    rtt_samples: usize,
-    rtt_p50_ms: f64,
-    rtt_p90_ms: f64,
-    rtt_p99_ms: f64,
-    rtt_max_ms: f64,
-    heartbeats_sent: u64,
-    heartbeats_lost: u64,
-    controller_rss_mib: f64,
-    controller_peak_rss_mib: f64,
-    controller_cpu_enroll_seconds: f64,
-    controller_cpu_steady_seconds: f64,
-    controller_cpu_steady_percent: f64,
-    controller_cpu_per_heartbeat_us: f64,
-    bench_cpu_seconds: f64,
-    machines_ready: usize,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
-struct Enrolled {
-    cert: String,
-    key: String,
-}
-
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    #[allow(unsafe_code)]
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &want);
+fn main() -> ExitCode {
+    match bench_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("muster-bench: {e:#}");
+            ExitCode::from(2)
         }
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+#[tokio::main]
+async fn bench_main() -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    muster_tests::init_crypto();
+    let args = Args::parse();
+    if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&args.heartbeat) {
+        bail!("--heartbeat must be between 100ms and 10m (the controller clamps to that range)");
+    }
+    if args.duration.is_zero() {
+        bail!("--duration must be more than zero");
+    }
+    // One connection per agent, and as many again for a moment while enrolling.
+    let (before, now) = sys::raise_nofile().context("raising the open-file limit")?;
+    tracing::debug!(before, now, "RLIMIT_NOFILE soft limit");
+    if now < u64::from(args.agents) + 256 {
+        eprintln!(
+            "warning: open-file limit {now} is tight for {} connections; raise the hard limit (ulimit -Hn)",
+            args.agents
+        );
+    }
+
+    let report = tokio::select! {
+        r = run(&args) => r?,
+        r = tokio::signal::ctrl_c() => {
+            r?;
+            bail!("interrupted");
+        }
+    };
+    match args.output {
+        Output::Text => print!("{}", report.text()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> Result<()> {
-    muster_agent::init_crypto();
-    raise_fd_limit();
-    let args = Args::parse();
-    let tmp = tempfile::tempdir()?;
-    let ctl = ControllerProc::start(&tmp.path().join("controller"), "127.0.0.1:0", "127.0.0.1:0", &[])
-        .context("starting muster-controller (build it in the same profile: cargo build --release -p muster-controller)")?;
+/// The controller binary beside this one, with a hint how to build it when it is missing.
+fn controller_binary() -> Result<PathBuf> {
+    let p = muster_tests::bin_dir().join("muster-controller");
+    if !p.exists() {
+        let profile = if cfg!(debug_assertions) { "" } else { "--release " };
+        bail!(
+            "{} not found. The bench runs the controller built in its own profile: \
+             cargo build {profile}-p muster-bench -p muster-controller \
+             (or set MUSTER_BIN_DIR to a directory holding muster-controller)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+async fn run(args: &Args) -> Result<Report> {
+    let binary = controller_binary()?;
+    let tmp = tempfile::Builder::new().prefix("muster-bench-").tempdir()?;
+    let data_dir = tmp.path().join("controller");
+    // The harness polls for the controller's ports.json with blocking sleeps.
+    let ctl = tokio::task::spawn_blocking(move || {
+        ControllerProc::start(&data_dir, "127.0.0.1:0", "127.0.0.1:0", &[])
+    })
+    .await?
+    .with_context(|| format!("starting {}", binary.display()))?;
+    eprintln!("controller {} running as pid {}", binary.display(), ctl.proc.pid());
+    let r = bench(args, &ctl, &binary).await;
+    if r.is_err() {
+        let log = ctl.proc.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        eprintln!("controller log, last lines:");
+        for l in tail.iter().rev() {
+            eprintln!("  {l}");
+        }
+    }
+    // `ctl` is dropped (killed and reaped) before `tmp` is removed.
+    drop(ctl);
+    drop(tmp);
+    r
+}
+
+fn cpu(pid: &str) -> f64 {
+    sys::cpu_seconds(pid)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+/// Prints `done/total` every [`PROGRESS_EVERY`].
+struct Progress {
+    what: &'static str,
+    total: usize,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: usize) -> Self {
+        Self { what, total, last: Instant::now() }
+    }
+
+    fn tick(&mut self, done: usize) {
+        if self.last.elapsed() >= PROGRESS_EVERY {
+            self.last = Instant::now();
+            eprintln!("  {done}/{} {}", self.total, self.what);
+        }
+    }
+}
+
+async fn bench(args: &Args, ctl: &ControllerProc, binary: &Path) -> Result<Report> {
+    let n = args.agents as usize;
     let pid = ctl.proc.pid().to_string();
     let endpoint = ctl.endpoint();
     let ca = ctl.ca_pem()?;
-    let mc = MusterConfig::from_yaml(&std::fs::read_to_string(ctl.musterconfig())?)?;
-    let mut admin = muster_controller::client::admin_client(&mc).await?;
-    let n = args.agents;
+    let mc_path = ctl.musterconfig();
+    let mc = MusterConfig::from_yaml(
+        &std::fs::read_to_string(&mc_path).with_context(|| format!("reading {}", mc_path.display()))?,
+    )?;
+    let admin_ch = muster_tests::channel(&endpoint, &mc.ca, Some((&mc.cert, &mc.key)))
+        .await
+        .context("connecting as admin")?;
+    let mut admin = AdminServiceClient::new(admin_ch).max_decoding_message_size(usize::MAX);
     let token = admin
         .create_token(pb::CreateTokenRequest {
-            uses: u32::try_from(n).unwrap_or(u32::MAX),
             ttl_ms: 3_600_000,
+            uses: args.agents,
+            description: "muster-bench".into(),
             ..Default::default()
         })
-        .await?
+        .await
+        .context("creating the join token")?
         .into_inner()
         .token;
-    let mut report = Report { agents: n, heartbeat_ms: args.heartbeat.as_millis(), ..Default::default() };
-    let bench_cpu0 = stats::cpu_seconds("self");
 
-    // Phase 1: enrollment, each agent with its own key.
-    eprintln!("enrolling {n} agents ({} at a time)...", args.enroll_concurrency);
-    let cpu0 = stats::cpu_seconds(&pid);
-    let sem = Arc::new(Semaphore::new(args.enroll_concurrency.max(1)));
-    let t0 = Instant::now();
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let (sem, endpoint, ca, token) = (sem.clone(), endpoint.clone(), ca.clone(), token.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await.ok()?;
-            let key = client::generate_key().ok()?;
-            let csr = client::csr_pem(&key).ok()?;
-            let inv = pb::Inventory {
-                hostname: format!("sim-{i:05}"),
-                smbios: Some(pb::Smbios {
-                    uuid: format!("00000000-0000-4000-8000-{i:012x}"),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let r = client::enroll_once(&endpoint, &ca, &token, &csr, inv).await.ok()?;
-            Some(Enrolled { cert: r.certificate_pem, key: key.serialize_pem() })
-        }));
-    }
-    let mut enrolled = Vec::with_capacity(n);
-    for t in tasks {
-        if let Ok(Some(e)) = t.await {
-            enrolled.push(e);
-        }
-    }
-    report.enroll_seconds = t0.elapsed().as_secs_f64();
-    report.enroll_failures = n - enrolled.len();
-    report.enroll_per_second = enrolled.len() as f64 / report.enroll_seconds;
-    report.controller_cpu_enroll_seconds = stats::cpu_seconds(&pid) - cpu0;
+    let mut report = Report {
+        agents: n,
+        heartbeat_ms: u64::try_from(args.heartbeat.as_millis()).unwrap_or(u64::MAX),
+        window_seconds: args.duration.as_secs_f64(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        debug_build: cfg!(debug_assertions),
+        ..Default::default()
+    };
+    report.controller.binary = binary.display().to_string();
+    report.controller.pid = ctl.proc.pid();
 
-    // Phase 2: every agent opens its own mTLS connection and stream.
-    eprintln!("connecting {} streams...", enrolled.len());
-    let measuring = Arc::new(AtomicBool::new(false));
-    let rtts: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::with_capacity(n * 64)));
-    let sent = Arc::new(AtomicU64::new(0));
-    let connected = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let t1 = Instant::now();
-    for (i, e) in enrolled.into_iter().enumerate() {
-        let (endpoint, ca, hb) = (endpoint.clone(), ca.clone(), args.heartbeat);
-        let (measuring, rtts, sent, connected, failed) =
-            (measuring.clone(), rtts.clone(), sent.clone(), connected.clone(), failed.clone());
-        // Spread first heartbeats over one interval.
-        let offset = hb.mul_f64((i as f64 * 0.618_034) % 1.0);
-        tokio::spawn(async move {
-            if simulate(&endpoint, &ca, e, hb, offset, measuring, rtts, sent, connected.clone())
+    // Keys and CSRs first, so the enrollment phase times the controller, not key generation.
+    eprintln!("making {n} P-256 keys and CSRs...");
+    let t = Instant::now();
+    let ids = tokio::task::spawn_blocking(move || (0..n).map(Identity::generate).collect::<Result<Vec<_>>>())
+        .await??;
+    report.bench.keygen_seconds = t.elapsed().as_secs_f64();
+    let rss_start = sys::rss(&pid).0;
+    report.controller.rss_start_mib = mib(rss_start);
+
+    // Enrollment: each agent on its own server-authenticated connection.
+    eprintln!("enrolling {n} agents, {} at a time...", args.enroll_concurrency);
+    let slots = Arc::new(Semaphore::new(args.enroll_concurrency as usize));
+    let (ctl_cpu, own_cpu, t) = (cpu(&pid), cpu("self"), Instant::now());
+    let mut tasks = JoinSet::new();
+    for mut id in ids {
+        let (slots, endpoint, ca, token) = (slots.clone(), endpoint.clone(), ca.clone(), token.clone());
+        tasks.spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else { return (id, Err("no enroll slot".into())) };
+            let t = Instant::now();
+            let r = tokio::time::timeout(sim::ENROLL_TIMEOUT, sim::enroll(&endpoint, &ca, &token, &mut id))
                 .await
-                .is_err()
-            {
-                failed.fetch_add(1, Ordering::Relaxed);
-            }
+                .unwrap_or_else(|_| Err(anyhow!("timed out after {:?}", sim::ENROLL_TIMEOUT)));
+            let r = r.map(|()| t.elapsed()).map_err(|e| sim::describe(&e));
+            (id, r)
         });
     }
-    let target = (n - report.enroll_failures) as u64;
-    while connected.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < target {
-        if t1.elapsed() > Duration::from_secs(120) {
-            eprintln!("gave up waiting for connections after 120s");
+    let mut enrolled = Vec::with_capacity(n);
+    let (mut latencies, mut errors) = (Vec::with_capacity(n), Vec::new());
+    let mut progress = Progress::new("enrolled", n);
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok((id, Ok(latency))) => {
+                latencies.push(latency);
+                enrolled.push(id);
+            }
+            Ok((id, Err(e))) => {
+                tracing::debug!(agent = id.index, error = %e, "enrollment failed");
+                errors.push(e);
+            }
+            Err(e) => errors.push(format!("enroll task failed: {e}")),
+        }
+        progress.tick(enrolled.len() + errors.len());
+    }
+    let e = &mut report.enroll;
+    e.seconds = t.elapsed().as_secs_f64();
+    e.controller_cpu_seconds = cpu(&pid) - ctl_cpu;
+    e.bench_cpu_seconds = cpu("self") - own_cpu;
+    e.concurrency = args.enroll_concurrency as usize;
+    e.ok = enrolled.len();
+    e.failed = errors.len();
+    e.per_second = e.ok as f64 / e.seconds;
+    e.latency = Latency::of(&mut latencies);
+    e.errors = report::top_errors(errors, 5);
+    eprintln!("  {} enrolled, {} failed in {:.2} s", e.ok, e.failed, e.seconds);
+
+    // Streams: each agent its own mutual-TLS connection and Connect stream, then heartbeats.
+    let up = enrolled.len();
+    eprintln!("bringing {up} streams up, {} at a time...", args.connect_concurrency);
+    let shared = Arc::new(Shared {
+        endpoint: endpoint.clone(),
+        ca_pem: ca.clone(),
+        heartbeat: args.heartbeat,
+        phase: AtomicU8::new(sim::WARMUP),
+        stop: CancellationToken::new(),
+        connect_slots: Semaphore::new(args.connect_concurrency as usize),
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    });
+    // Whatever happens from here, the agents stop with this function.
+    let _stop_agents = shared.stop.clone().drop_guard();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (ctl_cpu, own_cpu, t) = (cpu(&pid), cpu("self"), Instant::now());
+    let mut agents = JoinSet::new();
+    for id in enrolled {
+        agents.spawn(sim::run_agent(shared.clone(), id, events_tx.clone()));
+    }
+    drop(events_tx);
+    let (mut latencies, mut errors) = (Vec::with_capacity(up), Vec::new());
+    let mut progress = Progress::new("streams up", up);
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Ok(latency) => latencies.push(latency),
+            Err(e) => errors.push(e),
+        }
+        progress.tick(latencies.len() + errors.len());
+        if latencies.len() + errors.len() == up {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    report.connect_seconds = t1.elapsed().as_secs_f64();
-    report.connect_failures = failed.load(Ordering::Relaxed) as usize;
+    let k = &mut report.connect;
+    k.seconds = t.elapsed().as_secs_f64();
+    k.controller_cpu_seconds = cpu(&pid) - ctl_cpu;
+    k.bench_cpu_seconds = cpu("self") - own_cpu;
+    k.concurrency = args.connect_concurrency as usize;
+    k.ok = latencies.len();
+    k.failed = up - latencies.len();
+    k.per_second = k.ok as f64 / k.seconds;
+    k.latency = Latency::of(&mut latencies);
+    k.errors = report::top_errors(errors, 5);
+    eprintln!("  {} streams up, {} failed in {:.2} s", k.ok, k.failed, k.seconds);
+    report.controller.open_fds = sys::open_fds(&pid).unwrap_or(0);
+    report.controller.nofile_soft_limit = sys::nofile_soft_limit(&pid);
 
-    // Phase 3: steady state.
-    eprintln!("measuring for {}...", humantime::format_duration(args.duration));
-    tokio::time::sleep(args.heartbeat * 2).await;
-    let cpu1 = stats::cpu_seconds(&pid);
-    let sent0 = sent.load(Ordering::Relaxed);
-    measuring.store(true, Ordering::Relaxed);
+    // Steady state: first heartbeats land within one interval of each stream coming up.
+    let warmup = args.heartbeat * 2;
+    eprintln!(
+        "steady state: {} to settle, then measuring for {}...",
+        humantime::format_duration(warmup),
+        humantime::format_duration(args.duration)
+    );
+    tokio::time::sleep(warmup).await;
+    let (ctl_cpu, own_cpu, t) = (sys::cpu_times(&pid), cpu("self"), Instant::now());
+    let machine_cpu = sys::machine_busy_seconds();
+    let switches = sys::context_switches(&pid);
+    shared.phase.store(sim::MEASURING, Ordering::Relaxed);
     tokio::time::sleep(args.duration).await;
-    measuring.store(false, Ordering::Relaxed);
-    let steady_cpu = stats::cpu_seconds(&pid) - cpu1;
-    let sent_in_window = sent.load(Ordering::Relaxed) - sent0;
-    let mut samples = rtts.lock().map(|v| v.clone()).unwrap_or_default();
-    samples.sort();
-    report.rtt_samples = samples.len();
-    report.rtt_p50_ms = ms(stats::percentile(&samples, 50.0));
-    report.rtt_p90_ms = ms(stats::percentile(&samples, 90.0));
-    report.rtt_p99_ms = ms(stats::percentile(&samples, 99.0));
-    report.rtt_max_ms = ms(samples.last().copied().unwrap_or_default());
-    report.heartbeats_sent = sent_in_window;
-    report.heartbeats_lost = sent_in_window.saturating_sub(samples.len() as u64);
-    let (rss, hwm) = stats::rss(&pid);
-    report.controller_rss_mib = rss as f64 / 1048576.0;
-    report.controller_peak_rss_mib = hwm as f64 / 1048576.0;
-    report.controller_cpu_steady_seconds = steady_cpu;
-    report.controller_cpu_steady_percent = steady_cpu / args.duration.as_secs_f64() * 100.0;
-    report.controller_cpu_per_heartbeat_us =
-        if samples.is_empty() { 0.0 } else { steady_cpu / samples.len() as f64 * 1e6 };
-    report.bench_cpu_seconds = stats::cpu_seconds("self") - bench_cpu0;
-    let ms_list = admin.list_machines(pb::ListMachinesRequest {}).await?.into_inner().machines;
-    report.machines_ready = ms_list.iter().filter(|m| m.state == pb::MachineState::Ready as i32).count();
+    shared.phase.store(sim::AFTER, Ordering::Relaxed);
+    let window = t.elapsed().as_secs_f64();
+    let ctl_cpu_end = sys::cpu_times(&pid);
+    let switches = sys::context_switches(&pid).saturating_sub(switches);
+    let ctl_steady = (ctl_cpu_end.0 - ctl_cpu.0) + (ctl_cpu_end.1 - ctl_cpu.1);
+    report.controller.cpu_steady_system_seconds = ctl_cpu_end.1 - ctl_cpu.1;
+    let own_steady = cpu("self") - own_cpu;
+    let others = sys::machine_busy_seconds() - machine_cpu - ctl_steady - own_steady;
+    let (rss, hwm) = sys::rss(&pid);
+    report.bench.rss_mib = mib(sys::rss("self").0);
+    report.bench.nofile_soft_limit = sys::nofile().map_or(0, |(soft, _)| soft);
+    report.window_seconds = window;
 
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_text(&report, args.duration);
+    // The fleet as the controller sees it, while every stream is still open.
+    let t = Instant::now();
+    let machines = admin
+        .list_machines(pb::ListMachinesRequest {})
+        .await
+        .context("listing machines")?
+        .into_inner()
+        .machines;
+    let m = &mut report.machines;
+    m.list_ms = t.elapsed().as_secs_f64() * 1e3;
+    m.total = machines.len();
+    m.connected = machines.iter().filter(|m| m.connected).count();
+    for machine in &machines {
+        let state = pb::MachineState::try_from(machine.state).map_or_else(
+            |_| format!("state {}", machine.state),
+            |s| s.as_str_name().trim_start_matches("MACHINE_STATE_").to_ascii_lowercase(),
+        );
+        *m.by_state.entry(state).or_default() += 1;
     }
-    drop(ctl);
-    Ok(())
-}
 
-#[allow(clippy::too_many_arguments)]
-async fn simulate(
-    endpoint: &str,
-    ca: &str,
-    e: Enrolled,
-    hb: Duration,
-    offset: Duration,
-    measuring: Arc<AtomicBool>,
-    rtts: Arc<Mutex<Vec<Duration>>>,
-    sent: Arc<AtomicU64>,
-    connected: Arc<AtomicU64>,
-) -> Result<()> {
-    let ch = client::mtls_channel(endpoint, ca, &e.cert, &e.key).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            inventory: None,
-            heartbeat_interval_ms: u32::try_from(hb.as_millis()).unwrap_or(u32::MAX),
-            metrics_port: 0,
-        })),
-    })
-    .await?;
-    let mut down = pb::agent_service_client::AgentServiceClient::new(ch)
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    connected.fetch_add(1, Ordering::Relaxed);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, hb);
-    let mut seq = 0u64;
-    let mut inflight: std::collections::VecDeque<(u64, Instant)> = Default::default();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {
-                seq += 1;
-                inflight.push_back((seq, Instant::now()));
-                if inflight.len() > 16 { inflight.pop_front(); }
-                if measuring.load(Ordering::Relaxed) { sent.fetch_add(1, Ordering::Relaxed); }
-                tx.send(pb::AgentMessage {
-                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { seq, sent_unix_ms: 0, health: None })),
-                }).await?;
-            }
-            m = down.message() => {
-                let Some(m) = m? else { anyhow::bail!("stream closed") };
-                if let Some(pb::controller_message::Msg::HeartbeatAck(a)) = m.msg {
-                    if let Some(pos) = inflight.iter().position(|(s, _)| *s == a.seq) {
-                        let rtt = inflight[pos].1.elapsed();
-                        inflight.drain(..=pos);
-                        if measuring.load(Ordering::Relaxed) {
-                            if let Ok(mut v) = rtts.lock() { v.push(rtt); }
-                        }
-                    }
+    // Acks of the window's last heartbeats, then stop every agent.
+    tokio::time::sleep(ACK_GRACE.saturating_sub(t.elapsed())).await;
+    shared.stop.cancel();
+    let (mut rtts, mut sent, mut dropped, mut stream_errors) = (Vec::new(), 0u64, 0usize, Vec::new());
+    while let Some(r) = agents.join_next().await {
+        match r {
+            Ok(o) => {
+                sent += o.sent_in_window;
+                rtts.extend(o.rtts);
+                // Connect failures are already counted; these are streams that ended later.
+                if let (true, Some(e)) = (o.connected, o.error) {
+                    dropped += 1;
+                    stream_errors.push(e);
                 }
+            }
+            Err(e) => {
+                dropped += 1;
+                stream_errors.push(format!("agent task failed: {e}"));
             }
         }
     }
+    let h = &mut report.heartbeats;
+    h.sent = sent;
+    h.per_second = sent as f64 / window;
+    h.lost = sent.saturating_sub(rtts.len() as u64);
+    h.rtt = Latency::of(&mut rtts);
+    h.streams_dropped = dropped;
+    h.stream_errors = report::top_errors(stream_errors, 5);
+
+    let c = &mut report.controller;
+    c.rss_mib = mib(rss);
+    c.peak_rss_mib = mib(hwm);
+    c.rss_per_agent_kib = (rss as f64 - rss_start as f64) / 1024.0 / n as f64;
+    c.cpu_steady_seconds = ctl_steady;
+    c.cpu_steady_percent = ctl_steady / window * 100.0;
+    c.cpu_per_heartbeat_us = if sent == 0 { 0.0 } else { ctl_steady / sent as f64 * 1e6 };
+    c.context_switches_per_heartbeat = if sent == 0 { 0.0 } else { switches as f64 / sent as f64 };
+    c.fd_errors_in_log = ctl
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("accept failed") || l.contains("Too many open files"))
+        .count();
+    report.bench.cpu_steady_seconds = own_steady;
+    report.bench.cpu_steady_percent = own_steady / window * 100.0;
+    report.bench.others_cpu_percent = (others / window * 100.0).max(0.0);
+
+    report.problems = problems(&report);
+    Ok(report)
 }
 
-fn print_text(r: &Report, window: Duration) {
-    println!(
-        "muster-bench: {} agents, heartbeat every {} ms, measured over {}",
-        r.agents,
-        r.heartbeat_ms,
-        humantime::format_duration(window)
-    );
-    println!(
-        "  enrollment:        {:.1}/s ({} in {:.2} s, {} failed)",
-        r.enroll_per_second,
-        r.agents - r.enroll_failures,
-        r.enroll_seconds,
-        r.enroll_failures
-    );
-    println!("  all streams up in: {:.2} s ({} failed)", r.connect_seconds, r.connect_failures);
-    println!(
-        "  heartbeat RTT:     p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples, {} lost)",
-        r.rtt_p50_ms, r.rtt_p90_ms, r.rtt_p99_ms, r.rtt_max_ms, r.rtt_samples, r.heartbeats_lost
-    );
-    println!(
-        "  controller RSS:    {:.1} MiB (peak {:.1} MiB)",
-        r.controller_rss_mib, r.controller_peak_rss_mib
-    );
-    println!(
-        "  controller CPU:    enroll phase {:.2} s; steady {:.2} s = {:.1}% of one core, {:.1} µs per heartbeat",
-        r.controller_cpu_enroll_seconds, r.controller_cpu_steady_seconds, r.controller_cpu_steady_percent, r.controller_cpu_per_heartbeat_us
-    );
-    println!("  bench process CPU: {:.2} s (shares the 2 cores with the controller)", r.bench_cpu_seconds);
-    println!("  machines ready:    {}", r.machines_ready);
+/// What a clean run would not show.
+fn problems(r: &Report) -> Vec<String> {
+    let mut p = Vec::new();
+    let c = &r.controller;
+    if c.fd_errors_in_log > 0 {
+        p.push(format!(
+            "the controller ran out of file descriptors: {} \"accept failed\"/\"Too many open files\" lines \
+             in its log, with an RLIMIT_NOFILE of {} (it raises its soft limit to the hard limit at start, \
+             so the hard limit is the one to raise)",
+            c.fd_errors_in_log,
+            c.nofile_soft_limit.map_or("unlimited".to_owned(), |l| l.to_string())
+        ));
+    } else if let Some(limit) = c.nofile_soft_limit {
+        if c.open_fds as f64 > 0.9 * limit as f64 {
+            p.push(format!("the controller has {} fds open of a soft limit of {limit}", c.open_fds));
+        }
+    }
+    if r.enroll.failed > 0 {
+        p.push(format!("{} of {} enrollments failed", r.enroll.failed, r.agents));
+    }
+    if r.connect.failed > 0 {
+        p.push(format!("{} of {} streams did not come up", r.connect.failed, r.enroll.ok));
+    }
+    if r.heartbeats.streams_dropped > 0 {
+        p.push(format!("{} streams ended during the run", r.heartbeats.streams_dropped));
+    }
+    if r.heartbeats.lost > 0 {
+        p.push(format!(
+            "{} of {} heartbeats sent in the window were not acked within {:?} after it",
+            r.heartbeats.lost, r.heartbeats.sent, ACK_GRACE
+        ));
+    }
+    let ready = r.machines.by_state.get("ready").copied().unwrap_or(0);
+    if ready != r.agents || r.machines.connected != r.agents {
+        p.push(format!(
+            "{ready} machines ready and {} connected, of {} agents",
+            r.machines.connected, r.agents
+        ));
+    }
+    p
 }

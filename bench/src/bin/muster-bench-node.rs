@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use muster_bench::stats;
+use muster_bench::sys;
 use muster_tests::{http_get, start_agent, wait_for, ControllerProc, Proc};
 
 /// Compare the agent's /metrics with prometheus-node-exporter.
@@ -40,16 +40,16 @@ struct Measured {
 
 async fn measure(name: &str, pid: u32, addr: std::net::SocketAddr, scrapes: u32) -> Result<Measured> {
     let pid = pid.to_string();
-    let (rss, _) = stats::rss(&pid);
+    let (rss, _) = sys::rss(&pid);
     // One warm-up scrape, then the measured ones.
     let first = http_get(addr, "/metrics", &[]).await.with_context(|| format!("scraping {name}"))?;
     let series = first.text().lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count();
-    let cpu0 = stats::cpu_seconds(&pid);
+    let cpu0 = sys::cpu_seconds(&pid);
     let mut bytes = 0usize;
     for _ in 0..scrapes {
         bytes += http_get(addr, "/metrics", &[]).await?.body.len();
     }
-    let cpu = stats::cpu_seconds(&pid) - cpu0;
+    let cpu = sys::cpu_seconds(&pid) - cpu0;
     Ok(Measured {
         rss_kib: rss / 1024,
         cpu_per_scrape_ms: cpu * 1e3 / f64::from(scrapes),
@@ -60,7 +60,7 @@ async fn measure(name: &str, pid: u32, addr: std::net::SocketAddr, scrapes: u32)
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    muster_agent::init_crypto();
+    muster_tests::init_crypto();
     let args = Args::parse();
     let tmp = tempfile::tempdir()?;
     let ctl = ControllerProc::start(&tmp.path().join("ctl"), "127.0.0.1:0", "127.0.0.1:0", &[])?;
