@@ -1,0 +1,1 @@
+//! Builds Muster's node images.

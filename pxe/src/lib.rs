@@ -1,0 +1,1 @@
+//! Muster's network-boot service.
