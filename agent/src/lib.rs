@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod client;
 pub mod discovery;
 pub mod effects;
+pub mod generations;
 pub mod health;
 pub mod identity;
 pub mod inventory;

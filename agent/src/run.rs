@@ -9,12 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use muster_proto::pb;
 use muster_proto::pb::agent_service_client::AgentServiceClient;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff::Backoff;
 use crate::client::{self, classify, CallError};
 use crate::discovery::{self, DiscoveryError};
+use crate::generations::{boot_id, Generations, PendingTry, SavedConfig, StagedConfig};
 use crate::health::{Collector, Sources};
 use crate::identity::{Assignment, Identity, MachineFile, StateDir, StateError};
 use crate::settings::AgentConfig;
@@ -73,13 +74,13 @@ pub struct Agent {
     config_hostname: Mutex<Option<String>>,
     /// Resources the last drift pass found off (to report only changes).
     last_drift: Mutex<Vec<(String, String)>>,
-}
-
-/// The config generation saved in the state dir (`config.json`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct SavedConfig {
-    generation: u64,
-    yaml: String,
+    /// The generations in the state dir (running, trying, staged).
+    generations: Generations,
+    /// Wakes the try watcher when a try starts or ends.
+    try_changed: Notify,
+    /// Config reports made while no stream may be open (a revert): sent by the next session.
+    outbox_tx: mpsc::UnboundedSender<pb::ConfigStatus>,
+    outbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<pb::ConfigStatus>>,
 }
 
 fn now_unix_ms() -> i64 {
@@ -137,6 +138,8 @@ impl Agent {
         let (status, rx) = watch::channel(AgentStatus::default());
         let state = StateDir::new(&cfg.state_dir);
         let collector = Arc::new(Mutex::new(Collector::new(Sources::default(), Vec::new())));
+        let generations = Generations::new(&cfg.state_dir);
+        let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
         (
             Self {
                 cfg,
@@ -147,6 +150,10 @@ impl Agent {
                 effects: None,
                 config_hostname: Mutex::new(None),
                 last_drift: Mutex::new(Vec::new()),
+                generations,
+                try_changed: Notify::new(),
+                outbox_tx,
+                outbox_rx: tokio::sync::Mutex::new(outbox_rx),
             },
             rx,
         )
@@ -203,10 +210,97 @@ impl Agent {
             s.cert_not_after = validity(&ident.cert_pem).map_or(0, |v| v.1);
         });
         tracing::info!(machine = %ident.machine.machine_id, controller = %self.cfg.controller, "identity ready");
-        // Converge to the last config we were given, without waiting for the controller.
-        if let Some(saved) = self.saved_config() {
+        self.converge_at_start();
+        tokio::select! {
+            r = self.connect_loop(&mut ident, &mut stop) => r,
+            () = self.watch_tries() => Ok(()),
+        }
+    }
+
+    /// Converges to the last config the node was given, without waiting for the controller: a
+    /// generation staged for the next boot if this is a new boot, else the running one.
+    fn converge_at_start(&self) {
+        if let Some(st) = self.generations.staged() {
+            let now = boot_id(&self.cfg.boot_id_file);
+            if !now.is_empty() && now != st.boot_id {
+                tracing::info!(generation = st.generation, "new boot: applying the staged config");
+                let reverted = self.generations.current().map_or(0, |c| c.reverted_generation);
+                let saved =
+                    SavedConfig { generation: st.generation, yaml: st.yaml, reverted_generation: reverted };
+                let report = self.apply_and_save(&saved, "applied");
+                if let Err(e) = self.generations.clear_staged() {
+                    tracing::warn!(error = %e, "could not clear the staged config");
+                }
+                let _ = self.outbox_tx.send(report);
+                return;
+            }
+        }
+        if let Some(saved) = self.generations.current() {
             let _ = self.apply_config(&saved);
         }
+    }
+
+    /// Reverts a try when its deadline passes unconfirmed; runs for the agent's whole life,
+    /// connected or not (a try that cut the node off must still come back).
+    async fn watch_tries(&self) {
+        loop {
+            let changed = self.try_changed.notified();
+            let Some(t) = self.generations.pending_try() else {
+                changed.await;
+                continue;
+            };
+            let left = u64::try_from(t.deadline_unix_ms - now_unix_ms()).unwrap_or(0);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(left)) => {
+                    if self.generations.pending_try().is_some_and(|p| p.generation == t.generation) {
+                        let report = self.revert(&t);
+                        let _ = self.outbox_tx.send(report);
+                    }
+                }
+                () = changed => {}
+            }
+        }
+    }
+
+    /// Goes back from an unconfirmed try to the generation before it.
+    fn revert(&self, t: &PendingTry) -> pb::ConfigStatus {
+        let secs = t.timeout_ms / 1000;
+        let (current, resources) = match &t.previous {
+            Some(prev) => {
+                tracing::warn!(
+                    generation = t.generation,
+                    back_to = prev.generation,
+                    "try not confirmed within {secs}s: reverting"
+                );
+                let prev = SavedConfig { reverted_generation: t.generation, ..prev.clone() };
+                let report = self.apply_and_save(&prev, "applied");
+                (prev.generation, report.resources)
+            }
+            None => {
+                tracing::warn!(
+                    generation = t.generation,
+                    "try not confirmed within {secs}s and there is no earlier config to go back to"
+                );
+                (0, Vec::new())
+            }
+        };
+        if let Err(e) = self.generations.clear_try() {
+            tracing::warn!(error = %e, "could not clear the try");
+        }
+        if t.previous.is_none() {
+            self.status.send_modify(|s| s.config_generation = 0);
+        }
+        pb::ConfigStatus {
+            generation: t.generation,
+            applied: false,
+            resources,
+            error: format!("not confirmed within {secs}s: reverted to generation {current}"),
+            state: "reverted".into(),
+            current_generation: current,
+        }
+    }
+
+    async fn connect_loop(&self, ident: &mut Identity, stop: &mut Stop) -> Result<(), AgentError> {
         let mut backoff = Backoff::reconnect();
         loop {
             let started = Instant::now();
@@ -218,7 +312,7 @@ impl Agent {
             )
             .await
             {
-                Ok(ch) => self.session(ch, &mut ident, &mut stop).await,
+                Ok(ch) => self.session(ch, ident, stop).await,
                 Err(e) => SessionEnd::Lost(e.to_string()),
             };
             self.status.send_modify(|s| s.connected = false);
@@ -244,7 +338,7 @@ impl Agent {
                     let delay = backoff.next_delay();
                     tracing::warn!(%reason, retry_in = ?delay, "connection to the controller lost");
                     self.status.send_modify(|s| s.reconnects += 1);
-                    if !sleep_or_stop(delay, &mut stop).await {
+                    if !sleep_or_stop(delay, stop).await {
                         return Ok(());
                     }
                 }
@@ -390,6 +484,7 @@ impl Agent {
             };
         self.status.send_modify(|s| s.connected = true);
         tracing::info!("connected to the controller");
+        let mut outbox = self.outbox_rx.lock().await;
 
         let mut ticker = tokio::time::interval(self.cfg.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -412,6 +507,12 @@ impl Agent {
         loop {
             tokio::select! {
                 () = stopped(stop) => return SessionEnd::Shutdown,
+                Some(st) = outbox.recv() => {
+                    let msg = pb::AgentMessage { msg: Some(pb::agent_message::Msg::ConfigStatus(st)) };
+                    if tx.send(msg).await.is_err() {
+                        return SessionEnd::Lost("stream closed".into());
+                    }
+                }
                 _ = drift_check.tick() => {
                     if let Some(st) = self.drift_pass() {
                         let msg = pb::AgentMessage { msg: Some(pb::agent_message::Msg::ConfigStatus(st)) };
@@ -492,13 +593,7 @@ impl Agent {
         ident: &mut Identity,
     ) -> Option<pb::ConfigStatus> {
         match m.msg {
-            Some(pb::controller_message::Msg::Config(c)) => {
-                let saved = SavedConfig { generation: c.generation, yaml: c.yaml };
-                if let Err(e) = self.save_config(&saved) {
-                    tracing::warn!(error = %e, "could not save the config");
-                }
-                return Some(self.apply_config(&saved));
-            }
+            Some(pb::controller_message::Msg::Config(c)) => return Some(self.on_config(c)),
             Some(pb::controller_message::Msg::Welcome(w)) => {
                 tracing::debug!(machine = %w.machine_id, "welcome");
             }
@@ -537,7 +632,7 @@ impl Agent {
     /// only reports it. A status goes up only when the set of drifted resources changes.
     fn drift_pass(&self) -> Option<pb::ConfigStatus> {
         let fx = self.effects.as_ref()?;
-        let saved = self.saved_config()?;
+        let saved = self.generations.current()?;
         if self.status.borrow().config_generation != saved.generation {
             return None;
         }
@@ -571,9 +666,17 @@ impl Agent {
     fn status_of(&self, generation: u64, report: crate::reconcile::Report) -> pb::ConfigStatus {
         let applied = !report.failed()
             && !report.resources.iter().any(|r| r.outcome == crate::reconcile::Outcome::Drifted);
+        let trying = self.generations.pending_try().is_some_and(|t| t.generation == generation);
         pb::ConfigStatus {
             generation,
             applied,
+            state: match (trying, applied) {
+                (true, _) => "trying",
+                (false, true) => "applied",
+                (false, false) => "failed",
+            }
+            .into(),
+            current_generation: generation,
             resources: report
                 .resources
                 .into_iter()
@@ -592,21 +695,146 @@ impl Agent {
         }
     }
 
-    fn saved_config(&self) -> Option<SavedConfig> {
-        let text = std::fs::read_to_string(self.state.root().join("config.json")).ok()?;
-        serde_json::from_str(&text).ok()
+    /// A generation from the controller, by its mode.
+    fn on_config(&self, c: pb::ConfigUpdate) -> pb::ConfigStatus {
+        let mode = pb::ApplyMode::try_from(c.mode).unwrap_or(pb::ApplyMode::Auto);
+        let current = self.generations.current();
+        let running = current.as_ref().map_or(0, |s| s.generation);
+        let reverted = current.as_ref().map_or(0, |s| s.reverted_generation);
+        let new = SavedConfig { generation: c.generation, yaml: c.yaml, reverted_generation: reverted };
+        if let Err(e) = muster_proto::config::parse(&new.yaml) {
+            // Nothing is applied or saved; the node keeps what it runs.
+            tracing::warn!(generation = c.generation, error = %e, "invalid config not applied");
+            return pb::ConfigStatus {
+                generation: c.generation,
+                applied: false,
+                resources: Vec::new(),
+                error: format!("invalid config: {e}"),
+                state: "failed".into(),
+                current_generation: running,
+            };
+        }
+        match mode {
+            pb::ApplyMode::Try => {
+                if c.generation == reverted {
+                    // Tried and reverted already: not again (apply a new generation to retry).
+                    return pb::ConfigStatus {
+                        generation: c.generation,
+                        applied: false,
+                        resources: Vec::new(),
+                        error: format!(
+                            "reverted earlier (not confirmed in time); running generation {running}"
+                        ),
+                        state: "reverted".into(),
+                        current_generation: running,
+                    };
+                }
+                let pending = self.generations.pending_try().filter(|t| t.generation == c.generation);
+                if pending.is_some() || running == c.generation {
+                    if c.confirmed && pending.is_some() {
+                        tracing::info!(generation = c.generation, "try confirmed");
+                        if let Err(e) = self.generations.clear_try() {
+                            tracing::warn!(error = %e, "could not clear the try");
+                        }
+                        self.try_changed.notify_one();
+                    }
+                    return self.apply_config(&new);
+                }
+                if c.confirmed {
+                    // Confirmed before this agent ever tried it (it was away): keep it.
+                    return self.apply_and_save(&new, "applied");
+                }
+                let timeout_ms = if c.try_timeout_ms == 0 { 60_000 } else { c.try_timeout_ms };
+                let t = PendingTry {
+                    generation: c.generation,
+                    deadline_unix_ms: now_unix_ms() + i64::try_from(timeout_ms).unwrap_or(i64::MAX),
+                    timeout_ms,
+                    previous: current.filter(|s| s.generation > 0),
+                };
+                if let Err(e) = self.generations.set_pending_try(&t) {
+                    tracing::warn!(error = %e, "could not save the try; applying it would risk no revert");
+                    return pb::ConfigStatus {
+                        generation: c.generation,
+                        applied: false,
+                        resources: Vec::new(),
+                        error: format!("cannot save the try state: {e}"),
+                        state: "failed".into(),
+                        current_generation: running,
+                    };
+                }
+                tracing::info!(
+                    generation = c.generation,
+                    timeout_ms,
+                    "trying a config: reverts unless confirmed"
+                );
+                self.try_changed.notify_one();
+                self.apply_and_save(&new, "trying")
+            }
+            pb::ApplyMode::Staged if running != c.generation => {
+                let st = StagedConfig {
+                    generation: c.generation,
+                    yaml: new.yaml,
+                    boot_id: boot_id(&self.cfg.boot_id_file),
+                };
+                let (state, error) = match self.generations.set_staged(&st) {
+                    Ok(()) => {
+                        tracing::info!(generation = c.generation, "config staged for the next boot");
+                        ("staged", String::new())
+                    }
+                    Err(e) => ("failed", format!("cannot stage: {e}")),
+                };
+                pb::ConfigStatus {
+                    generation: c.generation,
+                    applied: false,
+                    resources: Vec::new(),
+                    error,
+                    state: state.into(),
+                    current_generation: running,
+                }
+            }
+            _ => {
+                // Auto (or a staged generation this boot already runs): now. A newer generation
+                // ends any try or staging that came before it.
+                if self.generations.pending_try().is_some_and(|t| t.generation < c.generation) {
+                    if let Err(e) = self.generations.clear_try() {
+                        tracing::warn!(error = %e, "could not clear the try");
+                    }
+                    self.try_changed.notify_one();
+                }
+                if self.generations.staged().is_some_and(|s| s.generation <= c.generation) {
+                    if let Err(e) = self.generations.clear_staged() {
+                        tracing::warn!(error = %e, "could not clear the staged config");
+                    }
+                }
+                self.apply_and_save(&new, "applied")
+            }
+        }
     }
 
-    fn save_config(&self, c: &SavedConfig) -> Result<(), StateError> {
-        let json = serde_json::to_vec(c).unwrap_or_default();
-        crate::identity::write_atomic(&self.state.root().join("config.json"), &json, 0o600)
+    /// Saves `saved` as the running generation, then applies it.
+    fn apply_and_save(&self, saved: &SavedConfig, state: &str) -> pb::ConfigStatus {
+        if let Err(e) = self.generations.set_current(saved) {
+            tracing::warn!(error = %e, "could not save the config");
+        }
+        let mut st = self.apply_config(saved);
+        if st.error.is_empty() && state == "trying" {
+            st.state = state.into();
+        }
+        st
     }
 
     /// Validates and applies one generation through the effects; the report for the controller.
     fn apply_config(&self, saved: &SavedConfig) -> pb::ConfigStatus {
         let fail = |error: String| {
             tracing::warn!(generation = saved.generation, %error, "config not applied");
-            pb::ConfigStatus { generation: saved.generation, applied: false, resources: Vec::new(), error }
+            pb::ConfigStatus {
+                generation: saved.generation,
+                applied: false,
+                resources: Vec::new(),
+                error,
+                state: "failed".into(),
+                current_generation: self.status.borrow().config_generation,
+            }
         };
         let cfg = match muster_proto::config::parse(&saved.yaml) {
             Ok((cfg, _)) => cfg,

@@ -31,7 +31,12 @@ pub struct AgentConfig {
     pub hints: Hints,
     /// How often the applied config is checked against the node (drift).
     pub drift_interval: Duration,
+    /// Where this boot's id is read (a staged config applies when it changes).
+    pub boot_id_file: PathBuf,
 }
+
+/// The kernel's id of the current boot.
+pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
 
 /// Extra settings of the binary (not needed by the library's loop).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +91,9 @@ pub struct Flags {
     /// Repeatable [kernel: muster.service_checks=a,b]
     #[arg(long = "service-check", value_name = "NAME")]
     pub service_checks: Vec<String>,
+    /// Read the boot id from this file (tests stand in a "reboot" by changing it).
+    #[arg(long, value_name = "PATH", default_value = BOOT_ID_FILE, hide = true)]
+    pub boot_id_file: PathBuf,
     /// Read the kernel command line from this file.
     #[arg(long, value_name = "PATH", default_value = "/proc/cmdline", hide = true)]
     pub cmdline_file: PathBuf,
@@ -226,6 +234,7 @@ impl Flags {
                 heartbeat,
                 hints: Hints { hostname: self.hint_hostname, uuid: self.hint_uuid },
                 drift_interval,
+                boot_id_file: self.boot_id_file,
             },
             ServiceSettings { metrics_listen, service_checks },
         ))

@@ -64,6 +64,7 @@ impl Stream {
                         detail: String::new(),
                     }],
                     error: String::new(),
+                    ..Default::default()
                 })),
             })
             .await
@@ -72,7 +73,13 @@ impl Stream {
 }
 
 fn req(scope: pb::ConfigScope, target: &str, yaml: &str, dry_run: bool) -> pb::ApplyConfigRequest {
-    pb::ApplyConfigRequest { scope: scope.into(), target: target.into(), yaml: yaml.into(), dry_run }
+    pb::ApplyConfigRequest {
+        scope: scope.into(),
+        target: target.into(),
+        yaml: yaml.into(),
+        dry_run,
+        ..Default::default()
+    }
 }
 
 const CONFIG: &str = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: node-a\nfiles:\n  - path: /etc/motd\n    content: \"hello\\n\"\nsysctls:\n  net.ipv4.ip_forward: \"1\"\n";
@@ -132,7 +139,11 @@ async fn dry_run_apply_push_status_history_and_rollback() {
     admin.apply_config(req(pb::ConfigScope::Machine, &m.id, &v2, false)).await.unwrap();
     assert_eq!(s.next_config().await.generation, 2);
     let rb = admin
-        .rollback_config(pb::RollbackConfigRequest { query: m.id.clone(), to_generation: 0 })
+        .rollback_config(pb::RollbackConfigRequest {
+            query: m.id.clone(),
+            to_generation: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -143,7 +154,11 @@ async fn dry_run_apply_push_status_history_and_rollback() {
     let gens: Vec<(u64, &str)> = h.revisions.iter().map(|r| (r.generation, r.source.as_str())).collect();
     assert_eq!(gens, [(3, "rollback to 1"), (2, "machine layer"), (1, "machine layer")]);
     let err = admin
-        .rollback_config(pb::RollbackConfigRequest { query: m.id.clone(), to_generation: 99 })
+        .rollback_config(pb::RollbackConfigRequest {
+            query: m.id.clone(),
+            to_generation: 99,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -234,4 +249,38 @@ async fn cluster_and_role_layers_merge_under_the_machine_layer() {
     let err = admin.apply_config(req(pb::ConfigScope::Role, "boss", role, true)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     f.still_serving().await.unwrap();
+}
+
+#[tokio::test]
+async fn network_changes_default_to_try_mode_and_others_to_auto() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let m = f.enroll(&token).await.unwrap();
+    let mut s = Stream::open(&f, &m).await;
+    let mut admin = f.admin().await.unwrap();
+    let net = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: n\nnetwork:\n  interfaces:\n    - name: eth0\n      addresses: [\"192.168.5.20/24\"]\n";
+    let r = admin.apply_config(req(pb::ConfigScope::Machine, &m.id, net, false)).await.unwrap().into_inner();
+    assert_eq!((r.results[0].mode.as_str(), r.results[0].try_timeout_ms), ("try", 60_000));
+    let c = s.next_config().await;
+    assert_eq!(
+        (c.generation, c.mode, c.try_timeout_ms, c.confirmed),
+        (1, pb::ApplyMode::Try as i32, 60_000, false)
+    );
+    // Same network, new hostname: auto.
+    let r = admin
+        .apply_config(req(pb::ConfigScope::Machine, &m.id, &net.replace("hostname: n", "hostname: o"), false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].mode, "auto");
+    assert_eq!(s.next_config().await.mode, pb::ApplyMode::Auto as i32);
+    // An explicit mode wins; bad modes and timeouts name the field.
+    let mut bad = req(pb::ConfigScope::Machine, &m.id, net, false);
+    bad.mode = "later".into();
+    let e = admin.apply_config(bad).await.unwrap_err();
+    assert!(e.message().starts_with("mode: "), "{e:?}");
+    let mut bad = req(pb::ConfigScope::Machine, &m.id, net, false);
+    bad.try_timeout_ms = 10;
+    let e = admin.apply_config(bad).await.unwrap_err();
+    assert!(e.message().starts_with("timeout: "), "{e:?}");
 }

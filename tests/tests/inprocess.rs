@@ -58,6 +58,8 @@ fn start_agent_with(
             uuid: Some(format!("00000000-0000-4000-8000-{:0>12}", name.len())),
         },
         drift_interval: Duration::from_millis(200),
+        // A file the test controls, so it can stand in a reboot for staged configs.
+        boot_id_file: f.dir.path().join(format!("{name}.boot_id")),
     };
     let (agent, status) = Agent::new(cfg);
     let agent = match effects {
@@ -267,6 +269,7 @@ async fn config_apply_reaches_the_node_and_the_new_hostname_shows() {
             target: id.clone(),
             yaml: yaml.into(),
             dry_run: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -335,6 +338,7 @@ async fn apply(f: &TestController, id: &str, yaml: &str) {
             target: id.into(),
             yaml: yaml.into(),
             dry_run: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -375,4 +379,169 @@ async fn drift_is_corrected_and_reported_or_only_reported() {
     );
     a.stop().await;
     f.still_serving().await.unwrap();
+}
+
+fn host_config(hostname: &str) -> String {
+    format!("apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: {hostname}\n")
+}
+
+async fn apply_mode(
+    f: &TestController,
+    id: &str,
+    yaml: &str,
+    mode: &str,
+    timeout_ms: u64,
+) -> pb::MachineConfigResult {
+    let r = f
+        .admin()
+        .await
+        .unwrap()
+        .apply_config(pb::ApplyConfigRequest {
+            scope: pb::ConfigScope::Machine.into(),
+            target: id.into(),
+            yaml: yaml.into(),
+            mode: mode.into(),
+            try_timeout_ms: timeout_ms,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.results.into_iter().next().unwrap()
+}
+
+/// Polls the controller's view of a machine's config until `ok` holds.
+async fn wait_config(
+    f: &TestController,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&pb::GetConfigResponse) -> bool,
+) -> pb::GetConfigResponse {
+    let start = Instant::now();
+    loop {
+        let cfg = f
+            .admin()
+            .await
+            .unwrap()
+            .get_config(pb::GetConfigRequest { query: id.into(), rendered: true })
+            .await
+            .unwrap()
+            .into_inner();
+        if ok(&cfg) {
+            return cfg;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{what}: {cfg:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_mode_reverts_unless_confirmed_and_keeps_what_is_confirmed() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let node = std::sync::Arc::new(muster_agent::effects::MemoryEffects::default());
+    let mut a = start_agent_with(&f, &token, "node-try", Duration::from_millis(200), Some(node.clone()));
+    a.wait("connected", |s| s.connected).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    let admin = || async { f.admin().await.unwrap() };
+
+    assert_eq!(apply_mode(&f, &id, &host_config("first"), "auto", 0).await.generation, 1);
+    a.wait("generation 1", |s| s.config_generation == 1).await;
+
+    // A try nobody confirms: applied, then reverted by the agent on its own.
+    let r = apply_mode(&f, &id, &host_config("risky"), "try", 1500).await;
+    assert_eq!((r.generation, r.mode.as_str(), r.try_timeout_ms), (2, "try", 1500));
+    wait_config(&f, &id, "trying generation 2", |c| c.state == "trying" && c.applied_generation == 2).await;
+    assert_eq!(*node.hostname.lock().unwrap(), "risky");
+    let c = wait_config(&f, &id, "generation 2 reverted", |c| c.state == "reverted").await;
+    assert_eq!(c.applied_generation, 1, "{c:?}");
+    assert!(c.error.contains("reverted to generation 1"), "{c:?}");
+    assert_eq!(*node.hostname.lock().unwrap(), "first");
+    a.wait("running generation 1 again", |s| s.config_generation == 1).await;
+    // Too late to confirm.
+    let err = admin().await.confirm_config(pb::MachineRef { query: id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("reverted"), "{err:?}");
+    // History tells the story.
+    let h = admin().await.config_history(pb::MachineRef { query: id.clone() }).await.unwrap().into_inner();
+    let states: Vec<(u64, &str, &str)> =
+        h.revisions.iter().map(|r| (r.generation, r.mode.as_str(), r.state.as_str())).collect();
+    assert_eq!(states, [(2, "try", "reverted"), (1, "auto", "applied")]);
+
+    // A confirmed try stays after its timeout.
+    let r = apply_mode(&f, &id, &host_config("kept"), "try", 1500).await;
+    assert_eq!(r.generation, 3);
+    wait_config(&f, &id, "trying generation 3", |c| c.state == "trying").await;
+    let c = admin().await.confirm_config(pb::MachineRef { query: id.clone() }).await.unwrap().into_inner();
+    assert!(c.confirmed);
+    wait_config(&f, &id, "generation 3 confirmed on the node", |c| c.state == "applied").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let c = wait_config(&f, &id, "still generation 3", |c| c.applied_generation == 3).await;
+    assert_eq!(c.state, "applied");
+    assert_eq!(*node.hostname.lock().unwrap(), "kept");
+    // Confirming something that was not tried is refused, clearly.
+    apply_mode(&f, &id, &host_config("plain"), "auto", 0).await;
+    let err = admin().await.confirm_config(pb::MachineRef { query: id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("not applied in try mode"), "{err:?}");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_survives_an_agent_restart_and_still_reverts() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let node = std::sync::Arc::new(muster_agent::effects::MemoryEffects::default());
+    let mut a = start_agent_with(&f, &token, "node-tr", Duration::from_millis(200), Some(node.clone()));
+    a.wait("connected", |s| s.connected).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    apply_mode(&f, &id, &host_config("before"), "auto", 0).await;
+    a.wait("generation 1", |s| s.config_generation == 1).await;
+    apply_mode(&f, &id, &host_config("during"), "try", 2000).await;
+    a.wait("trying generation 2", |s| s.config_generation == 2).await;
+    a.stop().await;
+    // Restarted (same state dir), the agent keeps the try's deadline and reverts on time.
+    let mut a = start_agent_with(&f, &token, "node-tr", Duration::from_millis(200), Some(node.clone()));
+    let c = wait_config(&f, &id, "reverted after the restart", |c| c.state == "reverted").await;
+    assert_eq!(c.applied_generation, 1);
+    a.wait("running generation 1", |s| s.config_generation == 1).await;
+    assert_eq!(*node.hostname.lock().unwrap(), "before");
+    // On reconnect the controller sends generation 2 again; a reverted try is not tried again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*node.hostname.lock().unwrap(), "before");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_config_waits_for_the_next_boot() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let boot_id = f.dir.path().join("node-st.boot_id");
+    std::fs::write(&boot_id, "boot-1\n").unwrap();
+    let node = std::sync::Arc::new(muster_agent::effects::MemoryEffects::default());
+    let mut a = start_agent_with(&f, &token, "node-st", Duration::from_millis(200), Some(node.clone()));
+    a.wait("connected", |s| s.connected).await;
+    let id = a.status.borrow().machine_id.clone().unwrap();
+    apply_mode(&f, &id, &host_config("now"), "auto", 0).await;
+    a.wait("generation 1", |s| s.config_generation == 1).await;
+    let r = apply_mode(&f, &id, &host_config("after-reboot"), "staged", 0).await;
+    assert_eq!((r.generation, r.mode.as_str()), (2, "staged"));
+    let c = wait_config(&f, &id, "staged", |c| c.state == "staged").await;
+    assert_eq!(c.applied_generation, 1);
+    assert_eq!(*node.hostname.lock().unwrap(), "now");
+    // An agent restart in the same boot changes nothing...
+    a.stop().await;
+    let mut a = start_agent_with(&f, &token, "node-st", Duration::from_millis(200), Some(node.clone()));
+    a.wait("connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*node.hostname.lock().unwrap(), "now");
+    a.stop().await;
+    // ...a new boot applies it.
+    std::fs::write(&boot_id, "boot-2\n").unwrap();
+    let mut a = start_agent_with(&f, &token, "node-st", Duration::from_millis(200), Some(node.clone()));
+    a.wait("generation 2 after the reboot", |s| s.config_generation == 2).await;
+    assert_eq!(*node.hostname.lock().unwrap(), "after-reboot");
+    wait_config(&f, &id, "applied after the reboot", |c| c.state == "applied" && c.applied_generation == 2)
+        .await;
+    a.stop().await;
 }

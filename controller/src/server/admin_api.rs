@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::error::ApiError;
 use super::{auth, role_arg, Controller};
 use crate::pki::unix_ms;
-use crate::store::{StoreError, TokenRecord};
+use crate::store::{MachineRecord, StoreError, TokenRecord};
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -292,31 +292,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
         auth::require_admin(&req)?;
         let r = req.into_inner();
         let m = self.c.resolve(&r.query)?;
-        let yaml = if r.rendered {
-            m.config.rendered.clone()
-        } else {
-            match &m.config.layer {
-                Some(l) => serde_saphyr::to_string(l).map_err(|e| ApiError::Internal(e.to_string()))?,
-                None => String::new(),
-            }
-        };
-        Ok(Response::new(pb::GetConfigResponse {
-            machine_id: m.id.to_string(),
-            yaml,
-            generation: m.config.generation,
-            applied_generation: m.config.applied_generation,
-            resources: m
-                .config
-                .resources
-                .iter()
-                .map(|r| pb::ResourceStatus {
-                    resource: r.resource.clone(),
-                    outcome: r.outcome.clone(),
-                    detail: r.detail.clone(),
-                })
-                .collect(),
-            error: m.config.error.clone(),
-        }))
+        Ok(Response::new(config_response(&m, r.rendered)?))
+    }
+
+    async fn confirm_config(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::GetConfigResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let m = self.c.confirm_config(&req.get_ref().query).await?;
+        tracing::info!(machine = %m.id, by = %admin, "config confirmed");
+        Ok(Response::new(config_response(&m, true)?))
     }
 
     async fn config_history(
@@ -336,6 +322,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     created_unix_ms: r.created_ms,
                     source: r.source.clone(),
                     yaml: r.rendered.clone(),
+                    mode: r.mode.clone(),
+                    state: if r.state.is_empty() { "pending".into() } else { r.state.clone() },
                 })
                 .collect(),
             applied_generation: m.config.applied_generation,
@@ -348,8 +336,51 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
         let admin = auth::require_admin(&req)?;
         let r = req.into_inner();
-        let out = self.c.rollback_config(&r.query, r.to_generation).await?;
+        let mode = crate::server::config::Mode::parse(&r.mode)?;
+        let out = self.c.rollback_config(&r.query, r.to_generation, mode, r.try_timeout_ms).await?;
         tracing::info!(machine = %r.query, by = %admin, "config rolled back");
         Ok(Response::new(out))
     }
+}
+
+/// A machine's config as the CLI shows it: its own layer or the rendered YAML, and where the
+/// current generation stands.
+fn config_response(m: &MachineRecord, rendered: bool) -> Result<pb::GetConfigResponse, ApiError> {
+    let yaml = if rendered {
+        m.config.rendered.clone()
+    } else {
+        match &m.config.layer {
+            Some(l) => serde_saphyr::to_string(l).map_err(|e| ApiError::Internal(e.to_string()))?,
+            None => String::new(),
+        }
+    };
+    Ok(pb::GetConfigResponse {
+        machine_id: m.id.to_string(),
+        yaml,
+        generation: m.config.generation,
+        applied_generation: m.config.applied_generation,
+        resources: m
+            .config
+            .resources
+            .iter()
+            .map(|r| pb::ResourceStatus {
+                resource: r.resource.clone(),
+                outcome: r.outcome.clone(),
+                detail: r.detail.clone(),
+            })
+            .collect(),
+        error: m.config.error.clone(),
+        mode: m.config.mode.clone(),
+        state: if m.config.state.is_empty() && m.config.generation > 0 {
+            "pending".into()
+        } else {
+            m.config.state.clone()
+        },
+        confirmed: m.config.confirmed,
+        try_deadline_unix_ms: if m.config.state == "trying" && !m.config.confirmed {
+            m.config.trying_since_ms + i64::try_from(m.config.try_timeout_ms).unwrap_or(0)
+        } else {
+            0
+        },
+    })
 }

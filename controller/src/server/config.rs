@@ -32,6 +32,72 @@ impl Scope {
     }
 }
 
+/// How a generation reaches the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Applied now.
+    Auto,
+    /// Applied now; the agent reverts it unless it is confirmed over the stream in time.
+    Try,
+    /// Applied on the node's next boot.
+    Staged,
+}
+
+/// Try mode's confirmation timeout when none is given.
+pub const DEFAULT_TRY_TIMEOUT_MS: u64 = 60_000;
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Try => "try",
+            Mode::Staged => "staged",
+        }
+    }
+
+    /// `""` is no mode (the default policy decides).
+    pub fn parse(s: &str) -> Result<Option<Mode>, ApiError> {
+        match s {
+            "" => Ok(None),
+            "auto" => Ok(Some(Mode::Auto)),
+            "try" => Ok(Some(Mode::Try)),
+            "staged" => Ok(Some(Mode::Staged)),
+            other => {
+                Err(ApiError::invalid("mode", format!("unknown mode {other:?}: use auto, try or staged")))
+            }
+        }
+    }
+
+    fn to_pb(self) -> pb::ApplyMode {
+        match self {
+            Mode::Auto => pb::ApplyMode::Auto,
+            Mode::Try => pb::ApplyMode::Try,
+            Mode::Staged => pb::ApplyMode::Staged,
+        }
+    }
+}
+
+/// Whether two rendered configs differ in their network section (such changes default to try
+/// mode: a wrong address or route can cut the node off).
+fn network_changed(old: &str, new: &str) -> bool {
+    let network = |yaml: &str| {
+        if yaml.trim().is_empty() {
+            return None;
+        }
+        muster_proto::config::parse(yaml).ok().and_then(|(c, _)| c.network)
+    };
+    network(old) != network(new)
+}
+
+/// Try timeouts between 1 s and 1 h.
+fn try_timeout(ms: u64) -> Result<u64, ApiError> {
+    match ms {
+        0 => Ok(DEFAULT_TRY_TIMEOUT_MS),
+        1_000..=3_600_000 => Ok(ms),
+        _ => Err(ApiError::invalid("timeout", "the try timeout must be between 1s and 1h")),
+    }
+}
+
 fn layer_key(kind: &str, name: &str) -> String {
     format!("{kind}/{name}")
 }
@@ -112,7 +178,10 @@ impl Controller {
         layer: Value,
         dry_run: bool,
         source: String,
+        mode: Option<Mode>,
+        try_timeout_ms: u64,
     ) -> Result<pb::ApplyConfigResponse, ApiError> {
+        let try_timeout_ms = try_timeout(try_timeout_ms)?;
         if !layer.is_object() {
             return Err(ApiError::invalid("yaml", "a config layer must be a mapping"));
         }
@@ -160,14 +229,21 @@ impl Controller {
             } else {
                 String::new()
             };
+            let mode = mode.unwrap_or(if network_changed(&m.config.rendered, &new) {
+                Mode::Try
+            } else {
+                Mode::Auto
+            });
             results.push(pb::MachineConfigResult {
                 machine_id: m.id.to_string(),
                 hostname: m.hostname.clone(),
                 generation: g,
                 changed,
                 diff,
+                mode: if changed { mode.as_str().into() } else { String::new() },
+                try_timeout_ms: if changed && mode == Mode::Try { try_timeout_ms } else { 0 },
             });
-            changes.push((m.id.clone(), changed, new));
+            changes.push((m.id.clone(), changed, new, mode));
         }
         if dry_run {
             warnings.dedup();
@@ -183,7 +259,7 @@ impl Controller {
             Scope::Machine(_) => {}
         }
         let now = unix_ms(SystemTime::now());
-        for ((id, changed, rendered), result) in changes.into_iter().zip(results.iter_mut()) {
+        for ((id, changed, rendered, mode), result) in changes.into_iter().zip(results.iter_mut()) {
             let own = matches!(&scope, Scope::Machine(m) if *m == id).then(|| layer.clone());
             if !changed && own.is_none() {
                 continue;
@@ -200,12 +276,19 @@ impl Controller {
                             m.config.generation += 1;
                             m.config.rendered = rendered.clone();
                             m.config.error.clear();
+                            m.config.mode = mode.as_str().into();
+                            m.config.try_timeout_ms = if mode == Mode::Try { try_timeout_ms } else { 0 };
+                            m.config.confirmed = false;
+                            m.config.state.clear();
+                            m.config.trying_since_ms = 0;
                             m.config.revisions.push(ConfigRevision {
                                 generation: m.config.generation,
                                 created_ms: now,
                                 source,
                                 rendered,
                                 layer: m.config.layer.clone(),
+                                mode: mode.as_str().into(),
+                                state: String::new(),
                             });
                             let excess = m.config.revisions.len().saturating_sub(MAX_REVISIONS);
                             m.config.revisions.drain(..excess);
@@ -247,12 +330,19 @@ impl Controller {
         }
         let layer = parse_value(&r.yaml).map_err(|e| ApiError::invalid("yaml", e.to_string()))?;
         let source = scope.describe();
-        self.apply_layer(scope, layer, r.dry_run, source).await
+        let mode = Mode::parse(&r.mode)?;
+        self.apply_layer(scope, layer, r.dry_run, source, mode, r.try_timeout_ms).await
     }
 
     /// `RollbackConfig`: restores the machine's own layer as of `to` (default: the generation
     /// before the current one) as a new generation.
-    pub async fn rollback_config(&self, query: &str, to: u64) -> Result<pb::ApplyConfigResponse, ApiError> {
+    pub async fn rollback_config(
+        &self,
+        query: &str,
+        to: u64,
+        mode: Option<Mode>,
+        try_timeout_ms: u64,
+    ) -> Result<pb::ApplyConfigResponse, ApiError> {
         let m = self.resolve(query)?;
         let to = if to == 0 { m.config.generation.saturating_sub(1) } else { to };
         let rev = m.config.revisions.iter().find(|r| r.generation == to).ok_or_else(|| {
@@ -262,15 +352,90 @@ impl Controller {
             ))
         })?;
         let layer = rev.layer.clone().unwrap_or_else(|| Value::Object(Default::default()));
-        self.apply_layer(Scope::Machine(m.id.clone()), layer, false, format!("rollback to {to}")).await
+        self.apply_layer(
+            Scope::Machine(m.id.clone()),
+            layer,
+            false,
+            format!("rollback to {to}"),
+            mode,
+            try_timeout_ms,
+        )
+        .await
+    }
+
+    /// `ConfirmConfig`: the operator keeps the generation the agent is trying. The agent hears it
+    /// over its stream, so a node that lost the controller cannot be confirmed, and reverts.
+    pub async fn confirm_config(&self, query: &str) -> Result<MachineRecord, ApiError> {
+        let m = self.resolve(query)?;
+        let g = m.config.generation;
+        if m.config.mode != Mode::Try.as_str() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "machine {}: generation {g} was not applied in try mode (mode: {}); nothing to confirm",
+                m.id,
+                if m.config.mode.is_empty() { "none" } else { &m.config.mode }
+            )));
+        }
+        if m.config.confirmed {
+            return Ok(m);
+        }
+        match m.config.state.as_str() {
+            "trying" => {}
+            "reverted" => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "machine {}: generation {g} was already reverted by the agent (not confirmed in time); \
+                     apply it again to retry",
+                    m.id
+                )))
+            }
+            other => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "machine {}: the agent has not reported trying generation {g} yet (state: {}); \
+                     it must be connected to be confirmed",
+                    m.id,
+                    if other.is_empty() { "pending" } else { other }
+                )))
+            }
+        }
+        if !self.is_connected(&m.id) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "machine {} is not connected: it cannot hear the confirmation and will revert generation {g}",
+                m.id
+            )));
+        }
+        let updated = self
+            .update_machine(
+                &m.id,
+                Box::new(move |m| {
+                    if m.config.generation == g {
+                        m.config.confirmed = true;
+                    }
+                    Ok(())
+                }),
+            )
+            .await?;
+        if updated.config.generation != g {
+            return Err(ApiError::FailedPrecondition(format!(
+                "generation {g} was replaced by {} meanwhile; nothing confirmed",
+                updated.config.generation
+            )));
+        }
+        tracing::info!(machine = %updated.id, generation = g, "try confirmed");
+        if let Some(msg) = Self::config_msg(&updated) {
+            self.push(&updated.id, msg);
+        }
+        Ok(updated)
     }
 
     /// The current generation for a machine's stream, if it has a config.
     pub(super) fn config_msg(m: &MachineRecord) -> Option<pb::ControllerMessage> {
+        let mode = Mode::parse(&m.config.mode).ok().flatten().unwrap_or(Mode::Auto);
         (m.config.generation > 0).then(|| pb::ControllerMessage {
             msg: Some(pb::controller_message::Msg::Config(pb::ConfigUpdate {
                 generation: m.config.generation,
                 yaml: m.config.rendered.clone(),
+                mode: mode.to_pb().into(),
+                try_timeout_ms: m.config.try_timeout_ms,
+                confirmed: m.config.confirmed,
             })),
         })
     }
@@ -284,10 +449,24 @@ impl Controller {
                     if s.generation > m.config.generation {
                         return Ok(());
                     }
-                    if s.applied {
+                    let state = match s.state.as_str() {
+                        "" if s.applied => "applied",
+                        "" => "failed",
+                        st => st,
+                    };
+                    if state == "reverted" {
+                        m.config.applied_generation = s.current_generation;
+                    } else if s.applied && state != "staged" {
                         m.config.applied_generation = s.generation;
                     }
+                    if let Some(rev) = m.config.revisions.iter_mut().find(|r| r.generation == s.generation) {
+                        rev.state = state.chars().take(32).collect();
+                    }
                     if s.generation == m.config.generation {
+                        if state == "trying" && m.config.state != "trying" {
+                            m.config.trying_since_ms = unix_ms(SystemTime::now());
+                        }
+                        m.config.state = state.chars().take(32).collect();
                         m.config.error = s.error.chars().take(1024).collect();
                         m.config.resources = s
                             .resources

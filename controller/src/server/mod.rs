@@ -278,6 +278,11 @@ impl Controller {
     }
 
     /// Pushes a message to a machine's open stream, if any.
+    /// Whether the machine's agent has its stream open now.
+    pub fn is_connected(&self, id: &MachineId) -> bool {
+        self.live().get(id).is_some_and(|l| l.session.is_some())
+    }
+
     fn push(&self, id: &MachineId, msg: pb::ControllerMessage) {
         let tx = self.live().get(id).and_then(|l| l.session.as_ref().map(|s| s.tx.clone()));
         if let Some(tx) = tx {

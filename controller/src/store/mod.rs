@@ -71,6 +71,17 @@ pub struct ConfigState {
     pub resources: Vec<ResourceRecord>,
     /// Why the agent did not apply the current generation, if it said so.
     pub error: String,
+    /// How the current generation is applied: `auto`, `try` or `staged`.
+    pub mode: String,
+    /// Try mode's confirmation timeout.
+    pub try_timeout_ms: u64,
+    /// The operator confirmed the current (try) generation.
+    pub confirmed: bool,
+    /// Where the current generation stands on the node, as the agent last said (`applied`,
+    /// `trying`, `staged`, `reverted`, `failed`); empty until it reports.
+    pub state: String,
+    /// When the agent said it started trying the current generation (for its deadline).
+    pub trying_since_ms: i64,
 }
 
 /// How many revisions a machine keeps.
@@ -85,6 +96,11 @@ pub struct ConfigRevision {
     pub rendered: String,
     /// The machine's own layer at the time (what a rollback restores).
     pub layer: Option<serde_json::Value>,
+    #[serde(default)]
+    pub mode: String,
+    /// What the agent last said about this generation (empty: nothing yet).
+    #[serde(default)]
+    pub state: String,
 }
 
 /// One resource as the agent reported it.

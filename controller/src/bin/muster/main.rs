@@ -178,6 +178,51 @@ impl ConfigTarget {
     }
 }
 
+/// How a new generation reaches the node.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum ApplyMode {
+    /// Apply now.
+    Auto,
+    /// Apply now; the agent reverts unless `muster config confirm` reaches it within --timeout.
+    Try,
+    /// Apply on the node's next boot.
+    Staged,
+}
+
+#[derive(clap::Args, Debug)]
+struct ModeArgs {
+    /// auto, try or staged [default: try when the network section changes, else auto]
+    #[arg(long, value_enum)]
+    mode: Option<ApplyMode>,
+    /// How long a try waits for `muster config confirm` before the agent reverts (1s..1h)
+    /// [default: 60s]
+    #[arg(long, value_parser = parse_try_timeout, value_name = "DURATION")]
+    timeout: Option<std::time::Duration>,
+}
+
+impl ModeArgs {
+    fn mode(&self) -> String {
+        match self.mode {
+            None => String::new(),
+            Some(ApplyMode::Auto) => "auto".into(),
+            Some(ApplyMode::Try) => "try".into(),
+            Some(ApplyMode::Staged) => "staged".into(),
+        }
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        self.timeout.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+fn parse_try_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 90s, 5m)"))?;
+    if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600)).contains(&d) {
+        return Err("must be between 1s and 1h".into());
+    }
+    Ok(d)
+}
+
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
     /// Set a config layer and push the result to the machines it affects. Layers merge as
@@ -191,6 +236,13 @@ enum ConfigCmd {
         /// Show what would change (a unified diff per machine) and change nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        mode: ModeArgs,
+    },
+    /// Keep a generation applied in try mode (else its agent reverts it when the timeout ends).
+    Confirm {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
     },
     /// Show the unified diff of the rendered config a file would produce; changes nothing.
     Diff {
@@ -223,6 +275,8 @@ enum ConfigCmd {
         /// Generation to return to [default: the one before the current]
         #[arg(long)]
         to: Option<u64>,
+        #[command(flatten)]
+        mode: ModeArgs,
     },
     /// Check a MachineConfig file without a controller: every error with its field path, then
     /// warnings. Exits 1 if there are errors.
@@ -586,17 +640,26 @@ fn read_input(file: &std::path::Path) -> Result<String> {
 async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> {
     let e = |s| explain(s, ep);
     let apply = match cmd {
-        ConfigCmd::Apply { target, file, dry_run } => Some((target, file, *dry_run)),
-        ConfigCmd::Diff { target, file } => Some((target, file, true)),
+        ConfigCmd::Apply { target, file, dry_run, mode } => {
+            Some((target, file, *dry_run, mode.mode(), mode.timeout_ms()))
+        }
+        ConfigCmd::Diff { target, file } => Some((target, file, true, String::new(), 0)),
         _ => None,
     };
     match cmd {
         _ if apply.is_some() => {
-            let Some((target, file, dry_run)) = apply else { bail!("unreachable") };
+            let Some((target, file, dry_run, mode, try_timeout_ms)) = apply else { bail!("unreachable") };
             let (scope, target) = target.scope()?;
             let yaml = read_input(file)?;
             let r = admin
-                .apply_config(pb::ApplyConfigRequest { scope: scope.into(), target, yaml, dry_run })
+                .apply_config(pb::ApplyConfigRequest {
+                    scope: scope.into(),
+                    target,
+                    yaml,
+                    dry_run,
+                    mode,
+                    try_timeout_ms,
+                })
                 .await
                 .map_err(e)?
                 .into_inner();
@@ -617,7 +680,13 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                         outln!("machine {} ({}): no change", m.machine_id, m.hostname);
                     }
                 } else if m.changed {
-                    outln!("machine {} ({}): generation {}", m.machine_id, m.hostname, m.generation);
+                    outln!(
+                        "machine {} ({}): generation {}{}",
+                        m.machine_id,
+                        m.hostname,
+                        m.generation,
+                        mode_note(m)
+                    );
                 } else {
                     outln!(
                         "machine {} ({}): unchanged at generation {}",
@@ -636,11 +705,20 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                 .into_inner();
             if *rendered {
                 outln!(
-                    "# machine {}: generation {}, applied {}",
+                    "# machine {}: generation {} ({}, {}), running {}",
                     r.machine_id,
                     r.generation,
+                    if r.mode.is_empty() { "auto" } else { &r.mode },
+                    r.state,
                     r.applied_generation
                 );
+                if r.try_deadline_unix_ms > 0 {
+                    outln!(
+                        "# trying: reverts at {} unless `muster config confirm {}`",
+                        output::rfc3339(r.try_deadline_unix_ms).unwrap_or_default(),
+                        r.machine_id
+                    );
+                }
                 for res in &r.resources {
                     outln!(
                         "# {} {}{}",
@@ -670,18 +748,23 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                             v.generation.to_string(),
                             output::rfc3339(v.created_unix_ms).unwrap_or_default(),
                             v.source.clone(),
-                            if v.generation <= r.applied_generation { "yes".into() } else { "no".into() },
+                            if v.mode.is_empty() { "auto".into() } else { v.mode.clone() },
+                            v.state.clone(),
+                            if v.generation == r.applied_generation { "*".into() } else { String::new() },
                         ]
                     })
                     .collect();
-                out!("{}", table(&["GENERATION", "CREATED", "SOURCE", "APPLIED"], &rows));
+                out!("{}", table(&["GENERATION", "CREATED", "SOURCE", "MODE", "STATE", "RUNNING"], &rows));
             } else {
                 #[derive(serde::Serialize)]
                 struct Rev<'a> {
                     generation: u64,
                     created: Option<String>,
                     source: &'a str,
-                    applied: bool,
+                    mode: &'a str,
+                    state: &'a str,
+                    /// The generation the node runs now.
+                    running: bool,
                     yaml: &'a str,
                 }
                 let v: Vec<Rev<'_>> = r
@@ -691,18 +774,22 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                         generation: v.generation,
                         created: output::rfc3339(v.created_unix_ms),
                         source: &v.source,
-                        applied: v.generation <= r.applied_generation,
+                        mode: if v.mode.is_empty() { "auto" } else { &v.mode },
+                        state: &v.state,
+                        running: v.generation == r.applied_generation,
                         yaml: &v.yaml,
                     })
                     .collect();
                 out!("{}", render(&v, *output)?);
             }
         }
-        ConfigCmd::Rollback { id, to } => {
+        ConfigCmd::Rollback { id, to, mode } => {
             let r = admin
                 .rollback_config(pb::RollbackConfigRequest {
                     query: id.clone(),
                     to_generation: to.unwrap_or(0),
+                    mode: mode.mode(),
+                    try_timeout_ms: mode.timeout_ms(),
                 })
                 .await
                 .map_err(e)?
@@ -713,14 +800,31 @@ async fn config_cmd(admin: &mut Admin, ep: &str, cmd: &ConfigCmd) -> Result<()> 
                     m.machine_id,
                     m.hostname,
                     m.generation,
-                    if m.changed { "" } else { " (unchanged)" }
+                    if m.changed { mode_note(m) } else { " (unchanged)".into() }
                 );
             }
+        }
+        ConfigCmd::Confirm { id } => {
+            let r = admin.confirm_config(pb::MachineRef { query: id.clone() }).await.map_err(e)?.into_inner();
+            outln!("machine {}: generation {} confirmed; the agent keeps it", r.machine_id, r.generation);
         }
         ConfigCmd::Apply { .. } | ConfigCmd::Diff { .. } | ConfigCmd::Validate { .. } | ConfigCmd::Schema => {
         }
     }
     Ok(())
+}
+
+/// How a new generation is applied, for the apply/rollback summary line.
+fn mode_note(m: &pb::MachineConfigResult) -> String {
+    match m.mode.as_str() {
+        "try" => format!(
+            " (try: the agent reverts it unless `muster config confirm {}` within {})",
+            m.machine_id,
+            humantime::format_duration(std::time::Duration::from_millis(m.try_timeout_ms))
+        ),
+        "staged" => " (staged: applies on the node's next boot)".into(),
+        _ => String::new(),
+    }
 }
 
 /// `muster config validate`: prints every problem; fails if any is an error.
