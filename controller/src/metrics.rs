@@ -388,4 +388,13 @@ impl Store for MeteredStore {
     async fn put_layer(&self, key: &str, layer: Option<serde_json::Value>) -> Result<(), StoreError> {
         self.timed("put_layer", self.inner.put_layer(key, layer)).await
     }
+    async fn put_registration(&self, r: crate::store::Registration) -> Result<(), StoreError> {
+        self.timed("put_registration", self.inner.put_registration(r)).await
+    }
+    async fn list_registrations(&self) -> Result<Vec<crate::store::Registration>, StoreError> {
+        self.timed("list_registrations", self.inner.list_registrations()).await
+    }
+    async fn delete_registration(&self, mac: &str) -> Result<bool, StoreError> {
+        self.timed("delete_registration", self.inner.delete_registration(mac)).await
+    }
 }

@@ -13,6 +13,9 @@ use crate::pki::unix_ms;
 use crate::store::{MachineRecord, StoreError, TokenRecord};
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Boot tokens live in boot scripts for a while and serve many machines.
+const DEFAULT_BOOT_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+const DEFAULT_BOOT_TOKEN_USES: u32 = 1000;
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 const MAX_TOKEN_USES: u32 = 1_000_000;
 const MAX_LABELS: usize = 64;
@@ -38,6 +41,7 @@ fn token_view(t: &TokenRecord) -> pb::Token {
         auto_accept: t.auto_accept,
         revoked: t.revoked,
         description: t.description.clone(),
+        boot: t.boot,
     }
 }
 
@@ -74,7 +78,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         if ttl > MAX_TOKEN_TTL {
             return Err(ApiError::invalid("ttl", "at most 366 days").into());
         }
-        let uses = if r.uses == 0 { 1 } else { r.uses };
+        let ttl = if r.boot && r.ttl_ms == 0 { DEFAULT_BOOT_TOKEN_TTL } else { ttl };
+        let uses = match (r.uses, r.boot) {
+            (0, true) => DEFAULT_BOOT_TOKEN_USES,
+            (0, false) => 1,
+            (n, _) => n,
+        };
         if uses > MAX_TOKEN_USES {
             return Err(ApiError::invalid("uses", format!("at most {MAX_TOKEN_USES}")).into());
         }
@@ -99,9 +108,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
             uses_total: uses,
             uses_left: uses,
             labels: r.labels.into_iter().collect(),
-            auto_accept: !r.pending,
+            auto_accept: !r.pending && !r.boot,
             revoked: false,
             description: r.description,
+            boot: r.boot,
         };
         self.c.store().insert_token(record.clone()).await.map_err(ApiError::from)?;
         tracing::info!(token = %record.id, uses, ?ttl, by = %admin, "join token created");
@@ -198,6 +208,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .map_err(|e| map_update(e, ApiError::FailedPrecondition))?;
         self.c.push(&updated.id, Controller::assignment_msg(&updated));
         tracing::info!(machine = %updated.id, %role, cluster = %updated.cluster, by = %admin, "machine assigned");
+        // Its cluster's and role's config layers now apply to it.
+        self.c.rerender(&updated).await?;
         Ok(Response::new(self.one(&updated.id)?))
     }
 
@@ -216,6 +228,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
                         return Err(precondition(format!("machine {} is already approved", m.id)));
                     }
                     m.approved = true;
+                    // The operator looked at it.
+                    m.flag.clear();
                     Ok(())
                 }),
             )
@@ -293,6 +307,37 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let r = req.into_inner();
         let m = self.c.resolve(&r.query)?;
         Ok(Response::new(config_response(&m, r.rendered)?))
+    }
+
+    async fn register_machine(
+        &self,
+        req: Request<pb::RegisterMachineRequest>,
+    ) -> Result<Response<pb::Registration>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = self.c.register_machine(req.into_inner()).await?;
+        tracing::info!(mac = %r.mac, hostname = %r.hostname, by = %admin, "machine registered");
+        Ok(Response::new(super::registration::to_pb(&r)))
+    }
+
+    async fn list_registrations(
+        &self,
+        req: Request<pb::ListRegistrationsRequest>,
+    ) -> Result<Response<pb::ListRegistrationsResponse>, Status> {
+        auth::require_admin(&req)?;
+        let regs = self.c.store().list_registrations().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListRegistrationsResponse {
+            registrations: regs.iter().map(super::registration::to_pb).collect(),
+        }))
+    }
+
+    async fn delete_registration(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let mac = self.c.delete_registration(&req.get_ref().query).await?;
+        tracing::info!(%mac, by = %admin, "registration deleted");
+        Ok(Response::new(pb::DeleteResponse { id: mac }))
     }
 
     async fn confirm_config(

@@ -132,22 +132,28 @@ impl pb::agent_service_server::AgentService for AgentApi {
             let id = id.clone();
             let cert = cert.clone();
             let hostname = inventory.hostname.clone();
-            move |t: &crate::store::TokenRecord| MachineRecord {
-                id,
-                hostname,
-                approved: t.auto_accept,
-                revoked: false,
-                role: Role::None,
-                cluster: String::new(),
-                labels: t.labels.clone(),
-                inventory,
-                enrolled_ms: now_ms,
-                last_seen_ms: now_ms,
-                heartbeat_ms: 0,
-                token_id: t.id.clone(),
-                cert_serial: cert.serial_hex.clone(),
-                cert_not_after_ms: unix_ms(cert.not_after),
-                config: Default::default(),
+            move |t: &crate::store::TokenRecord, regs: &mut [crate::store::Registration]| {
+                let mut m = MachineRecord {
+                    id,
+                    hostname,
+                    // A boot token is public: its machines wait for an operator.
+                    approved: t.auto_accept && !t.boot,
+                    revoked: false,
+                    role: Role::None,
+                    cluster: String::new(),
+                    labels: t.labels.clone(),
+                    inventory,
+                    enrolled_ms: now_ms,
+                    last_seen_ms: now_ms,
+                    heartbeat_ms: 0,
+                    token_id: t.id.clone(),
+                    cert_serial: cert.serial_hex.clone(),
+                    cert_not_after_ms: unix_ms(cert.not_after),
+                    config: Default::default(),
+                    flag: String::new(),
+                };
+                super::registration::claim(&mut m, regs, now_ms);
+                m
             }
         };
         let m = match self.c.enroll_machine(&token, now_ms, Box::new(record)).await {
@@ -160,6 +166,23 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 return Err(ApiError::from(e).into());
             }
         };
+        if let Some(layer) = m.config.layer.clone() {
+            // A registered machine's config: its first generation, sent when it connects.
+            if let Err(e) = self
+                .c
+                .apply_layer(
+                    crate::server::config::Scope::Machine(m.id.clone()),
+                    layer,
+                    false,
+                    "registration".into(),
+                    Some(crate::server::config::Mode::Auto),
+                    0,
+                )
+                .await
+            {
+                tracing::warn!(machine = %m.id, error = %e, "the registered config was not applied");
+            }
+        }
         let state = if m.approved { State::Ready } else { State::Pending };
         self.c.metrics().enrollment(if m.approved { "accepted" } else { "pending" });
         tracing::info!(machine = %m.id, hostname = %m.hostname, token = token.id(), %state, "machine enrolled");

@@ -158,6 +158,7 @@ impl Controller {
             [("cluster", cluster.as_ref()), ("role", role.as_ref()), ("machine", own.as_ref())]
                 .into_iter()
                 .filter_map(|(n, v)| v.map(|v| (n, v)))
+                .filter(|(_, v)| !v.as_object().is_some_and(|o| o.is_empty()))
                 .collect();
         if layers.is_empty() {
             return Ok(Ok(None));
@@ -187,9 +188,12 @@ impl Controller {
         }
         // The layer must be valid on its own, whatever it will be merged with.
         let mut warnings = Vec::new();
-        match render(&[("layer", &layer)]) {
-            Ok((_, w)) => warnings.extend(w),
-            Err(e) => return Err(invalid(render_errors("", &e))),
+        let empty = layer.as_object().is_some_and(|o| o.is_empty());
+        if !empty {
+            match render(&[("layer", &layer)]) {
+                Ok((_, w)) => warnings.extend(w),
+                Err(e) => return Err(invalid(render_errors("", &e))),
+            }
         }
         let affected: Vec<MachineRecord> = self
             .machines()
@@ -270,7 +274,10 @@ impl Controller {
                     &id,
                     Box::new(move |m| {
                         if let Some(l) = own {
-                            m.config.layer = Some(l);
+                            let empty = l.as_object().is_some_and(|o| o.is_empty());
+                            if !(empty && m.config.layer.is_none()) {
+                                m.config.layer = Some(l);
+                            }
                         }
                         if changed {
                             m.config.generation += 1;
@@ -307,6 +314,13 @@ impl Controller {
         }
         warnings.dedup();
         Ok(pb::ApplyConfigResponse { results, warnings })
+    }
+
+    /// Renders a machine again after its role or cluster changed (their layers now apply).
+    pub async fn rerender(&self, m: &MachineRecord) -> Result<(), ApiError> {
+        let layer = m.config.layer.clone().unwrap_or_else(|| Value::Object(Default::default()));
+        self.apply_layer(Scope::Machine(m.id.clone()), layer, false, "assignment".into(), None, 0).await?;
+        Ok(())
     }
 
     /// `ApplyConfig`: parses the request and applies its layer.

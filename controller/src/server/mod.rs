@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 mod http;
+mod registration;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
@@ -357,6 +358,9 @@ impl Controller {
                 let d = self.derive(l, now);
                 let uuid = smbios_uuid(m);
                 let mut warnings = Vec::new();
+                if !m.flag.is_empty() {
+                    warnings.push(m.flag.clone());
+                }
                 if is_placeholder_uuid(&uuid) {
                     warnings.push(format!(
                         "SMBIOS UUID {uuid} is a firmware placeholder; it does not identify this machine"

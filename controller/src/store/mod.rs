@@ -30,6 +30,10 @@ pub struct TokenRecord {
     pub revoked: bool,
     #[serde(default)]
     pub description: String,
+    /// A boot token: put in network-boot scripts, so public to the LAN. It only ever creates
+    /// `pending` machines, except for pre-registered ones.
+    #[serde(default)]
+    pub boot: bool,
 }
 
 /// A machine as the controller records it. Its state is derived (see `server`), not stored.
@@ -51,6 +55,10 @@ pub struct MachineRecord {
     pub cert_not_after_ms: i64,
     #[serde(default)]
     pub config: ConfigState,
+    /// Why the controller flagged the machine for an operator's look (e.g. it claimed a
+    /// registration another machine had already consumed); empty when nothing is wrong.
+    #[serde(default)]
+    pub flag: String,
 }
 
 /// A machine's config: its own layer, the current rendered generation, history, and what the
@@ -103,6 +111,29 @@ pub struct ConfigRevision {
     pub state: String,
 }
 
+/// A machine expected to network-boot, registered ahead of time by its MAC (and optionally
+/// SMBIOS UUID). Its first enrollment, even with a public boot token, is accepted and takes the
+/// registered hostname, role, cluster and config; the registration is then consumed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Registration {
+    /// Lower-case, colon-separated.
+    pub mac: String,
+    /// Lower-case; empty: any.
+    pub uuid: String,
+    pub hostname: String,
+    pub role: Role,
+    pub cluster: String,
+    /// The machine's own config layer.
+    pub layer: Option<serde_json::Value>,
+    /// Boot from the local disk instead of the network (the boot script says `exit`).
+    pub boot_local: bool,
+    pub created_ms: i64,
+    /// The machine that consumed it (empty: not yet).
+    pub claimed_by: String,
+    pub claimed_ms: i64,
+}
+
 /// One resource as the agent reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ResourceRecord {
@@ -142,8 +173,9 @@ pub enum StoreError {
 
 /// A read-modify-write step, run inside the backend's transaction. An error aborts it.
 pub type UpdateFn<T> = Box<dyn FnOnce(&mut T) -> Result<(), StoreError> + Send>;
-/// Builds the machine record from the token that admitted it.
-pub type BuildFn = Box<dyn FnOnce(&TokenRecord) -> MachineRecord + Send>;
+/// Builds the machine record from the token that admitted it and the registrations (which it
+/// may mark claimed; changed ones are saved in the same transaction).
+pub type BuildFn = Box<dyn FnOnce(&TokenRecord, &mut [Registration]) -> MachineRecord + Send>;
 
 /// The controller's state store.
 #[async_trait]
@@ -174,6 +206,11 @@ pub trait Store: Send + Sync + 'static {
     async fn get_layer(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError>;
     /// Sets (or with `None` removes) a shared config layer.
     async fn put_layer(&self, key: &str, layer: Option<serde_json::Value>) -> Result<(), StoreError>;
+    /// Inserts or replaces the registration for `r.mac`.
+    async fn put_registration(&self, r: Registration) -> Result<(), StoreError>;
+    async fn list_registrations(&self) -> Result<Vec<Registration>, StoreError>;
+    /// Removes the registration for `mac`; false if there was none.
+    async fn delete_registration(&self, mac: &str) -> Result<bool, StoreError>;
 }
 
 /// Checks a presented token against its record at `now_ms`.
@@ -226,6 +263,7 @@ mod tests {
             auto_accept: true,
             revoked: false,
             description: String::new(),
+            boot: false,
         }
     }
 

@@ -58,6 +58,7 @@ impl SqliteStore {
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS layers (key TEXT PRIMARY KEY, doc TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS registrations (mac TEXT PRIMARY KEY, doc TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS machines (
                  id TEXT PRIMARY KEY, doc TEXT NOT NULL, last_seen_ms INTEGER NOT NULL DEFAULT 0);
              PRAGMA user_version = 1;",
@@ -193,7 +194,14 @@ impl Store for SqliteStore {
             record.uses_left -= 1;
             tx.execute("UPDATE tokens SET doc = ?2 WHERE id = ?1", params![record.id, to_json(&record)?])
                 .map_err(backend)?;
-            let machine = build(&record);
+            let before = list_registrations_tx(&tx)?;
+            let mut regs = before.clone();
+            let machine = build(&record, &mut regs);
+            for (old, new) in before.iter().zip(&regs) {
+                if old != new {
+                    put_registration_tx(&tx, new)?;
+                }
+            }
             put_machine_tx(&tx, &machine, true)?;
             tx.commit().map_err(backend)?;
             Ok(machine)
@@ -303,6 +311,43 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn put_registration(&self, r: super::Registration) -> Result<(), StoreError> {
+        self.run(move |c| put_registration_tx(c, &r)).await
+    }
+
+    async fn list_registrations(&self) -> Result<Vec<super::Registration>, StoreError> {
+        self.run(|c| list_registrations_tx(c)).await
+    }
+
+    async fn delete_registration(&self, mac: &str) -> Result<bool, StoreError> {
+        let mac = mac.to_owned();
+        self.run(move |c| {
+            Ok(c.execute("DELETE FROM registrations WHERE mac = ?1", [&mac]).map_err(backend)? > 0)
+        })
+        .await
+    }
+}
+
+fn list_registrations_tx(c: &Connection) -> Result<Vec<super::Registration>, StoreError> {
+    let mut stmt = c.prepare("SELECT mac, doc FROM registrations ORDER BY mac").map_err(backend)?;
+    let rows =
+        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (mac, doc) = row.map_err(backend)?;
+        out.push(serde_json::from_str(&doc).map_err(|e| corrupt("registration", &mac, e))?);
+    }
+    Ok(out)
+}
+
+fn put_registration_tx(c: &Connection, r: &super::Registration) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO registrations (mac, doc) VALUES (?1, ?2) ON CONFLICT(mac) DO UPDATE SET doc = excluded.doc",
+        params![r.mac, to_json(r)?],
+    )
+    .map_err(backend)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -346,6 +391,7 @@ mod tests {
             auto_accept: true,
             revoked: false,
             description: String::new(),
+            boot: false,
         }
     }
 
@@ -366,6 +412,7 @@ mod tests {
             cert_serial: String::new(),
             cert_not_after_ms: 0,
             config: Default::default(),
+            flag: String::new(),
         }
     }
 
@@ -377,7 +424,9 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..8u8 {
             let (s, t) = (s.clone(), t.clone());
-            tasks.push(tokio::spawn(async move { s.enroll(&t, 5, Box::new(move |r| machine(i, r))).await }));
+            tasks.push(tokio::spawn(
+                async move { s.enroll(&t, 5, Box::new(move |r, _| machine(i, r))).await },
+            ));
         }
         let mut ok = 0;
         for task in tasks {
@@ -400,9 +449,9 @@ mod tests {
         let s = SqliteStore::in_memory().unwrap();
         let t = token(2);
         s.insert_token(token_record(&t, 3)).await.unwrap();
-        let err = s.enroll(&t, 10_000, Box::new(|r| machine(1, r))).await.unwrap_err();
+        let err = s.enroll(&t, 10_000, Box::new(|r, _| machine(1, r))).await.unwrap_err();
         assert!(matches!(err, StoreError::Token(TokenRejection::Expired)));
-        let err = s.enroll(&token(3), 5, Box::new(|r| machine(1, r))).await.unwrap_err();
+        let err = s.enroll(&token(3), 5, Box::new(|r, _| machine(1, r))).await.unwrap_err();
         assert!(matches!(err, StoreError::Token(TokenRejection::Invalid)));
         assert!(s.list_machines().await.unwrap().is_empty());
         assert_eq!(s.list_tokens().await.unwrap()[0].uses_left, 3);
@@ -413,7 +462,7 @@ mod tests {
         let s = SqliteStore::in_memory().unwrap();
         let t = token(4);
         s.insert_token(token_record(&t, 1)).await.unwrap();
-        let m = s.enroll(&t, 5, Box::new(|r| machine(7, r))).await.unwrap();
+        let m = s.enroll(&t, 5, Box::new(|r, _| machine(7, r))).await.unwrap();
         let err = s
             .update_machine(
                 &m.id,
@@ -454,7 +503,7 @@ mod tests {
         {
             let s = SqliteStore::open(&path).unwrap();
             s.insert_token(token_record(&t, 2)).await.unwrap();
-            s.enroll(&t, 5, Box::new(|r| machine(1, r))).await.unwrap();
+            s.enroll(&t, 5, Box::new(|r, _| machine(1, r))).await.unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.list_machines().await.unwrap().len(), 1);

@@ -470,6 +470,7 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
                 labels: [("muster.dev/lab".to_string(), "true".to_string())].into(),
                 pending: false,
                 description: "muster lab".into(),
+                boot: false,
             })
             .await
             .map_err(|s| crate::explain(s, &format!("https://{grpc}")).context("creating the lab token"))?

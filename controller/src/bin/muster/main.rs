@@ -125,12 +125,16 @@ enum Cmd {
 enum TokenCmd {
     /// Create a join token; prints only the token, so `T=$(muster token create)` works.
     Create {
-        /// How long it stays valid (e.g. 30m, 1h, 7d).
-        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
-        ttl: Duration,
-        /// How many machines may enroll with it.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        uses: u32,
+        /// How long it stays valid (e.g. 30m, 1h, 7d) [default: 1h; 30d with --boot]
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
+        /// How many machines may enroll with it [default: 1; 1000 with --boot]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        uses: Option<u32>,
+        /// A boot token, to put in network-boot scripts (readable by anyone on the LAN): its
+        /// machines always land `pending`, except ones pre-registered with `muster machine register`.
+        #[arg(long, conflicts_with = "pending")]
+        boot: bool,
         /// A label for machines enrolled with it (key=value). Repeatable.
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
         labels: Vec<(String, String)>,
@@ -299,6 +303,46 @@ enum MachineCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Pre-register a machine that will network-boot: its first enrollment (even with a public
+    /// boot token) is accepted and takes this hostname, role, cluster and config. The
+    /// registration is used up then; a second machine with the same MAC lands pending, flagged.
+    Register {
+        /// The MAC address it boots from (52:54:00:12:34:56).
+        #[arg(long)]
+        mac: String,
+        /// Its SMBIOS UUID too, if known: both must match.
+        #[arg(long)]
+        uuid: Option<String>,
+        /// The hostname it gets.
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Its role (needs --cluster).
+        #[arg(long, value_parser = parse_role, requires = "cluster")]
+        role: Option<Role>,
+        /// Its cluster (needs --role).
+        #[arg(long, value_parser = parse_cluster, requires = "role")]
+        cluster: Option<String>,
+        /// Its own config layer, a MachineConfig YAML file (- for standard input).
+        #[arg(short, long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Boot it from its local disk: its boot script says `exit` instead of booting Muster.
+        #[arg(long)]
+        boot_local: bool,
+        /// Replace an existing registration of the MAC.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List registrations, used and unused.
+    Registrations {
+        /// Output format: a table for people, json or yaml for scripts.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Remove a registration by MAC.
+    Unregister {
+        /// The registered MAC address.
+        mac: String,
+    },
 }
 
 /// What an empty fleet looks like in a table (on stderr, like kubectl's "No resources found").
@@ -429,14 +473,15 @@ async fn run(cli: Cli) -> Result<()> {
     let (mut admin, ep) = connect(&cli).await?;
     let e = |s| explain(s, &ep);
     match cli.cmd {
-        Cmd::Token(TokenCmd::Create { ttl, uses, labels, pending, description }) => {
+        Cmd::Token(TokenCmd::Create { ttl, uses, labels, pending, description, boot }) => {
             let r = admin
                 .create_token(pb::CreateTokenRequest {
-                    ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-                    uses,
+                    ttl_ms: ttl.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                    uses: uses.unwrap_or(0),
                     labels: labels.into_iter().collect(),
                     pending,
                     description,
+                    boot,
                 })
                 .await
                 .map_err(e)?
@@ -454,6 +499,8 @@ async fn run(cli: Cli) -> Result<()> {
                 uses_left: u32,
                 labels: std::collections::BTreeMap<String, String>,
                 pending: bool,
+                /// A boot token (public in boot scripts; machines land pending unless registered).
+                boot: bool,
                 revoked: bool,
                 description: String,
             }
@@ -478,7 +525,11 @@ async fn run(cli: Cli) -> Result<()> {
                             status.into(),
                             format!("{}/{}", t.uses_left, t.uses_total),
                             output::relative(t.expires_unix_ms, now),
-                            if t.auto_accept { "no".into() } else { "yes".into() },
+                            match (t.boot, t.auto_accept) {
+                                (true, _) => "boot".into(),
+                                (false, true) => "no".into(),
+                                (false, false) => "yes".into(),
+                            },
                             t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
                             t.description.clone(),
                         ]
@@ -502,6 +553,7 @@ async fn run(cli: Cli) -> Result<()> {
                         uses_left: t.uses_left,
                         labels: t.labels.into_iter().collect(),
                         pending: !t.auto_accept,
+                        boot: t.boot,
                         revoked: t.revoked,
                         description: t.description,
                     })
@@ -549,6 +601,107 @@ async fn run(cli: Cli) -> Result<()> {
                 Output::Table => out!("{}", machine_detail(&m, SystemTime::now())),
                 o => out!("{}", render(&MachineView::new(&m, true), o)?),
             }
+        }
+        Cmd::Machine(MachineCmd::Register {
+            mac,
+            uuid,
+            hostname,
+            role,
+            cluster,
+            file,
+            boot_local,
+            force,
+        }) => {
+            let yaml = match &file {
+                Some(f) => read_input(f)?,
+                None => String::new(),
+            };
+            let r = admin
+                .register_machine(pb::RegisterMachineRequest {
+                    registration: Some(pb::Registration {
+                        mac,
+                        uuid: uuid.unwrap_or_default(),
+                        hostname: hostname.unwrap_or_default(),
+                        role: role.map_or(pb::Role::Unspecified, pb::Role::from).into(),
+                        cluster: cluster.unwrap_or_default(),
+                        yaml,
+                        boot_local,
+                        ..Default::default()
+                    }),
+                    force,
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            outln!(
+                "registered {}{}: its first enrollment is accepted{}",
+                r.mac,
+                if r.hostname.is_empty() { String::new() } else { format!(" as {}", r.hostname) },
+                if r.boot_local { " (boots from its local disk)" } else { "" }
+            );
+        }
+        Cmd::Machine(MachineCmd::Registrations { output }) => {
+            let regs = admin
+                .list_registrations(pb::ListRegistrationsRequest {})
+                .await
+                .map_err(e)?
+                .into_inner()
+                .registrations;
+            #[derive(serde::Serialize)]
+            struct R<'a> {
+                mac: &'a str,
+                uuid: &'a str,
+                hostname: &'a str,
+                role: String,
+                cluster: &'a str,
+                boot_local: bool,
+                created: Option<String>,
+                claimed_by: &'a str,
+                claimed: Option<String>,
+                yaml: &'a str,
+            }
+            let view: Vec<R<'_>> = regs
+                .iter()
+                .map(|r| R {
+                    mac: &r.mac,
+                    uuid: &r.uuid,
+                    hostname: &r.hostname,
+                    role: Role::from(pb::Role::try_from(r.role).unwrap_or_default()).to_string(),
+                    cluster: &r.cluster,
+                    boot_local: r.boot_local,
+                    created: output::rfc3339(r.created_unix_ms),
+                    claimed_by: &r.claimed_by,
+                    claimed: (r.claimed_unix_ms > 0).then(|| output::rfc3339(r.claimed_unix_ms)).flatten(),
+                    yaml: &r.yaml,
+                })
+                .collect();
+            if output != Output::Table {
+                out!("{}", render(&view, output)?);
+            } else if view.is_empty() {
+                eprintln!("no registrations (add one with `muster machine register --mac M`)");
+            } else {
+                let rows: Vec<Vec<String>> = view
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.mac.into(),
+                            r.hostname.into(),
+                            if r.cluster.is_empty() {
+                                String::new()
+                            } else {
+                                format!("{}/{}", r.cluster, r.role)
+                            },
+                            if r.boot_local { "local".into() } else { "network".into() },
+                            if r.claimed_by.is_empty() { "-".into() } else { r.claimed_by.into() },
+                        ]
+                    })
+                    .collect();
+                out!("{}", table(&["MAC", "HOSTNAME", "CLUSTER/ROLE", "BOOT", "CLAIMED BY"], &rows));
+            }
+        }
+        Cmd::Machine(MachineCmd::Unregister { mac }) => {
+            let r = admin.delete_registration(pb::MachineRef { query: mac }).await.map_err(e)?.into_inner();
+            outln!("registration {} removed", r.id);
         }
         Cmd::Assign { id, role, cluster, force } => {
             let m = admin
@@ -896,7 +1049,7 @@ mod tests {
         else {
             panic!("not token create")
         };
-        assert_eq!((ttl, uses, labels.len(), pending), (Duration::from_secs(3600), 1, 0, false));
+        assert_eq!((ttl, uses, labels.len(), pending), (None, None, 0, false));
         let Cmd::Token(TokenCmd::Create { ttl, uses, labels, pending, .. }) = Cli::try_parse_from([
             "muster",
             "token",
@@ -914,8 +1067,8 @@ mod tests {
         else {
             panic!("not token create")
         };
-        assert_eq!(ttl, Duration::from_secs(900));
-        assert_eq!(uses, 3);
+        assert_eq!(ttl, Some(Duration::from_secs(900)));
+        assert_eq!(uses, Some(3));
         assert_eq!(labels, vec![("muster.dev/lab".to_owned(), "true".to_owned())]);
         assert!(pending);
     }

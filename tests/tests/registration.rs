@@ -1,0 +1,203 @@
+//! Boot tokens and pre-registered machines: a boot token (public in boot scripts) only creates
+//! `pending` machines, except a registered MAC's first claimant, which is accepted with the
+//! registered hostname, role, cluster and config; a second claimant is flagged and left pending.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use muster_proto::pb;
+use muster_tests::TestController;
+use tonic::Code;
+
+fn inventory(hostname: &str, mac: &str) -> pb::Inventory {
+    pb::Inventory {
+        hostname: hostname.into(),
+        nics: vec![pb::Nic { name: "eth0".into(), mac: mac.into(), addresses: vec![] }],
+        ..Default::default()
+    }
+}
+
+async fn boot_token(f: &TestController) -> String {
+    let r = f
+        .admin()
+        .await
+        .unwrap()
+        .create_token(pb::CreateTokenRequest { boot: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let info = r.info.unwrap();
+    assert!(info.boot && !info.auto_accept, "{info:?}");
+    assert_eq!(info.uses_total, 1000);
+    r.token
+}
+
+async fn machine(f: &TestController, id: &str) -> pb::Machine {
+    f.admin().await.unwrap().get_machine(pb::MachineRef { query: id.into() }).await.unwrap().into_inner()
+}
+
+const CONFIG: &str = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/motd\n    content: \"registered\\n\"\n";
+
+#[tokio::test]
+async fn a_boot_token_alone_only_makes_pending_machines() {
+    let f = TestController::start().await.unwrap();
+    let token = boot_token(&f).await;
+    let m = f.enroll_with(&token, inventory("stranger", "52:54:00:aa:00:01")).await.unwrap().unwrap();
+    let got = machine(&f, &m.id).await;
+    assert_eq!(got.state, pb::MachineState::Pending as i32);
+    // Even asking for auto-accept does not make a boot token accept machines.
+    let r = f
+        .admin()
+        .await
+        .unwrap()
+        .create_token(pb::CreateTokenRequest { boot: true, pending: false, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = f.enroll_with(&r.token, inventory("stranger2", "52:54:00:aa:00:02")).await.unwrap().unwrap();
+    assert_eq!(machine(&f, &m.id).await.state, pb::MachineState::Pending as i32);
+}
+
+#[tokio::test]
+async fn a_registered_machine_is_accepted_with_its_role_hostname_and_config_once() {
+    let f = TestController::start().await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    let reg = admin
+        .register_machine(pb::RegisterMachineRequest {
+            registration: Some(pb::Registration {
+                mac: "52-54-00-AA-00-10".into(),
+                hostname: "node-reg".into(),
+                role: pb::Role::Worker.into(),
+                cluster: "lab".into(),
+                yaml: CONFIG.into(),
+                ..Default::default()
+            }),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reg.mac, "52:54:00:aa:00:10");
+    // Registering the same MAC again needs --force.
+    let dup = admin
+        .register_machine(pb::RegisterMachineRequest {
+            registration: Some(pb::Registration { mac: "52:54:00:aa:00:10".into(), ..Default::default() }),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+
+    let token = boot_token(&f).await;
+    let m = f.enroll_with(&token, inventory("localhost", "52:54:00:aa:00:10")).await.unwrap().unwrap();
+    let got = machine(&f, &m.id).await;
+    assert_eq!(got.state, pb::MachineState::Ready as i32, "{got:?}");
+    assert_eq!((got.hostname.as_str(), got.cluster.as_str()), ("node-reg", "lab"));
+    assert_eq!(got.role, pb::Role::Worker as i32);
+    // Its config is generation 1, with the registered hostname and file.
+    let cfg = admin
+        .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cfg.generation, 1);
+    assert!(cfg.yaml.contains("hostname: node-reg") && cfg.yaml.contains("registered"), "{}", cfg.yaml);
+    let regs = admin.list_registrations(pb::ListRegistrationsRequest {}).await.unwrap().into_inner();
+    assert_eq!(regs.registrations[0].claimed_by, m.id);
+
+    // A second machine with the same MAC: pending, flagged; the first keeps everything.
+    let clone = f.enroll_with(&token, inventory("clone", "52:54:00:aa:00:10")).await.unwrap().unwrap();
+    let got = machine(&f, &clone.id).await;
+    assert_eq!(got.state, pb::MachineState::Pending as i32);
+    assert!(got.warnings.iter().any(|w| w.contains("already used")), "{:?}", got.warnings);
+    assert_eq!(got.role, pb::Role::Unspecified as i32);
+    // Approving it clears the flag.
+    let approved = admin.approve(pb::MachineRef { query: clone.id.clone() }).await.unwrap().into_inner();
+    assert!(approved.warnings.iter().all(|w| !w.contains("already used")), "{:?}", approved.warnings);
+}
+
+#[tokio::test]
+async fn registrations_are_validated_field_by_field_and_can_be_removed() {
+    let f = TestController::start().await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    let bad = |r: pb::Registration| pb::RegisterMachineRequest { registration: Some(r), force: false };
+    for (r, field) in [
+        (pb::Registration { mac: "nope".into(), ..Default::default() }, "mac: "),
+        (
+            pb::Registration { mac: "52:54:00:00:00:01".into(), uuid: "xyz".into(), ..Default::default() },
+            "uuid: ",
+        ),
+        (
+            pb::Registration {
+                mac: "52:54:00:00:00:01".into(),
+                hostname: "-bad-".into(),
+                ..Default::default()
+            },
+            "hostname: ",
+        ),
+        (
+            pb::Registration {
+                mac: "52:54:00:00:00:01".into(),
+                role: pb::Role::Worker.into(),
+                ..Default::default()
+            },
+            "role: ",
+        ),
+        (
+            pb::Registration {
+                mac: "52:54:00:00:00:01".into(),
+                yaml: "kind: Nope\n".into(),
+                ..Default::default()
+            },
+            "yaml: ",
+        ),
+    ] {
+        let e = admin.register_machine(bad(r)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().starts_with(field), "{field}: {e:?}");
+    }
+    admin
+        .register_machine(bad(pb::Registration { mac: "52:54:00:00:00:01".into(), ..Default::default() }))
+        .await
+        .unwrap();
+    let r = admin.delete_registration(pb::MachineRef { query: "52:54:00:00:00:01".into() }).await.unwrap();
+    assert_eq!(r.into_inner().id, "52:54:00:00:00:01");
+    let e =
+        admin.delete_registration(pb::MachineRef { query: "52:54:00:00:00:01".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn assigning_a_role_applies_that_roles_config_layer() {
+    let f = TestController::start().await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    admin
+        .apply_config(pb::ApplyConfigRequest {
+            scope: pb::ConfigScope::Role.into(),
+            target: "worker".into(),
+            yaml: CONFIG.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let m = f.enroll(&token).await.unwrap();
+    let before =
+        admin.get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true }).await.unwrap();
+    assert_eq!(before.into_inner().generation, 0);
+    admin
+        .assign(pb::AssignRequest {
+            query: m.id.clone(),
+            role: pb::Role::Worker.into(),
+            cluster: "lab".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    let after = admin
+        .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.generation, 1);
+    assert!(after.yaml.contains("registered"), "{}", after.yaml);
+}
