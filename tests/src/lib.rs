@@ -12,6 +12,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use muster_controller::server::Ports;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+pub mod vm;
+
 /// Directory holding the workspace's built binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("MUSTER_BIN_DIR") {
@@ -390,6 +392,7 @@ impl TestController {
             http_listen: "127.0.0.1:0".parse()?,
             sans: vec![],
             controller,
+            boot: None,
         })
         .await?)
     }

@@ -56,12 +56,63 @@ enum Cmd {
         machine_cert_ttl: Duration,
         #[command(flatten)]
         health: HealthArgs,
+        #[command(flatten)]
+        boot: Box<BootArgs>,
     },
     /// Print the CA pin of an initialised data dir.
     Pin {
         #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
     },
+}
+
+/// Network boot: iPXE scripts, kernel and initramfs on the HTTP listener; optionally ProxyDHCP
+/// and TFTP. Off unless --boot-assets is given.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Network boot")]
+struct BootArgs {
+    /// Serve network boot from this PXE bundle (`muster image pxe --out DIR`): iPXE clients
+    /// chain http://HOST:HTTP_PORT/boot/start.ipxe.
+    #[arg(long, value_name = "DIR")]
+    boot_assets: Option<PathBuf>,
+    /// The gRPC URL booted agents dial [default: https://<this host's name>:<gRPC port>]
+    #[arg(long, value_name = "URL", requires = "boot_assets")]
+    boot_controller_url: Option<String>,
+    /// Kernel parameters for booted nodes, before Muster's own.
+    #[arg(long, value_name = "ARGS", default_value = "console=tty0 console=ttyS0", requires = "boot_assets")]
+    boot_kernel_args: String,
+    /// Answer PXE clients on this interface with boot information (ProxyDHCP: no addresses,
+    /// so it works beside the LAN's own DHCP server).
+    #[arg(long, value_name = "IFACE", requires = "boot_assets")]
+    proxy_dhcp: Option<String>,
+    /// Serve iPXE binaries over TFTP (port 69) from this directory, for PXE ROMs that are not
+    /// iPXE (Debian's `ipxe` package: /usr/lib/ipxe).
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "/usr/lib/ipxe", requires = "boot_assets")]
+    tftp: Option<PathBuf>,
+}
+
+impl BootArgs {
+    fn options(self) -> Result<Option<server::boot::BootOptions>> {
+        let Some(assets) = self.boot_assets else { return Ok(None) };
+        if !assets.is_dir() {
+            anyhow::bail!(
+                "--boot-assets {}: not a directory (build one with `muster image pxe --out DIR`)",
+                assets.display()
+            );
+        }
+        if let Some(u) = &self.boot_controller_url {
+            if !u.starts_with("https://") {
+                anyhow::bail!("--boot-controller-url {u:?}: must be https://HOST:PORT");
+            }
+        }
+        Ok(Some(server::boot::BootOptions {
+            assets,
+            controller_url: self.boot_controller_url,
+            kernel_args: self.boot_kernel_args,
+            proxy_dhcp: self.proxy_dhcp,
+            tftp_root: self.tftp,
+        }))
+    }
 }
 
 /// Health model thresholds: when a machine turns `degraded` or `unhealthy`.
@@ -170,7 +221,8 @@ fn run() -> Result<()> {
             println!("{}", pki.pin);
             Ok(())
         }
-        Cmd::Serve { data_dir, grpc_listen, http_listen, sans, machine_cert_ttl, health } => {
+        Cmd::Serve { data_dir, grpc_listen, http_listen, sans, machine_cert_ttl, health, boot } => {
+            let boot = boot.options()?;
             let rt =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
@@ -180,6 +232,7 @@ fn run() -> Result<()> {
                     http_listen,
                     sans,
                     controller: ControllerOptions { machine_cert_ttl, thresholds: Thresholds::from(health) },
+                    boot,
                 })
                 .await
                 .with_context(|| format!("starting the controller with data dir {}", data_dir.display()))?;

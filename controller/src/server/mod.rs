@@ -9,6 +9,7 @@
 mod admin_api;
 mod agent_api;
 pub mod auth;
+pub mod boot;
 pub mod config;
 pub mod error;
 pub mod health;
@@ -551,6 +552,8 @@ pub struct ServeOptions {
     /// Extra server certificate names, used when the data dir is initialised.
     pub sans: Vec<String>,
     pub controller: ControllerOptions,
+    /// Network boot, when served.
+    pub boot: Option<boot::BootOptions>,
 }
 
 /// The bound addresses, as written to `ports.json`.

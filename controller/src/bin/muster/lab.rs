@@ -29,8 +29,9 @@ pub enum LabCmd {
         /// Agents' heartbeat interval.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         heartbeat: Duration,
-        /// How nodes are provided: `process` runs each agent as a local process; `qemu` (VMs
-        /// that network-boot from the controller) is not implemented yet.
+        /// How nodes are provided: `process` runs each agent as a local process; `qemu` boots
+        /// VMs (TCG) that network-boot from the controller over iPXE, pre-registered so they
+        /// come up ready (needs qemu-system-x86_64; see scripts/install-netboot-deps.sh).
         #[arg(long, value_enum, default_value_t = Provisioner::Process)]
         provisioner: Provisioner,
         /// How process nodes are kept off this machine: `netns` gives each its own network
@@ -62,6 +63,17 @@ pub enum LabCmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Print a QEMU lab VM's serial console and follow it (Ctrl-C stops).
+    Console {
+        /// The VM: lab-vm-N or N.
+        node: String,
+        /// Lab directory [default: ~/.muster/lab]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print what is there and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+    },
     /// Show whether a lab is running and where.
     Status {
         /// Lab directory [default: ~/.muster/lab]
@@ -75,7 +87,7 @@ pub enum LabCmd {
 pub enum Provisioner {
     /// Agents as local processes.
     Process,
-    /// QEMU virtual machines (not implemented yet).
+    /// QEMU virtual machines that network-boot from the controller.
     Qemu,
 }
 
@@ -88,18 +100,18 @@ pub enum Isolation {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct LabFile {
-    dir: PathBuf,
-    controller_pid: u32,
-    agent_pids: Vec<u32>,
-    grpc: String,
-    http: String,
-    musterconfig: PathBuf,
+pub(crate) struct LabFile {
+    pub dir: PathBuf,
+    pub controller_pid: u32,
+    pub agent_pids: Vec<u32>,
+    pub grpc: String,
+    pub http: String,
+    pub musterconfig: PathBuf,
     #[serde(default)]
-    relay_pid: Option<u32>,
+    pub relay_pid: Option<u32>,
     /// Network namespaces the lab created (deleted by `lab down`).
     #[serde(default)]
-    netns: Vec<String>,
+    pub netns: Vec<String>,
 }
 
 /// The lab bridge's address inside the lab network namespace; nodes get .10 onwards.
@@ -219,7 +231,7 @@ fn default_dir() -> PathBuf {
 }
 
 /// A sibling binary of this executable, else one on PATH.
-fn find_bin(name: &str) -> Result<PathBuf> {
+pub(crate) fn find_bin(name: &str) -> Result<PathBuf> {
     if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
         let p = dir.join(name);
         if p.exists() {
@@ -250,7 +262,10 @@ fn is_ours(pid: u32) -> bool {
 /// The controller and agent binaries (a rebuilt binary shows as `NAME (deleted)`), and this
 /// binary only while it runs the lab's relay.
 fn ours_by(exe_name: &str, args: &[String]) -> bool {
-    exe_name.starts_with("muster-controller")
+    // QEMU only when it runs one of the lab's VMs.
+    (exe_name.starts_with("qemu-system")
+        && args.windows(2).any(|w| w[0] == "-name" && w[1].starts_with("muster-lab-vm-")))
+        || exe_name.starts_with("muster-controller")
         || exe_name.starts_with("muster-agent")
         || ((exe_name == "muster" || exe_name.starts_with("muster ("))
             && args.windows(2).any(|w| w[0] == "lab" && w[1] == "relay"))
@@ -273,7 +288,7 @@ fn signal(pid: u32, sig: libc::c_int) {
 }
 
 /// SIGTERM, up to 5 s of grace, then SIGKILL, for PIDs that are still ours.
-fn stop_pids(pids: &[u32]) {
+pub(crate) fn stop_pids(pids: &[u32]) {
     let ours: Vec<u32> = pids.iter().copied().filter(|p| is_ours(*p)).collect();
     for p in &ours {
         signal(*p, libc::SIGTERM);
@@ -298,7 +313,7 @@ fn redacted(args: &[String]) -> Vec<&str> {
     out
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
+pub(crate) fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
     tracing::debug!(bin = %bin.display(), args = ?redacted(args), log = %log.display(), "starting");
     let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let f2 = f.try_clone()?;
@@ -314,7 +329,7 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
         .with_context(|| format!("starting {}", bin.display()))
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
@@ -323,11 +338,14 @@ fn tail(path: &Path) -> String {
 pub async fn run(cmd: &LabCmd) -> Result<()> {
     match cmd {
         LabCmd::Up { nodes, dir, detach, heartbeat, provisioner, isolation } => {
-            match provisioner {
-                Provisioner::Process => {}
-                Provisioner::Qemu => {
-                    bail!("--provisioner qemu is not implemented yet; use --provisioner process")
+            if *provisioner == Provisioner::Qemu {
+                let dir = dir.clone().unwrap_or_else(default_dir);
+                if let Some(l) = read_lab(&dir) {
+                    if is_ours(l.controller_pid) || l.agent_pids.iter().any(|p| is_ours(*p)) {
+                        bail!("a lab is already running in {}; run `muster lab down` first", dir.display());
+                    }
                 }
+                return crate::lab_qemu::up(*nodes, dir, *detach).await;
             }
             let netns = match isolation {
                 Isolation::Netns => true,
@@ -342,6 +360,9 @@ pub async fn run(cmd: &LabCmd) -> Result<()> {
             relay(netns.clone(), maps.clone(), ports_file.clone()).await
         }
         LabCmd::Down { dir, keep } => down(&dir.clone().unwrap_or_else(default_dir), *keep),
+        LabCmd::Console { node, dir, no_follow } => {
+            crate::lab_qemu::console(&dir.clone().unwrap_or_else(default_dir), node, !*no_follow).await
+        }
         LabCmd::Status { dir } => {
             let dir = dir.clone().unwrap_or_else(default_dir);
             match read_lab(&dir) {
@@ -602,7 +623,7 @@ async fn wait_file(path: &Path, child: &mut Child, log: &Path) -> Result<Vec<ser
     }
 }
 
-async fn wait_for_signal_or_exit(children: &mut [Child]) {
+pub(crate) async fn wait_for_signal_or_exit(children: &mut [Child]) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     loop {
         let term_fut = async {
@@ -626,7 +647,7 @@ async fn wait_for_signal_or_exit(children: &mut [Child]) {
     }
 }
 
-async fn wait_ports(ctl_dir: &Path, log: &Path, child: &mut Child) -> Result<serde_json::Value> {
+pub(crate) async fn wait_ports(ctl_dir: &Path, log: &Path, child: &mut Child) -> Result<serde_json::Value> {
     let start = Instant::now();
     loop {
         if let Ok(text) = std::fs::read_to_string(ctl_dir.join("ports.json")) {
@@ -714,17 +735,10 @@ mod tests {
         assert!(read_lab(t.path()).is_none());
     }
 
-    #[tokio::test]
-    async fn qemu_is_refused_with_a_clear_message() {
-        let cmd = LabCmd::Up {
-            nodes: 1,
-            dir: Some(PathBuf::from("/nonexistent/lab")),
-            detach: true,
-            heartbeat: Duration::from_secs(1),
-            provisioner: Provisioner::Qemu,
-            isolation: Isolation::None,
-        };
-        let e = run(&cmd).await.unwrap_err().to_string();
-        assert!(e.contains("not implemented yet"), "{e}");
+    #[test]
+    fn lab_qemu_processes_are_recognised_by_their_name_only() {
+        assert!(ours_by("qemu-system-x86_64", &args(&["qemu-system-x86_64", "-name", "muster-lab-vm-1"])));
+        assert!(!ours_by("qemu-system-x86_64", &args(&["qemu-system-x86_64", "-name", "someone-elses-vm"])));
+        assert!(!ours_by("qemu-system-x86_64", &args(&["qemu-system-x86_64"])));
     }
 }

@@ -17,6 +17,7 @@ macro_rules! outln {
 }
 
 mod lab;
+mod lab_qemu;
 mod output;
 
 use std::path::PathBuf;

@@ -1,0 +1,162 @@
+//! Network boot, the controller's side: which machine boots what, and the boot token that boot
+//! scripts carry. The mechanism (iPXE scripts, assets, ProxyDHCP, TFTP) is the `muster-pxe`
+//! crate; this decides per machine.
+//!
+//! Boot scripts are readable by anyone on the LAN, so the token in them is a *boot token*: it
+//! only creates `pending` machines, except machines pre-registered by MAC (see `registration`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use muster_proto::model::normalize_mac;
+use muster_proto::token::{self, JoinToken};
+
+use super::error::ApiError;
+use super::Controller;
+use crate::pki::unix_ms;
+use crate::store::{StoreError, TokenRecord};
+
+/// How the controller serves network boot.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// The directory with `vmlinuz` and `initramfs.img` (a `muster image pxe` bundle).
+    pub assets: PathBuf,
+    /// The gRPC URL booted agents dial (`https://HOST:PORT`); `None`: this host's name and the
+    /// gRPC port.
+    pub controller_url: Option<String>,
+    /// Kernel parameters before Muster's own.
+    pub kernel_args: String,
+    /// Serve ProxyDHCP on this interface.
+    pub proxy_dhcp: Option<String>,
+    /// Serve TFTP (iPXE binaries) from this directory.
+    pub tftp_root: Option<PathBuf>,
+}
+
+/// What a machine asking to boot gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootDecision {
+    /// Boot Muster's image with these kernel parameters; `profile` says why (`registered`,
+    /// `known`, `discovery`).
+    Boot { profile: &'static str, cmdline: String },
+    /// Do not network-boot (the firmware goes on to the next boot device).
+    Exit { reason: String },
+}
+
+/// The boot token lives in the data dir (0600) so boot scripts survive restarts.
+const BOOT_TOKEN_FILE: &str = "boot-token";
+const BOOT_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+const BOOT_TOKEN_USES: u32 = 1_000_000;
+
+impl Controller {
+    /// The boot token for boot scripts: the saved one while it is valid, else a new one.
+    pub async fn ensure_boot_token(&self, data_dir: &Path) -> Result<String, ApiError> {
+        let path = data_dir.join(BOOT_TOKEN_FILE);
+        let now = unix_ms(SystemTime::now());
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(tok) = JoinToken::parse(text.trim()) {
+                let tokens = self.store().list_tokens().await?;
+                let usable = tokens.iter().any(|t| {
+                    t.id == tok.id()
+                        && t.boot
+                        && !t.revoked
+                        && t.uses_left > 0
+                        && t.expires_ms > now + 24 * 3600 * 1000
+                        && tok.matches_digest(&t.digest)
+                });
+                if usable {
+                    return Ok(tok.to_string());
+                }
+                tracing::info!(token = tok.id(), "the boot token is no longer usable; making a new one");
+            }
+        }
+        let bytes: [u8; token::ID_LEN + token::SECRET_LEN] = self.random_bytes()?;
+        let tok =
+            JoinToken::from_random(&bytes).ok_or_else(|| ApiError::Internal("token generation".into()))?;
+        let record = TokenRecord {
+            id: tok.id().to_owned(),
+            digest: tok.digest().to_vec(),
+            created_ms: now,
+            expires_ms: now.saturating_add(i64::try_from(BOOT_TOKEN_TTL.as_millis()).unwrap_or(i64::MAX)),
+            uses_total: BOOT_TOKEN_USES,
+            uses_left: BOOT_TOKEN_USES,
+            labels: Default::default(),
+            auto_accept: false,
+            revoked: false,
+            description: "network boot (public on the LAN: pending unless registered)".into(),
+            boot: true,
+        };
+        self.store().insert_token(record).await?;
+        muster_util::write_atomic(&path, format!("{tok}\n").as_bytes(), 0o600).map_err(|e| {
+            ApiError::Store(StoreError::Backend(format!("cannot write {}: {e}", path.display())))
+        })?;
+        tracing::info!(token = tok.id(), "created the boot token for network-boot scripts");
+        Ok(tok.to_string())
+    }
+
+    /// Decides what the machine with `mac` (and `uuid`) boots. `base_cmdline` carries the
+    /// controller URL, CA pin and boot token.
+    pub async fn boot_decision(
+        &self,
+        mac: Option<&str>,
+        uuid: Option<&str>,
+        base_cmdline: &str,
+    ) -> Result<BootDecision, ApiError> {
+        let mac = mac.and_then(normalize_mac);
+        let uuid = uuid.map(str::to_ascii_lowercase).filter(|u| !u.is_empty());
+        if let Some(mac) = &mac {
+            let regs = self.store().list_registrations().await?;
+            if let Some(r) = regs.iter().find(|r| r.mac == *mac) {
+                if r.boot_local {
+                    return Ok(BootDecision::Exit {
+                        reason: format!("{mac} is registered to boot from its local disk"),
+                    });
+                }
+                let uuid_ok = r.uuid.is_empty() || uuid.as_deref() == Some(r.uuid.as_str());
+                if r.claimed_by.is_empty() && uuid_ok {
+                    return Ok(BootDecision::Boot {
+                        profile: "registered",
+                        cmdline: base_cmdline.to_owned(),
+                    });
+                }
+            }
+            let known: Vec<_> = self
+                .machines()
+                .into_iter()
+                .filter(|m| m.inventory.nics.iter().any(|n| normalize_mac(&n.mac).as_deref() == Some(mac)))
+                .collect();
+            if !known.is_empty() && known.iter().all(|m| m.revoked) {
+                return Ok(BootDecision::Exit { reason: format!("machine with {mac} was revoked") });
+            }
+            if !known.is_empty() {
+                return Ok(BootDecision::Boot { profile: "known", cmdline: base_cmdline.to_owned() });
+            }
+        }
+        Ok(BootDecision::Boot { profile: "discovery", cmdline: base_cmdline.to_owned() })
+    }
+}
+
+/// Muster's kernel parameters for a booted agent.
+pub fn agent_cmdline(extra: &str, controller_url: &str, ca_pin: &str, token: &str) -> String {
+    let mut s = String::new();
+    if !extra.trim().is_empty() {
+        s.push_str(extra.trim());
+        s.push(' ');
+    }
+    s.push_str(&format!("muster.controller={controller_url} muster.ca_hash={ca_pin} muster.token={token}"));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_carries_controller_pin_and_token() {
+        let c = agent_cmdline(" console=ttyS0 ", "https://10.0.2.100:7443", "sha256:ab", "id.secret");
+        assert_eq!(
+            c,
+            "console=ttyS0 muster.controller=https://10.0.2.100:7443 muster.ca_hash=sha256:ab muster.token=id.secret"
+        );
+        assert!(!agent_cmdline("", "u", "p", "t").starts_with(' '));
+    }
+}
