@@ -1,0 +1,238 @@
+//! Power-on to `ready` in a QEMU VM (TCG), broken down, next to a direct-kernel-boot baseline
+//! measured in the same run:
+//!
+//! - firmware + iPXE: VM start → the kernel's first line (network boot only; includes iPXE's
+//!   DHCP and the download of start.ipxe, the machine script, kernel and initramfs);
+//! - kernel + init: kernel's first line → the init starting the agent;
+//! - Muster's own share: agent start → enrolled → config applied (the controller records the
+//!   agent's report of generation 1).
+//!
+//! Times are when each marker first shows on the serial console or in the controller, polled
+//! every 10 ms. The VM reaches only the controller's loopback ports (user-mode networking,
+//! `restrict=on`).
+//!
+//!     cargo build --workspace --bins && cargo build --profile agent -p muster-agent
+//!     target/debug/muster-bench-boot [--runs 3]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use muster_proto::pb;
+use muster_tests::vm::{Boot, Net, Vm, VmSpec, GUEST_FWD_ADDR};
+use muster_tests::{bin, ControllerProc};
+
+/// Markers on the serial console.
+const KERNEL_STARTED: &str = "Linux version";
+const AGENT_STARTING: &str = "muster-init: starting muster-agent";
+const GUEST_GRPC: u16 = 7443;
+
+#[derive(Parser, Debug)]
+#[command(about = "Power-on → ready of a network-booted VM, by phase, vs direct kernel boot")]
+struct Args {
+    /// Runs of each kind (the report shows the median).
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
+    /// The agent baked into the image [default: target/agent/muster-agent if built, else the debug build]
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Give up on a boot after this long.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+/// One phase's duration, from a run's marker times.
+type PhaseFn = fn(&Phases) -> f64;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Phases {
+    kernel: f64,
+    agent_start: f64,
+    enrolled: f64,
+    ready: f64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let agent = match args.agent.clone() {
+        Some(a) => a,
+        None => {
+            let small = muster_tests::bin_dir().join("../agent/muster-agent");
+            if small.exists() {
+                small
+            } else {
+                muster_tests::agent_bin()?
+            }
+        }
+    };
+    let tmp = tempfile::Builder::new().prefix("muster-bench-boot-").tempdir()?;
+    let bundle = tmp.path().join("pxe");
+    let started = Instant::now();
+    let st = Command::new(bin("muster")?)
+        .args(["image", "pxe", "--quiet", "--agent"])
+        .arg(&agent)
+        .arg("--out")
+        .arg(&bundle)
+        .status()?;
+    if !st.success() {
+        bail!("muster image pxe failed");
+    }
+    eprintln!("PXE bundle built in {:.1}s", started.elapsed().as_secs_f64());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut net = Vec::new();
+    let mut direct = Vec::new();
+    for run in 0..args.runs {
+        let n = u8::try_from(run % 200).unwrap_or(0);
+        net.push(rt.block_on(boot_once(tmp.path(), &bundle, true, n, args.timeout))?);
+        direct.push(rt.block_on(boot_once(tmp.path(), &bundle, false, n, args.timeout))?);
+    }
+    let med = |v: &[Phases], f: PhaseFn| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    println!("\npower-on → ready, median of {} run(s) each (seconds from QEMU start)", args.runs);
+    println!("{:<38} {:>12} {:>14}", "phase", "iPXE boot", "direct kernel");
+    let rows: [(&str, PhaseFn); 4] = [
+        ("firmware (+ iPXE, downloads)", |p| p.kernel),
+        ("kernel + init → agent start", |p| p.agent_start - p.kernel),
+        ("agent start → enrolled", |p| p.enrolled - p.agent_start),
+        ("enrolled → config applied (ready)", |p| p.ready - p.enrolled),
+    ];
+    for (name, f) in rows {
+        println!("{name:<38} {:>12.2} {:>14.2}", med(&net, f), med(&direct, f));
+    }
+    println!(
+        "{:<38} {:>12.2} {:>14.2}",
+        "total power-on → ready",
+        med(&net, |p| p.ready),
+        med(&direct, |p| p.ready)
+    );
+    println!(
+        "Muster's own share (agent start → ready with config): {:.3} s (iPXE run), {:.3} s (direct run)",
+        med(&net, |p| p.ready - p.agent_start),
+        med(&direct, |p| p.ready - p.agent_start)
+    );
+    let manifest = std::fs::read_to_string(bundle.join("manifest.json")).unwrap_or_default();
+    println!("\nimage sizes:");
+    for f in ["vmlinuz", "initramfs.img"] {
+        let len = std::fs::metadata(bundle.join(f)).map(|m| m.len()).unwrap_or(0);
+        println!("  {f:<14} {:>8.2} MB", len as f64 / 1e6);
+    }
+    if manifest.is_empty() {
+        println!("  (no manifest.json)");
+    }
+    Ok(())
+}
+
+async fn boot_once(dir: &Path, bundle: &Path, netboot: bool, run: u8, timeout: Duration) -> Result<Phases> {
+    let kind = if netboot { "ipxe" } else { "direct" };
+    let run_dir = dir.join(format!("{kind}-{run}"));
+    std::fs::create_dir_all(&run_dir)?;
+    let data = run_dir.join("controller");
+    let out = Command::new(bin("muster-controller")?)
+        .args(["init", "--san", GUEST_FWD_ADDR, "--data-dir"])
+        .arg(&data)
+        .output()?;
+    if !out.status.success() {
+        bail!("init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let url = format!("https://{GUEST_FWD_ADDR}:{GUEST_GRPC}");
+    let ctl = ControllerProc::start(
+        &data,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[
+            "--boot-assets",
+            &bundle.display().to_string(),
+            "--boot-controller-url",
+            &url,
+            "--boot-kernel-args",
+            "console=ttyS0 panic=-1",
+        ],
+    )?;
+    let mac = format!("52:54:00:be:{}:{run:02x}", if netboot { "01" } else { "02" });
+    let cfg = run_dir.join("cfg.yaml");
+    std::fs::write(
+        &cfg,
+        "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/motd\n    content: \"bench\\n\"\n",
+    )?;
+    ctl.cli_ok(&[
+        "machine",
+        "register",
+        "--mac",
+        &mac,
+        "--hostname",
+        "bench-vm",
+        "-f",
+        &cfg.display().to_string(),
+    ])?;
+    let forwards = vec![(80, ctl.ports.http.port()), (GUEST_GRPC, ctl.ports.grpc.port())];
+    let (boot, netcfg) = if netboot {
+        (
+            Boot::Network,
+            Net::User { bootfile: Some(format!("http://{GUEST_FWD_ADDR}/boot/start.ipxe")), forwards },
+        )
+    } else {
+        // The same kernel, initramfs and command line the boot service would give it.
+        let token =
+            std::fs::read_to_string(data.join("boot-token")).context("the controller's boot token")?;
+        let append = format!(
+            "console=ttyS0 panic=-1 muster.controller={url} muster.ca_hash={} muster.token={}",
+            ctl.pin()?,
+            token.trim()
+        );
+        (
+            Boot::Kernel { kernel: bundle.join("vmlinuz"), initrd: bundle.join("initramfs.img"), append },
+            Net::User { bootfile: None, forwards },
+        )
+    };
+    let mc = muster_controller::client::load_musterconfig(&ctl.musterconfig())?;
+    let mut admin = muster_controller::client::admin_client(&mc).await?;
+    let mut vm = Vm::start(&VmSpec::new(&format!("bench-{kind}-{run}"), &mac, boot, netcfg), &run_dir)?;
+    let t0 = vm.started;
+    let mut p = Phases::default();
+    let (mut kernel, mut agent, mut enrolled) = (None, None, None);
+    loop {
+        vm.check()?;
+        let now = t0.elapsed().as_secs_f64();
+        let serial = vm.serial();
+        if kernel.is_none() && serial.contains(KERNEL_STARTED) {
+            kernel = Some(now);
+        }
+        if agent.is_none() && serial.contains(AGENT_STARTING) {
+            agent = Some(now);
+        }
+        let ms = admin.list_machines(pb::ListMachinesRequest {}).await?.into_inner().machines;
+        if let Some(m) = ms.iter().find(|m| m.macs.contains(&mac)) {
+            if enrolled.is_none() {
+                enrolled = Some(now);
+            }
+            let c = admin
+                .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+                .await?
+                .into_inner();
+            if c.applied_generation >= 1 && m.state == pb::MachineState::Ready as i32 {
+                p.ready = now;
+                break;
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!("{kind} boot not ready within {timeout:?}; serial log {}", vm.serial_log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.kernel = kernel.unwrap_or(0.0);
+    p.agent_start = agent.unwrap_or(p.kernel);
+    p.enrolled = enrolled.unwrap_or(p.ready);
+    eprintln!(
+        "{kind} run {run}: kernel {:.2}s, agent {:.2}s, enrolled {:.2}s, ready {:.2}s",
+        p.kernel, p.agent_start, p.enrolled, p.ready
+    );
+    vm.kill();
+    drop(ctl);
+    Ok(p)
+}
