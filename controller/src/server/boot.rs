@@ -135,6 +135,70 @@ impl Controller {
     }
 }
 
+/// The controller as the boot service's policy.
+pub struct Policy {
+    pub controller: Controller,
+    /// Muster's kernel parameters (controller URL, CA pin, boot token), after the extra ones.
+    pub cmdline: String,
+}
+
+#[async_trait::async_trait]
+impl muster_pxe::BootPolicy for Policy {
+    async fn decide(
+        &self,
+        req: &muster_pxe::BootRequest,
+    ) -> Result<muster_pxe::BootAction, muster_pxe::BootError> {
+        let mac = req.mac.map(|m| m.to_string());
+        let d = self
+            .controller
+            .boot_decision(mac.as_deref(), req.uuid.as_deref(), &self.cmdline)
+            .await
+            .map_err(|e| muster_pxe::BootError(e.to_string()))?;
+        Ok(match d {
+            BootDecision::Boot { profile, cmdline } => muster_pxe::BootAction::Boot(muster_pxe::BootSpec {
+                profile: profile.into(),
+                kernel: KERNEL.into(),
+                initrd: INITRD.into(),
+                cmdline,
+            }),
+            BootDecision::Exit { reason } => muster_pxe::BootAction::Exit { reason },
+        })
+    }
+}
+
+/// The PXE bundle's file names (`muster image pxe`).
+pub const KERNEL: &str = "vmlinuz";
+pub const INITRD: &str = "initramfs.img";
+
+/// Sets up network boot for a started controller: the boot token, the policy and the routes.
+pub async fn routes(
+    controller: &Controller,
+    data_dir: &Path,
+    opts: &BootOptions,
+    grpc_port: u16,
+) -> Result<axum::Router, ApiError> {
+    for f in [KERNEL, INITRD] {
+        if !opts.assets.join(f).is_file() {
+            return Err(ApiError::invalid(
+                "boot_assets",
+                format!(
+                    "{} has no {f}: build a bundle with `muster image pxe --out DIR`",
+                    opts.assets.display()
+                ),
+            ));
+        }
+    }
+    let token = controller.ensure_boot_token(data_dir).await?;
+    let url = opts
+        .controller_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{}:{grpc_port}", crate::pki::local_hostname()));
+    let cmdline = agent_cmdline(&opts.kernel_args, &url, &controller.pki().pin.to_string(), &token);
+    tracing::info!(assets = %opts.assets.display(), controller_url = %url, "serving network boot at /boot/start.ipxe");
+    let policy = std::sync::Arc::new(Policy { controller: controller.clone(), cmdline });
+    Ok(muster_pxe::router(policy, std::sync::Arc::new(muster_pxe::Assets::new(&opts.assets))))
+}
+
 /// Muster's kernel parameters for a booted agent.
 pub fn agent_cmdline(extra: &str, controller_url: &str, ca_pin: &str, token: &str) -> String {
     let mut s = String::new();

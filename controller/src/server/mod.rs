@@ -667,8 +667,16 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         .map_err(|source| ServeError::Write { path: dir.ports(), source })?;
 
     let controller = Controller::new(store, pki, opts.controller.clone(), Arc::new(Metrics::new())).await?;
+    let boot_routes = match &opts.boot {
+        Some(b) => Some(
+            boot::routes(&controller, dir.root(), b, grpc_addr.port())
+                .await
+                .map_err(|e| ServeError::Runtime(format!("network boot: {e}")))?,
+        ),
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(controller.clone(), grpc, tls, http_l, shutdown_rx));
+    let task = tokio::spawn(serve(controller.clone(), grpc, tls, http_l, boot_routes, shutdown_rx));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "controller serving");
     Ok(Running { ports, pin, controller, shutdown: Some(shutdown_tx), task })
 }
@@ -678,6 +686,7 @@ async fn serve(
     grpc: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     http_l: TcpListener,
+    boot_routes: Option<axum::Router>,
     shutdown: oneshot::Receiver<()>,
 ) -> Result<(), ServeError> {
     let stop = CancellationToken::new();
@@ -699,9 +708,14 @@ async fn serve(
             .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned()),
     );
     let http_stop = stop.clone();
-    let router = http::router(controller.clone());
+    let mut router = http::router(controller.clone());
+    if let Some(b) = boot_routes {
+        router = router.merge(b);
+    }
     let http_task = tokio::spawn(async move {
-        axum::serve(http_l, router).with_graceful_shutdown(http_stop.cancelled_owned()).await
+        axum::serve(http_l, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
     });
     let flusher = {
         let c = controller.clone();
