@@ -120,6 +120,9 @@ enum Cmd {
     /// A controller and agents on this machine, for trying Muster out.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// Build node images with the agent baked in: a PXE bundle or a bootable ISO (no root needed).
+    #[command(subcommand)]
+    Image(muster_images::ImageCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -451,6 +454,14 @@ async fn connect(cli: &Cli) -> Result<(Admin, String)> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Image(_) = &cli.cmd {
+        let Cmd::Image(cmd) = cli.cmd else { bail!("unreachable") };
+        // Building takes seconds of blocking work: off the async threads.
+        return tokio::task::spawn_blocking(move || muster_images::run_command(cmd))
+            .await
+            .map_err(|e| anyhow::anyhow!("image builder: {e}"))?
+            .map_err(anyhow::Error::from);
+    }
     match &cli.cmd {
         Cmd::Completion { shell } => {
             // Into a buffer first: clap_complete panics if it cannot write.
@@ -774,7 +785,7 @@ async fn run(cli: Cli) -> Result<()> {
                 out!("{}", render(&v, output)?);
             }
         }
-        Cmd::Completion { .. } | Cmd::Lab(_) | Cmd::Config(_) => bail!("unreachable"),
+        Cmd::Completion { .. } | Cmd::Lab(_) | Cmd::Config(_) | Cmd::Image(_) => bail!("unreachable"),
     }
     Ok(())
 }
