@@ -28,6 +28,9 @@ ensure_pkgs() {
 # end-to-end test. iproute2 and util-linux: `ip netns`, `unshare` and `nsenter` for the tests
 # that run the agent's real effects (and the lab) inside namespaces they create.
 ensure_pkgs curl prometheus iproute2 util-linux
+# Network boot, images and the QEMU lab: QEMU (from bookworm-backports), iPXE, busybox-static,
+# xorriso + isolinux, dnsmasq (the ProxyDHCP test's LAN DHCP server).
+scripts/install-netboot-deps.sh
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}

@@ -1,0 +1,426 @@
+//! Network boot end to end, in real VMs: QEMU (TCG) with SeaBIOS and iPXE boots from the
+//! controller's HTTP boot service, a Debian kernel with Muster's initramfs starts the agent,
+//! and the agent enrolls. Each test judges by what the controller records, fails at once on
+//! `Could not boot`/`Kernel panic` in the serial console, kills its VMs (Drop), and keeps the
+//! serial log on failure (the temp dir is persisted then).
+//!
+//! The VMs use QEMU user-mode networking with `restrict=on`: they reach only the controller's
+//! loopback ports, forwarded at 10.0.2.100. Nothing leaves this machine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use muster_tests::vm::{mac, Boot, Net, Vm, VmSpec, GUEST_FWD_ADDR};
+use muster_tests::{bin, wait_for, ControllerProc};
+
+/// Ports the guest dials at 10.0.2.100.
+const GUEST_HTTP: u16 = 80;
+const GUEST_GRPC: u16 = 7443;
+/// TCG is slow and CI machines are loaded: generous, but a failure on the console stops at once.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The PXE bundle, built once per target dir (a lock keeps parallel tests from racing).
+fn pxe_bundle() -> Result<PathBuf> {
+    let root = muster_tests::bin_dir().join("muster-e2e");
+    std::fs::create_dir_all(&root)?;
+    let out = root.join("pxe");
+    let lock = std::fs::File::create(root.join("build.lock"))?;
+    let status = Command::new("flock")
+        .arg(root.join("build.lock"))
+        .arg(bin("muster")?)
+        .args(["image", "pxe", "--quiet", "--agent"])
+        .arg(muster_tests::agent_bin()?)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .context("building the PXE bundle")?;
+    drop(lock);
+    if !status.success() {
+        bail!("muster image pxe failed ({status})");
+    }
+    Ok(out)
+}
+
+/// A controller serving network boot on loopback, its certificate valid for the guests' view.
+fn boot_controller(dir: &Path, bundle: &Path, ports: Option<(u16, u16)>) -> Result<ControllerProc> {
+    let data = dir.join("controller");
+    if !data.join("ca.crt").exists() {
+        let out = Command::new(bin("muster-controller")?)
+            .args(["init", "--san", GUEST_FWD_ADDR, "--data-dir"])
+            .arg(&data)
+            .output()?;
+        if !out.status.success() {
+            bail!("init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let (grpc, http) = match ports {
+        Some((g, h)) => (format!("127.0.0.1:{g}"), format!("127.0.0.1:{h}")),
+        None => ("127.0.0.1:0".into(), "127.0.0.1:0".into()),
+    };
+    let bundle = bundle.display().to_string();
+    let url = format!("https://{GUEST_FWD_ADDR}:{GUEST_GRPC}");
+    ControllerProc::start(
+        &data,
+        &grpc,
+        &http,
+        &[
+            "--boot-assets",
+            &bundle,
+            "--boot-controller-url",
+            &url,
+            "--boot-kernel-args",
+            "console=ttyS0 panic=-1",
+        ],
+    )
+}
+
+fn user_net(ctl: &ControllerProc, boot: bool) -> Net {
+    Net::User {
+        bootfile: boot.then(|| format!("http://{GUEST_FWD_ADDR}/boot/start.ipxe")),
+        forwards: vec![(GUEST_HTTP, ctl.ports.http.port()), (GUEST_GRPC, ctl.ports.grpc.port())],
+    }
+}
+
+/// The machine with `mac`, once `ok` holds for it (checking the VM's console meanwhile).
+fn wait_machine(
+    ctl: &ControllerProc,
+    vm: &mut Vm,
+    mac: &str,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let start = std::time::Instant::now();
+    loop {
+        vm.check()?;
+        let found = ctl
+            .machines()?
+            .into_iter()
+            .find(|m| m["macs"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str() == Some(mac))));
+        if let Some(m) = found.filter(|m| ok(m)) {
+            return Ok(m);
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            bail!(
+                "VM {}: {what} not seen within {BOOT_TIMEOUT:?}; serial log at {}",
+                vm.name,
+                vm.serial_log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Keeps the temp dir (serial logs) when the test fails.
+struct Keep(Option<tempfile::TempDir>);
+impl Keep {
+    fn new() -> Self {
+        Self(Some(tempfile::Builder::new().prefix("muster-e2e-").tempdir().unwrap()))
+    }
+    fn path(&self) -> &Path {
+        self.0.as_ref().map(|d| d.path()).unwrap_or(Path::new("/nonexistent"))
+    }
+}
+impl Drop for Keep {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(d) = self.0.take() {
+                eprintln!("keeping serial logs in {}", d.keep().display());
+            }
+        }
+    }
+}
+
+#[test]
+fn registered_vm_netboots_enrolls_takes_role_hostname_and_config_and_survives_a_controller_restart() {
+    let tmp = Keep::new();
+    let bundle = pxe_bundle().unwrap();
+    let ctl = boot_controller(tmp.path(), &bundle, None).unwrap();
+    let m = mac(1, 1);
+    let motd = format!("booted by muster {}\n", std::process::id());
+    let cfg = tmp.path().join("node.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/motd\n    content: {motd:?}\n"
+        ),
+    )
+    .unwrap();
+    ctl.cli_ok(&[
+        "machine",
+        "register",
+        "--mac",
+        &m,
+        "--hostname",
+        "vm-reg",
+        "--role",
+        "worker",
+        "--cluster",
+        "lab",
+        "-f",
+        cfg.to_str().unwrap(),
+    ])
+    .unwrap();
+    let mut spec = VmSpec::new("vm-reg", &m, Boot::Network, user_net(&ctl, true));
+    spec.uuid = Some("6d757374-6572-4000-8000-000000000001".into());
+    let mut vm = Vm::start(&spec, tmp.path()).unwrap();
+    let got = wait_machine(&ctl, &mut vm, &m, "ready with role worker and hostname vm-reg", |m| {
+        m["state"] == "ready"
+            && m["role"] == "worker"
+            && m["hostname"] == "vm-reg"
+            && m["health"] == "healthy"
+    })
+    .unwrap();
+    let id = got["id"].as_str().unwrap().to_owned();
+    assert_eq!(got["cluster"], "lab");
+    // The config (hostname + file) was applied on the node, per the agent's own report.
+    let rendered = wait_for("config generation 1 applied", BOOT_TIMEOUT, || {
+        let out = ctl.cli_ok(&["config", "get", &id, "--rendered"]).ok()?;
+        (out.contains("running 1") && out.contains("# file:/etc/motd applied")).then_some(out)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.serial()));
+    assert!(rendered.contains("hostname: vm-reg"), "{rendered}");
+    // /metrics shows it.
+    let metrics = http_get(ctl.ports.http.port(), "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("muster_machine_up{") && l.contains("vm-reg") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // Restart the controller on the same ports while the VM runs: the agent reconnects, same id.
+    let (g, h) = (ctl.ports.grpc.port(), ctl.ports.http.port());
+    drop(ctl);
+    let ctl = boot_controller(tmp.path(), &bundle, Some((g, h))).unwrap();
+    let again = wait_machine(&ctl, &mut vm, &m, "connected again after the restart", |m| {
+        m["connected"] == true && m["state"] == "ready"
+    })
+    .unwrap();
+    assert_eq!(again["id"], id.as_str());
+    assert_eq!((again["role"].as_str(), again["hostname"].as_str()), (Some("worker"), Some("vm-reg")));
+    assert_eq!(ctl.machines().unwrap().len(), 1, "no second machine appeared");
+}
+
+#[test]
+fn unregistered_vm_lands_pending_until_approved() {
+    let tmp = Keep::new();
+    let bundle = pxe_bundle().unwrap();
+    let ctl = boot_controller(tmp.path(), &bundle, None).unwrap();
+    let m = mac(2, 1);
+    let mut vm =
+        Vm::start(&VmSpec::new("vm-pending", &m, Boot::Network, user_net(&ctl, true)), tmp.path()).unwrap();
+    let got = wait_machine(&ctl, &mut vm, &m, "pending", |m| m["state"] == "pending").unwrap();
+    let id = got["id"].as_str().unwrap().to_owned();
+    ctl.cli_ok(&["approve", &id]).unwrap();
+    wait_machine(&ctl, &mut vm, &m, "ready after approve", |m| m["state"] == "ready").unwrap();
+}
+
+#[test]
+fn iso_boots_to_ready() {
+    let tmp = Keep::new();
+    let bundle = pxe_bundle().unwrap();
+    let ctl = boot_controller(tmp.path(), &bundle, None).unwrap();
+    let token = ctl.cli_ok(&["token", "create", "--description", "iso e2e"]).unwrap().trim().to_owned();
+    let iso = tmp.path().join("muster.iso");
+    let cmdline = format!(
+        "console=ttyS0 panic=-1 muster.controller=https://{GUEST_FWD_ADDR}:{GUEST_GRPC} muster.ca_hash={} muster.token={token}",
+        ctl.pin().unwrap()
+    );
+    let out = Command::new(bin("muster").unwrap())
+        .args(["image", "iso", "--quiet", "--agent"])
+        .arg(muster_tests::agent_bin().unwrap())
+        .arg("--out")
+        .arg(&iso)
+        .arg("--bundle")
+        .arg(tmp.path().join("pxe-for-iso"))
+        .args(["--cmdline", &cmdline])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "muster image iso: {}", String::from_utf8_lossy(&out.stderr));
+    let m = mac(3, 1);
+    let mut vm =
+        Vm::start(&VmSpec::new("vm-iso", &m, Boot::Cdrom(iso), user_net(&ctl, false)), tmp.path()).unwrap();
+    wait_machine(&ctl, &mut vm, &m, "ready from the ISO", |m| m["state"] == "ready").unwrap();
+}
+
+/// A plain HTTP GET on loopback.
+fn http_get(port: u16, path: &str) -> String {
+    let out = Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}{path}")]).output().unwrap();
+    assert!(out.status.success(), "GET {path}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Network namespaces this test made, deleted when dropped (a failed test leaves nothing).
+struct Netns(Vec<String>);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in self.0.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A LAN in namespaces: a bridge (in `lan`), the home router's DHCP server (dnsmasq, addresses
+/// only, in `rtr`), the controller with ProxyDHCP and TFTP (in `ctl`), and a VM on a tap in the
+/// bridge. The VM gets its address from dnsmasq and its boot information from Muster.
+#[test]
+fn proxy_dhcp_beside_a_real_dhcp_server_boots_a_vm_and_tftp_serves_ipxe() {
+    let tmp = Keep::new();
+    let bundle = pxe_bundle().unwrap();
+    let p = format!("mpx{}", std::process::id() % 100_000);
+    let (lan, rtr, ctln) = (format!("{p}l"), format!("{p}r"), format!("{p}c"));
+    let mut ns = Netns(Vec::new());
+    for n in [&lan, &rtr, &ctln] {
+        ip(&["netns", "add", n]);
+        ns.0.push(n.clone());
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+    }
+    ip(&["-n", &lan, "link", "add", "br0", "type", "bridge"]);
+    ip(&["-n", &lan, "link", "set", "br0", "up"]);
+    for (peer, addr, name) in [(&rtr, "192.168.77.1/24", "r0"), (&ctln, "192.168.77.2/24", "c0")] {
+        ip(&[
+            "-n",
+            &lan,
+            "link",
+            "add",
+            &format!("v{name}"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name,
+            "netns",
+            peer,
+        ]);
+        ip(&["-n", &lan, "link", "set", &format!("v{name}"), "master", "br0", "up"]);
+        ip(&["-n", peer, "addr", "add", addr, "dev", name]);
+        ip(&["-n", peer, "link", "set", name, "up"]);
+    }
+    ip(&["-n", &lan, "tuntap", "add", "tap0", "mode", "tap"]);
+    ip(&["-n", &lan, "link", "set", "tap0", "master", "br0", "up"]);
+
+    // The LAN's own DHCP server: addresses only, no boot options, no DNS.
+    let leases = tmp.path().join("dnsmasq.leases");
+    let mut dnsmasq = muster_tests::Proc::spawn(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &rtr,
+                "dnsmasq",
+                "--no-daemon",
+                "--user=root",
+                "--port=0",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args([
+                "--interface=r0",
+                "--bind-interfaces",
+                "--dhcp-range=192.168.77.100,192.168.77.150,255.255.255.0,1h",
+                "--dhcp-option=3,192.168.77.1",
+                &format!("--dhcp-leasefile={}", leases.display()),
+                "--log-dhcp",
+            ]),
+        tmp.path().join("dnsmasq.log"),
+    )
+    .unwrap();
+
+    // The controller, in its namespace, with ProxyDHCP on c0 and TFTP.
+    let data = tmp.path().join("controller");
+    let out = Command::new(bin("muster-controller").unwrap())
+        .args(["init", "--san", "192.168.77.2", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut ctl = muster_tests::Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &ctln])
+            .arg(bin("muster-controller").unwrap())
+            .args([
+                "serve",
+                "--grpc-listen",
+                "192.168.77.2:7443",
+                "--http-listen",
+                "192.168.77.2:80",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .args(["--boot-assets", bundle.to_str().unwrap(), "--boot-kernel-args", "console=ttyS0 panic=-1"])
+            .args(["--boot-controller-url", "https://192.168.77.2:7443", "--proxy-dhcp", "c0", "--tftp"]),
+        tmp.path().join("controller.log"),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ctln])
+            .arg(bin("muster").unwrap())
+            .arg("--musterconfig")
+            .arg(data.join("musterconfig"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "muster {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for("the controller", Duration::from_secs(30), || {
+        assert!(ctl.alive(), "controller exited: {}", ctl.log_text());
+        data.join("ports.json").exists().then_some(())
+    })
+    .unwrap();
+
+    // TFTP, with a real client from the router's namespace.
+    let got = tmp.path().join("undionly.kpxe");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &rtr, "busybox", "tftp", "-g", "-r", "undionly.kkpxe", "-l"])
+        .arg(&got)
+        .arg("192.168.77.2")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tftp: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&got).unwrap(), std::fs::read("/usr/lib/ipxe/undionly.kkpxe").unwrap());
+
+    // A VM on the LAN boots through Muster and lands pending (not registered).
+    let m = mac(4, 1);
+    let mut spec = VmSpec::new("vm-proxy", &m, Boot::Network, Net::Tap { ifname: "tap0".into() });
+    spec.netns = Some(lan.clone());
+    let mut vm = Vm::start(&spec, tmp.path()).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        vm.check().unwrap();
+        assert!(ctl.alive(), "controller exited: {}", ctl.log_text());
+        let v: serde_json::Value = serde_json::from_str(&cli(&["machines", "-o", "json"])).unwrap();
+        let found = v.as_array().unwrap().iter().any(|x| {
+            x["macs"].as_array().is_some_and(|a| a.iter().any(|y| y.as_str() == Some(m.as_str())))
+                && x["state"] == "pending"
+        });
+        if found {
+            break;
+        }
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "the VM did not enroll; serial log {}; dnsmasq: {}",
+            vm.serial_log.display(),
+            dnsmasq.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Its address came from the LAN's DHCP server, not from Muster.
+    assert!(
+        std::fs::read_to_string(&leases).unwrap_or_default().contains(&m),
+        "dnsmasq leased it an address"
+    );
+    vm.kill();
+    ctl.kill();
+    dnsmasq.kill();
+    drop(ns);
+}
