@@ -343,7 +343,7 @@ fn initramfs(
     entries.dedup_by(|a, b| a.path() == b.path());
     let mut raw = Vec::new();
     cpio::write(&mut raw, &entries, EPOCH).map_err(io("writing the initramfs"))?;
-    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
+    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(6));
     gz.write_all(&raw).map_err(io("compressing the initramfs"))?;
     gz.finish().map_err(io("compressing the initramfs"))
 }
