@@ -1,26 +1,58 @@
 //! Boot assets (kernel, initramfs, …) served from one directory, with SHA-256 checksums.
 
 use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use ring::digest;
 
-/// Files directly in one directory. Names are plain file names: no separators, no `..`, no
-/// hidden files; symlinks are not followed out of the directory.
+/// The generated checksum list's name (`/boot/assets/SHA256SUMS`).
+pub const SHA256SUMS: &str = "SHA256SUMS";
+
+/// Files directly in one directory. Names are plain file names: ASCII letters, digits, `.`, `-`,
+/// `_`, not starting with `.`; a symlink is served only if it resolves to a regular file
+/// directly in the same directory.
 #[derive(Debug)]
 pub struct Assets {
     dir: PathBuf,
-    /// SHA-256 by name, valid while (size, mtime) is unchanged.
-    sums: Mutex<HashMap<String, (u64, SystemTime, String)>>,
+    /// SHA-256 by name, valid while (inode, size, mtime) is unchanged.
+    sums: Mutex<HashMap<String, Cached>>,
 }
 
-/// A served file: its bytes and checksum.
-#[derive(Debug, Clone)]
-pub struct Asset {
-    pub bytes: Vec<u8>,
-    pub sha256: String,
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cached {
+    ino: u64,
+    len: u64,
+    mtime: SystemTime,
+    sha256: [u8; 32],
+}
+
+/// An asset opened for serving: the open file, its length and checksum.
+#[derive(Debug)]
+pub struct AssetFile {
+    pub file: tokio::fs::File,
+    pub len: u64,
+    pub sha256: [u8; 32],
+}
+
+impl AssetFile {
+    /// The checksum as lower-case hex.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssetError {
+    #[error("{0:?} is not a valid asset name")]
+    InvalidName(String),
+    #[error("no asset {0:?}")]
+    NotFound(String),
+    #[error("asset {name:?}: {source}")]
+    Io { name: String, source: std::io::Error },
 }
 
 impl Assets {
@@ -40,42 +72,73 @@ impl Assets {
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
     }
 
-    /// Reads `name`; `None` if it is not a servable regular file.
-    pub async fn read(&self, name: &str) -> Option<Asset> {
+    /// The real path of `name`, if it is a regular file directly in the directory.
+    async fn resolve(&self, name: &str) -> Result<PathBuf, AssetError> {
         if !Self::valid_name(name) {
-            return None;
+            return Err(AssetError::InvalidName(name.to_owned()));
         }
-        let path = self.dir.join(name);
-        let meta = tokio::fs::symlink_metadata(&path).await.ok()?;
+        let io = |source: std::io::Error| AssetError::Io { name: name.to_owned(), source };
+        let dir = tokio::fs::canonicalize(&self.dir).await.map_err(io)?;
+        let path = match tokio::fs::canonicalize(dir.join(name)).await {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(AssetError::NotFound(name.to_owned()))
+            }
+            Err(e) => return Err(io(e)),
+        };
+        if path.parent() != Some(dir.as_path()) {
+            tracing::warn!(asset = name, target = %path.display(), "asset resolves outside the assets directory");
+            return Err(AssetError::NotFound(name.to_owned()));
+        }
+        Ok(path)
+    }
+
+    /// Opens `name` for serving, with its checksum (computed once per file version).
+    pub async fn open(&self, name: &str) -> Result<AssetFile, AssetError> {
+        let path = self.resolve(name).await?;
+        let io = |source: std::io::Error| AssetError::Io { name: name.to_owned(), source };
+        let file = tokio::fs::File::open(&path).await.map_err(io)?;
+        let meta = file.metadata().await.map_err(io)?;
         if !meta.is_file() {
-            return None;
+            return Err(AssetError::NotFound(name.to_owned()));
         }
-        let bytes = tokio::fs::read(&path).await.ok()?;
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        let cached = self.sums.lock().ok().and_then(|s| {
-            s.get(name).filter(|(l, m, _)| *l == meta.len() && *m == mtime).map(|(_, _, h)| h.clone())
-        });
+        let key = |sha256| Cached { ino: meta.ino(), len: meta.len(), mtime, sha256 };
+        let cached = self
+            .sums
+            .lock()
+            .ok()
+            .and_then(|s| s.get(name).filter(|c| **c == key(c.sha256)).map(|c| c.sha256));
         let sha256 = match cached {
             Some(h) => h,
             None => {
-                let h = hex::encode(digest::digest(&digest::SHA256, &bytes));
+                // Hash through a second handle of the same open file (its own offset).
+                let std_file = file.try_clone().await.map_err(io)?.into_std().await;
+                let h = tokio::task::spawn_blocking(move || hash_file(std_file))
+                    .await
+                    .map_err(|e| io(std::io::Error::other(e)))?
+                    .map_err(io)?;
                 if let Ok(mut s) = self.sums.lock() {
-                    s.insert(name.to_owned(), (meta.len(), mtime, h.clone()));
+                    s.insert(name.to_owned(), key(h));
                 }
                 h
             }
         };
-        Some(Asset { bytes, sha256 })
+        // The clone shares the file offset: start from the beginning again.
+        let mut file = file;
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(0)).await.map_err(io)?;
+        Ok(AssetFile { file, len: meta.len(), sha256 })
     }
 
-    /// `sha256sum` lines for every servable file, sorted by name.
-    pub async fn sha256sums(&self) -> Result<String, std::io::Error> {
+    /// `sha256sum` lines (`<hex>  <name>`) for every servable file, sorted by name.
+    pub async fn sha256sums(&self) -> Result<String, AssetError> {
+        let io = |source: std::io::Error| AssetError::Io { name: SHA256SUMS.to_owned(), source };
         let mut names = Vec::new();
-        let mut rd = tokio::fs::read_dir(&self.dir).await?;
-        while let Some(e) = rd.next_entry().await? {
+        let mut rd = tokio::fs::read_dir(&self.dir).await.map_err(io)?;
+        while let Some(e) = rd.next_entry().await.map_err(io)? {
             if let Some(n) = e.file_name().to_str() {
-                if Self::valid_name(n) && n != "SHA256SUMS" && e.file_type().await.is_ok_and(|t| t.is_file())
-                {
+                if Self::valid_name(n) && n != SHA256SUMS {
                     names.push(n.to_owned());
                 }
             }
@@ -83,38 +146,65 @@ impl Assets {
         names.sort();
         let mut out = String::new();
         for n in names {
-            if let Some(a) = self.read(&n).await {
-                out.push_str(&format!("{}  {n}\n", a.sha256));
+            match self.open(&n).await {
+                Ok(a) => out.push_str(&format!("{}  {n}\n", a.sha256_hex())),
+                Err(AssetError::NotFound(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
     }
 }
 
-/// A single byte range of a `len`-byte body: `Ok(None)` for the whole body, `Err(())` when
-/// unsatisfiable.
-pub fn parse_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
-    let spec = header.trim().strip_prefix("bytes=").ok_or(())?;
+fn hash_file(mut f: std::fs::File) -> std::io::Result<[u8; 32]> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
+/// Why a `Range` header cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// A single byte range `(first, last)` of a `len`-byte body: `Ok(None)` for the whole body (also
+/// for several ranges, which RFC 9110 allows), `Err` when unsatisfiable or malformed.
+pub fn parse_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
+    let spec = header.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
     if spec.contains(',') {
-        // Several ranges: answer with the whole body (allowed by RFC 9110).
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| -> Result<u64, Unsatisfiable> {
+        if s.bytes().all(|c| c.is_ascii_digit()) {
+            s.parse().map_err(|_| Unsatisfiable)
+        } else {
+            Err(Unsatisfiable)
+        }
+    };
     let (start, end) = match (a.is_empty(), b.is_empty()) {
-        (true, true) => return Err(()),
+        (true, true) => return Err(Unsatisfiable),
         (true, false) => {
-            let n: u64 = b.parse().map_err(|_| ())?;
+            let n = num(b)?;
             if n == 0 || len == 0 {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (len.saturating_sub(n), len - 1)
         }
         (false, _) => {
-            let s: u64 = a.parse().map_err(|_| ())?;
-            let e: u64 = if b.is_empty() { len.saturating_sub(1) } else { b.parse().map_err(|_| ())? };
+            let s = num(a)?;
+            let e = if b.is_empty() { len.saturating_sub(1) } else { num(b)? };
             if s >= len || e < s {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (s, e.min(len - 1))
         }
@@ -127,17 +217,24 @@ pub fn parse_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
 mod tests {
     use super::*;
 
+    fn sha(b: &[u8]) -> String {
+        hex::encode(digest::digest(&digest::SHA256, b))
+    }
+
     #[test]
     fn ranges() {
         assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));
         assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
         assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-1000", 100), Ok(Some((0, 99))));
         assert_eq!(parse_range("bytes=50-500", 100), Ok(Some((50, 99))));
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
-        assert_eq!(parse_range("bytes=100-", 100), Err(()));
-        assert_eq!(parse_range("bytes=9-3", 100), Err(()));
-        assert_eq!(parse_range("items=0-1", 100), Err(()));
-        assert_eq!(parse_range("bytes=-0", 100), Err(()));
+        assert_eq!(parse_range("bytes=100-", 100), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=9-3", 100), Err(Unsatisfiable));
+        assert_eq!(parse_range("items=0-1", 100), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=-0", 100), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=+1-2", 100), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=0-0", 0), Err(Unsatisfiable));
     }
 
     #[tokio::test]
@@ -145,14 +242,39 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("vmlinuz"), b"kernel").unwrap();
         std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/inner"), b"x").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.path().join("passwd")).unwrap();
+        std::os::unix::fs::symlink("sub/inner", d.path().join("inner")).unwrap();
+        std::os::unix::fs::symlink("vmlinuz", d.path().join("kernel")).unwrap();
         let a = Assets::new(d.path());
-        let k = a.read("vmlinuz").await.unwrap();
-        assert_eq!(k.bytes, b"kernel");
-        assert_eq!(k.sha256, hex::encode(digest::digest(&digest::SHA256, b"kernel")));
-        for bad in ["../etc/passwd", "sub", "passwd", ".hidden", "", "a/b"] {
-            assert!(a.read(bad).await.is_none(), "{bad}");
+        let k = a.open("vmlinuz").await.unwrap();
+        assert_eq!((k.len, k.sha256_hex()), (6, sha(b"kernel")));
+        // A symlink to a file in the same directory is fine.
+        assert_eq!(a.open("kernel").await.unwrap().sha256_hex(), sha(b"kernel"));
+        for bad in ["../etc/passwd", "sub", "passwd", "inner", ".hidden", "", "a/b", "nope", "sub/inner"] {
+            assert!(a.open(bad).await.is_err(), "{bad}");
         }
-        assert_eq!(a.sha256sums().await.unwrap(), format!("{}  vmlinuz\n", k.sha256));
+        assert!(matches!(a.open("../x").await, Err(AssetError::InvalidName(_))));
+        assert!(matches!(a.open("nope").await, Err(AssetError::NotFound(_))));
+        assert_eq!(
+            a.sha256sums().await.unwrap(),
+            format!("{}  kernel\n{}  vmlinuz\n", sha(b"kernel"), sha(b"kernel"))
+        );
+    }
+
+    #[tokio::test]
+    async fn checksum_follows_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("initramfs.img");
+        std::fs::write(&p, b"one").unwrap();
+        let a = Assets::new(d.path());
+        assert_eq!(a.open("initramfs.img").await.unwrap().sha256_hex(), sha(b"one"));
+        std::fs::write(&p, b"three").unwrap();
+        assert_eq!(a.open("initramfs.img").await.unwrap().sha256_hex(), sha(b"three"));
+        // Whatever was read for hashing, serving starts at byte 0.
+        let mut f = a.open("initramfs.img").await.unwrap();
+        let mut s = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut f.file, &mut s).await.unwrap();
+        assert_eq!(s, "three");
     }
 }

@@ -224,3 +224,40 @@ mod tests {
         assert!(!agent_cmdline("", "u", "p", "t").starts_with(' '));
     }
 }
+
+/// The optional UDP services of network boot, bound at start-up so that a port in use or a
+/// missing interface fails `serve` at once rather than later.
+#[derive(Default)]
+pub struct Listeners {
+    pub proxy_dhcp: Option<muster_pxe::ProxyDhcp>,
+    pub tftp: Option<muster_pxe::TftpServer>,
+}
+
+/// The TFTP port (iPXE binaries for PXE ROMs).
+pub const TFTP_PORT: u16 = 69;
+
+/// Binds ProxyDHCP (its answers point iPXE at `http://<iface address>:<http_port>/boot/start.ipxe`)
+/// and TFTP when the options ask for them.
+pub async fn listeners(b: &BootOptions, http_port: u16) -> Result<Listeners, muster_pxe::PxeError> {
+    let mut out = Listeners::default();
+    if let Some(iface) = &b.proxy_dhcp {
+        let ip = muster_pxe::proxydhcp::iface_ipv4(iface)?;
+        let cfg = muster_pxe::ProxyDhcpConfig {
+            iface: iface.clone(),
+            server_ip: Some(ip),
+            http_boot_url: format!("http://{ip}:{http_port}/boot/start.ipxe"),
+            tftp_bios_file: "undionly.kpxe".into(),
+            tftp_efi_file: "ipxe.efi".into(),
+        };
+        let p = muster_pxe::ProxyDhcp::bind(&cfg)?;
+        tracing::info!(%iface, server = %ip, url = %cfg.http_boot_url, "proxy DHCP serving");
+        out.proxy_dhcp = Some(p);
+    }
+    if let Some(root) = &b.tftp_root {
+        let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, TFTP_PORT));
+        let t = muster_pxe::TftpServer::bind(root.clone(), addr).await?;
+        tracing::info!(root = %root.display(), %addr, "TFTP serving");
+        out.tftp = Some(t);
+    }
+    Ok(out)
+}

@@ -675,8 +675,14 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         ),
         None => None,
     };
+    let udp = match &opts.boot {
+        Some(b) => boot::listeners(b, http_addr.port())
+            .await
+            .map_err(|e| ServeError::Runtime(format!("network boot: {e}")))?,
+        None => boot::Listeners::default(),
+    };
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(controller.clone(), grpc, tls, http_l, boot_routes, shutdown_rx));
+    let task = tokio::spawn(serve(controller.clone(), grpc, tls, http_l, boot_routes, udp, shutdown_rx));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "controller serving");
     Ok(Running { ports, pin, controller, shutdown: Some(shutdown_tx), task })
 }
@@ -687,9 +693,27 @@ async fn serve(
     tls: Arc<rustls::ServerConfig>,
     http_l: TcpListener,
     boot_routes: Option<axum::Router>,
+    udp: boot::Listeners,
     shutdown: oneshot::Receiver<()>,
 ) -> Result<(), ServeError> {
     let stop = CancellationToken::new();
+    let mut udp_tasks = Vec::new();
+    if let Some(p) = udp.proxy_dhcp {
+        let stop = stop.clone();
+        udp_tasks.push(tokio::spawn(async move {
+            if let Err(e) = p.serve(stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "proxy DHCP stopped");
+            }
+        }));
+    }
+    if let Some(t) = udp.tftp {
+        let stop = stop.clone();
+        udp_tasks.push(tokio::spawn(async move {
+            if let Err(e) = t.serve(stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "TFTP stopped");
+            }
+        }));
+    }
     let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_loop(grpc, tls, stop.clone()));
     let agent =
         pb::agent_service_server::AgentServiceServer::new(agent_api::AgentApi::new(controller.clone()))
@@ -741,6 +765,9 @@ async fn serve(
     }
     stop.cancel();
     let _ = flusher.await;
+    for t in udp_tasks {
+        let _ = t.await;
+    }
     if let Err(e) = controller.flush_last_seen().await {
         tracing::warn!(error = %e, "could not record heartbeats at shutdown");
     }
