@@ -23,6 +23,7 @@ pub mod health;
 pub mod identity;
 pub mod inventory;
 pub mod metrics;
+pub mod netlink;
 pub mod reconcile;
 mod run;
 pub mod settings;

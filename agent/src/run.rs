@@ -647,7 +647,12 @@ impl Agent {
         let off: Vec<(String, String)> = report
             .resources
             .iter()
-            .filter(|r| r.outcome != crate::reconcile::Outcome::Unchanged)
+            .filter(|r| {
+                !matches!(
+                    r.outcome,
+                    crate::reconcile::Outcome::Unchanged | crate::reconcile::Outcome::Skipped(_)
+                )
+            })
             .map(|r| (r.resource.clone(), format!("{:?}", r.outcome)))
             .collect();
         {
@@ -686,6 +691,7 @@ impl Agent {
                         crate::reconcile::Outcome::Applied => ("applied", String::new()),
                         crate::reconcile::Outcome::Drifted => ("drifted", String::new()),
                         crate::reconcile::Outcome::Corrected => ("corrected", String::new()),
+                        crate::reconcile::Outcome::Skipped(why) => ("skipped", why),
                         crate::reconcile::Outcome::Failed(e) => ("failed", e),
                     };
                     pb::ResourceStatus { resource: r.resource, outcome: outcome.into(), detail }

@@ -160,3 +160,79 @@ fn kill_9_mid_apply_leaves_no_half_written_file_and_a_restart_converges() {
         assert_eq!(std::fs::read_to_string(data.join(format!("f{i:03}"))).unwrap(), body);
     }
 }
+
+/// The host's links, to prove the namespace's never show up here.
+fn host_links() -> String {
+    let out = Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn static_address_route_and_mtu_over_netlink_in_a_network_namespace_then_nothing_to_do() {
+    let agent = muster_tests::bin("muster-agent").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, out) = (tmp.path().join("root"), tmp.path().join("out"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let links_before = host_links();
+    let cfg = tmp.path().join("net.yaml");
+    // Modules and units are declared too: an agent that manages a subtree (not `/`) owns neither
+    // the kernel nor systemd, so they must come back skipped with the reason, never applied.
+    std::fs::write(
+        &cfg,
+        "apiVersion: muster/v1alpha1\nkind: MachineConfig\nnetwork:\n  interfaces:\n    - name: mv0\n      mtu: 1400\n      addresses: [\"192.168.5.20/24\", \"fd00:5::20/64\"]\n      routes:\n        - {to: \"10.0.0.0/8\", via: \"192.168.5.1\"}\n        - {to: \"0.0.0.0/0\", via: \"192.168.5.1\", metric: 50}\n  nameservers: [\"192.168.5.1\"]\nkernelModules:\n  - name: muster_never_loaded\nunits:\n  - name: muster-test.service\n    content: \"[Service]\\nExecStart=/bin/true\\n\"\n    enabled: true\n",
+    )
+    .unwrap();
+    let script = r#"set -e
+ip link set lo up
+ip link add mv0 type veth peer name mv1
+ip addr add 172.16.0.9/24 dev mv0
+ip link set mv1 up
+"$1" --apply-once "$2" --root "$3" > "$4/pass1.json" || true
+"$1" --apply-once "$2" --root "$3" > "$4/pass2.json" || true
+ip -o addr show dev mv0 > "$4/addrs"
+ip route show dev mv0 > "$4/routes"
+ip -o link show dev mv0 > "$4/link"
+"#;
+    let status = Command::new("unshare")
+        .args(["--uts", "--net", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "sh"])
+        .arg(&agent)
+        .arg(&cfg)
+        .arg(&root)
+        .arg(&out)
+        .status()
+        .expect("unshare (util-linux)");
+    assert!(status.success(), "the namespace run failed (needs root, as in CI): {status}");
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+    let pass1: serde_json::Value = serde_json::from_str(&read("pass1.json")).unwrap();
+    let pass2: serde_json::Value = serde_json::from_str(&read("pass2.json")).unwrap();
+    let outcome = |p: &serde_json::Value, res: &str| {
+        p["resources"].as_array().unwrap().iter().find(|r| r["resource"] == res).cloned().unwrap()
+    };
+    assert_eq!(outcome(&pass1, "interface:mv0")["outcome"], "applied", "{pass1}");
+    assert_eq!(outcome(&pass1, "resolv.conf")["outcome"], "applied", "{pass1}");
+    let module = outcome(&pass1, "module:muster_never_loaded");
+    assert_eq!(module["outcome"], "skipped", "{pass1}");
+    assert!(module["detail"].as_str().unwrap().contains("modules are not loaded"), "{module}");
+    let unit = outcome(&pass1, "unit:muster-test.service");
+    assert_eq!(unit["outcome"], "skipped", "{pass1}");
+    assert!(unit["detail"].as_str().unwrap().contains("systemd not present"), "{unit}");
+    assert!(root.join("etc/systemd/system/muster-test.service").exists(), "the unit file is still written");
+
+    let addrs = read("addrs");
+    assert!(addrs.contains("192.168.5.20/24") && addrs.contains("fd00:5::20/64"), "{addrs}");
+    assert!(!addrs.contains("172.16.0.9"), "an address not in the config is removed: {addrs}");
+    let routes = read("routes");
+    assert!(routes.contains("10.0.0.0/8 via 192.168.5.1 proto static"), "{routes}");
+    assert!(routes.contains("default via 192.168.5.1 proto static metric 50"), "{routes}");
+    assert!(read("link").contains("mtu 1400"), "{}", read("link"));
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/resolv.conf")).unwrap().lines().last(),
+        Some("nameserver 192.168.5.1")
+    );
+
+    assert_eq!(pass2["writes"], 0, "a second pass changes nothing: {pass2}");
+    assert_eq!(outcome(&pass2, "interface:mv0")["outcome"], "unchanged", "{pass2}");
+    assert_eq!(host_links(), links_before, "nothing leaked onto this machine's links");
+    assert!(!std::path::Path::new("/sys/module/muster_never_loaded").exists());
+}

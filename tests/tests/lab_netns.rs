@@ -83,7 +83,7 @@ fn lab_nodes_apply_config_in_their_own_namespaces() {
         })
         .unwrap();
         let rendered = muster(&mc, &["config", "get", "node-a", "--rendered"]);
-        assert!(rendered.contains("generation 1, applied 1"), "{rendered}");
+        assert!(rendered.contains("generation 1 (auto, applied), running 1"), "{rendered}");
 
         // Inside the node's own namespaces.
         let pid = lab_json["agent_pids"][0].as_u64().unwrap().to_string();
@@ -127,6 +127,61 @@ fn lab_nodes_apply_config_in_their_own_namespaces() {
             muster(&mc, &["config", "get", "lab-node-2", "--rendered"])
                 .contains("sysctl:vm.swappiness failed")
                 .then_some(())
+        })
+        .unwrap();
+
+        // Try mode: a network change that cuts the node off the controller is reverted by the
+        // agent within the timeout, and reported once it is back.
+        let pid2 = lab_json["agent_pids"][1].as_u64().unwrap().to_string();
+        let addrs = || {
+            let o = Command::new("nsenter")
+                .args(["-t", &pid2, "-n", "ip", "-4", "-o", "addr", "show", "eth0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let net = |addr: &str| {
+            format!(
+                "apiVersion: muster/v1alpha1\nkind: MachineConfig\nnetwork:\n  interfaces:\n    - name: eth0\n      addresses: [\"{addr}/24\"]\n      routes: [{{to: \"0.0.0.0/0\", via: \"10.77.0.1\"}}]\n"
+            )
+        };
+        let good = tmp.path().join("net-good.yaml");
+        std::fs::write(&good, net("10.77.0.11")).unwrap();
+        let out =
+            muster(&mc, &["config", "apply", "lab-node-2", "-f", good.to_str().unwrap(), "--mode", "auto"]);
+        let g_good: u64 = out
+            .split("generation ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        wait_for("the same network applied", Duration::from_secs(30), || {
+            muster(&mc, &["config", "get", "lab-node-2", "--rendered"])
+                .contains(&format!("running {g_good}"))
+                .then_some(())
+        })
+        .unwrap();
+        let bad = tmp.path().join("net-bad.yaml");
+        std::fs::write(&bad, net("10.99.0.11")).unwrap();
+        let out =
+            muster(&mc, &["config", "apply", "lab-node-2", "-f", bad.to_str().unwrap(), "--timeout", "4s"]);
+        assert!(out.contains("(try: the agent reverts it"), "network changes default to try: {out}");
+        wait_for("the node cut off by its own config", Duration::from_secs(30), || {
+            addrs().contains("10.99.0.11").then_some(())
+        })
+        .unwrap();
+        let got = wait_for("the try reverted and reported", Duration::from_secs(90), || {
+            let r = muster(&mc, &["config", "get", "lab-node-2", "--rendered"]);
+            r.contains("(try, reverted)").then_some(r)
+        })
+        .unwrap();
+        assert!(got.contains(&format!("running {g_good}")), "{got}");
+        let back = addrs();
+        assert!(back.contains("10.77.0.11/24") && !back.contains("10.99.0.11"), "{back}");
+        wait_for("lab-node-2 connected again", Duration::from_secs(60), || {
+            let m = machine_json(&mc, "lab-node-2");
+            (m["connected"] == true && m["state"] == "ready").then_some(())
         })
         .unwrap();
     });
