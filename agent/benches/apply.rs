@@ -1,6 +1,7 @@
-//! What applying a config costs the agent: a typical 50-resource config (hostname, 40 files,
-//! 9 per-namespace sysctls) applied by the real binary with its real effects inside throwaway
-//! namespaces, then a no-op pass. Reports wall time, CPU (user+sys) and peak RSS per run, from
+//! What applying a config costs the agent: a typical 50-resource config (hostname, 37 files,
+//! 9 per-namespace sysctls, an interface over netlink, a user with an SSH key, resolv.conf)
+//! applied by the real binary with its real effects inside throwaway namespaces, then a no-op
+//! pass (everything but the hostname, sysctls and interface, which live in the namespaces). Reports wall time, CPU (user+sys) and peak RSS per run, from
 //! the kernel's per-process accounting (`wait4`). Includes process start and YAML parsing.
 //!
 //! `cargo build --profile agent -p muster-agent && MUSTER_AGENT_BIN=target/agent/muster-agent cargo bench -p muster-agent --bench apply`
@@ -150,12 +151,16 @@ fn main() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut cfg =
         String::from("apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: bench-node\nfiles:\n");
-    for i in 0..40 {
+    for i in 0..37 {
         cfg.push_str(&format!(
             "  - path: /etc/muster-bench/file-{i:02}.conf\n    content: \"{}\"\n    mode: \"0644\"\n",
             "setting = value\\n".repeat(64)
         ));
     }
+    cfg.push_str("users:\n  - name: ops\n    sshAuthorizedKeys: [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ops@bench\"]\n");
+    cfg.push_str("network:\n  nameservers: [\"192.168.5.1\"]\n  searchDomains: [lan]\n");
+    let net_part = "  interfaces:\n    - name: lo\n      addresses: [\"127.0.0.1/8\"]\n";
+    cfg.push_str(net_part);
     cfg.push_str("sysctls:\n");
     for (k, v) in [
         ("net.ipv4.ip_forward", "1"),
@@ -193,7 +198,8 @@ fn main() {
             .take_while(|l| !l.starts_with("sysctls:"))
             .map(|l| format!("{l}\n"))
             .collect::<String>()
-            .replace("hostname: bench-node\n", "");
+            .replace("hostname: bench-node\n", "")
+            .replace(net_part, "");
         std::fs::write(&files_only, fo).expect("write");
         let n = run(&agent, &files_only, &root);
         assert_eq!(n.writes, 0, "the second pass changes nothing");
@@ -202,13 +208,13 @@ fn main() {
     }
     println!("agent {}", agent.display());
     println!(
-        "apply 50 resources (hostname, 40 files, 9 sysctls; {writes} differed and were written): median wall {:.1} ms, CPU {:.1} ms; peak RSS {} KiB",
+        "apply 50 resources (hostname, 37 files, 9 sysctls, lo over netlink, a user, resolv.conf; {writes} differed and were written): median wall {:.1} ms, CPU {:.1} ms; peak RSS {} KiB",
         median(apply.iter().map(|x| x.0).collect()).as_secs_f64() * 1e3,
         median(apply.iter().map(|x| x.1).collect()).as_secs_f64() * 1e3,
         rss.0
     );
     println!(
-        "no-op pass (40 files unchanged): median wall {:.1} ms, CPU {:.1} ms; peak RSS {} KiB",
+        "no-op pass (37 files, the user, resolv.conf unchanged): median wall {:.1} ms, CPU {:.1} ms; peak RSS {} KiB",
         median(noop.iter().map(|x| x.0).collect()).as_secs_f64() * 1e3,
         median(noop.iter().map(|x| x.1).collect()).as_secs_f64() * 1e3,
         rss.1
