@@ -348,18 +348,23 @@ async fn apply(f: &TestController, id: &str, yaml: &str) {
 async fn drift_is_corrected_and_reported_or_only_reported() {
     let f = TestController::start().await.unwrap();
     let token = f.token(0, 1).await.unwrap();
-    let node = std::sync::Arc::new(muster_agent::effects::MemoryEffects::default());
-    let mut a = start_agent_with(&f, &token, "node-d", Duration::from_millis(200), Some(node.clone()));
+    // The real effects, with files under a temp root (the config has nothing but a file).
+    let root = f.dir.path().join("node-d-root");
+    std::fs::create_dir_all(&root).unwrap();
+    let node = std::sync::Arc::new(muster_agent::effects::LinuxEffects::new(&root));
+    let mut a = start_agent_with(&f, &token, "node-d", Duration::from_millis(200), Some(node));
     a.wait("connected", |s| s.connected).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
     let yaml = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/motd\n    content: \"managed\\n\"\n";
     apply(&f, &id, yaml).await;
     a.wait("generation 1", |s| s.config_generation == 1).await;
+    let motd = root.join("etc/motd");
+    assert_eq!(std::fs::read_to_string(&motd).unwrap(), "managed\n");
 
     // Edited behind Muster's back: reported and put back.
-    node.files.lock().unwrap().get_mut("/etc/motd").unwrap().content = b"tampered\n".to_vec();
+    std::fs::write(&motd, "tampered\n").unwrap();
     wait_resource(&f, &id, "file:/etc/motd", "corrected").await;
-    assert_eq!(node.files.lock().unwrap()["/etc/motd"].content, b"managed\n");
+    assert_eq!(std::fs::read_to_string(&motd).unwrap(), "managed\n");
     let text = muster_tests::http_get(f.running.ports.http, "/metrics", &[]).await.unwrap().text();
     let drift = text
         .lines()
@@ -370,13 +375,9 @@ async fn drift_is_corrected_and_reported_or_only_reported() {
     // With `drift: report`, only reported.
     apply(&f, &id, &format!("{yaml}drift: report\n")).await;
     a.wait("generation 2", |s| s.config_generation == 2).await;
-    node.files.lock().unwrap().get_mut("/etc/motd").unwrap().content = b"tampered again\n".to_vec();
+    std::fs::write(&motd, "tampered again\n").unwrap();
     wait_resource(&f, &id, "file:/etc/motd", "drifted").await;
-    assert_eq!(
-        node.files.lock().unwrap()["/etc/motd"].content,
-        b"tampered again\n",
-        "report only: left as found"
-    );
+    assert_eq!(std::fs::read_to_string(&motd).unwrap(), "tampered again\n", "report only: left as found");
     a.stop().await;
     f.still_serving().await.unwrap();
 }
