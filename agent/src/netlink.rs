@@ -176,6 +176,16 @@ fn route_message(index: u32, r: &RouteState) -> io::Result<RouteMessage> {
 
 /// Makes one change.
 pub fn apply(change: &NetChange) -> io::Result<()> {
+    let adding_address = matches!(change, NetChange::AddAddress { .. });
+    match apply_inner(change) {
+        // The address is there already: bringing a link up can add it (the kernel puts
+        // 127.0.0.1/8 on `lo` by itself), which is the state wanted.
+        Err(e) if adding_address && e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other,
+    }
+}
+
+fn apply_inner(change: &NetChange) -> io::Result<()> {
     let route = match change {
         NetChange::AddRoute { index, route } | NetChange::DelRoute { index, route } => {
             Some(route_message(*index, route)?)

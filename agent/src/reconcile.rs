@@ -288,9 +288,13 @@ fn wanted_routes(routes: &[Route]) -> Result<Vec<RouteState>, String> {
         .collect()
 }
 
-/// IPv6 link-local addresses belong to the kernel.
+/// IPv6 link-local and loopback addresses belong to the kernel (bringing `lo` up adds
+/// 127.0.0.1/8 and ::1/128 by itself): never removed, added only when declared.
 fn kernel_managed(a: &Addr) -> bool {
-    matches!(a.ip, std::net::IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80)
+    match a.ip {
+        std::net::IpAddr::V6(v) => v.segments()[0] & 0xffc0 == 0xfe80 || v.is_loopback(),
+        std::net::IpAddr::V4(v) => v.is_loopback(),
+    }
 }
 
 /// The changes that make `link` carry exactly these addresses (when managed) and routes.

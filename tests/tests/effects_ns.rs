@@ -180,11 +180,11 @@ fn static_address_route_and_mtu_over_netlink_in_a_network_namespace_then_nothing
     // the kernel nor systemd, so they must come back skipped with the reason, never applied.
     std::fs::write(
         &cfg,
-        "apiVersion: muster/v1alpha1\nkind: MachineConfig\nnetwork:\n  interfaces:\n    - name: mv0\n      mtu: 1400\n      addresses: [\"192.168.5.20/24\", \"fd00:5::20/64\"]\n      routes:\n        - {to: \"10.0.0.0/8\", via: \"192.168.5.1\"}\n        - {to: \"0.0.0.0/0\", via: \"192.168.5.1\", metric: 50}\n  nameservers: [\"192.168.5.1\"]\nkernelModules:\n  - name: muster_never_loaded\nunits:\n  - name: muster-test.service\n    content: \"[Service]\\nExecStart=/bin/true\\n\"\n    enabled: true\n",
+        "apiVersion: muster/v1alpha1\nkind: MachineConfig\nnetwork:\n  interfaces:\n    - name: lo\n      addresses: [\"127.0.0.1/8\"]\n    - name: mv0\n      mtu: 1400\n      addresses: [\"192.168.5.20/24\", \"fd00:5::20/64\"]\n      routes:\n        - {to: \"10.0.0.0/8\", via: \"192.168.5.1\"}\n        - {to: \"0.0.0.0/0\", via: \"192.168.5.1\", metric: 50}\n  nameservers: [\"192.168.5.1\"]\nkernelModules:\n  - name: muster_never_loaded\nunits:\n  - name: muster-test.service\n    content: \"[Service]\\nExecStart=/bin/true\\n\"\n    enabled: true\n",
     )
     .unwrap();
+    // `lo` starts down: bringing it up makes the kernel add 127.0.0.1/8 and ::1 by itself.
     let script = r#"set -e
-ip link set lo up
 ip link add mv0 type veth peer name mv1
 ip addr add 172.16.0.9/24 dev mv0
 ip link set mv1 up
@@ -193,6 +193,7 @@ ip link set mv1 up
 ip -o addr show dev mv0 > "$4/addrs"
 ip route show dev mv0 > "$4/routes"
 ip -o link show dev mv0 > "$4/link"
+ip -o addr show dev lo > "$4/lo"
 "#;
     let status = Command::new("unshare")
         .args(["--uts", "--net", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "sh"])
@@ -233,6 +234,13 @@ ip -o link show dev mv0 > "$4/link"
 
     assert_eq!(pass2["writes"], 0, "a second pass changes nothing: {pass2}");
     assert_eq!(outcome(&pass2, "interface:mv0")["outcome"], "unchanged", "{pass2}");
+    assert_eq!(outcome(&pass1, "interface:lo")["outcome"], "applied", "brought up: {pass1}");
+    assert_eq!(outcome(&pass2, "interface:lo")["outcome"], "unchanged", "{pass2}");
+    let lo = read("lo");
+    assert!(
+        lo.contains("127.0.0.1/8") && lo.contains("::1/128"),
+        "the kernel's loopback addresses stay: {lo}"
+    );
     assert_eq!(host_links(), links_before, "nothing leaked onto this machine's links");
     assert!(!std::path::Path::new("/sys/module/muster_never_loaded").exists());
 }

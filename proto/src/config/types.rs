@@ -106,9 +106,13 @@ pub struct Interface {
     /// Get an address by DHCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<bool>,
-    /// Static addresses in CIDR form, e.g. 192.168.5.20/24.
+    /// Static addresses in CIDR form, e.g. 192.168.5.20/24. When given (or with `dhcp: false`)
+    /// the interface carries exactly these: other addresses are removed, except the kernel's
+    /// own link-local and loopback ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    /// Routes through this interface. Routes Muster added that are no longer declared are
+    /// removed; routes from the kernel, DHCP or other tools are left alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
