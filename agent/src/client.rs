@@ -1,10 +1,13 @@
 //! Talking to the controller: keys and CSRs, enrollment, and the TLS channels.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use muster_proto::pb;
 use muster_proto::pb::agent_service_client::AgentServiceClient;
 use rcgen::KeyPair;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
@@ -156,6 +159,56 @@ pub async fn enroll_once(
     inventory: pb::Inventory,
 ) -> Result<pb::EnrollResponse, CallError> {
     let channel = server_tls_channel(url, ca_pem).await?;
+    enroll_rpc(channel, token, csr_pem, inventory).await
+}
+
+/// Hands a connection made already (and verified) to the gRPC channel, once.
+#[derive(Clone)]
+struct Established(Arc<Mutex<Option<TlsStream<TcpStream>>>>);
+
+impl tower_service::Service<tonic::transport::Uri> for Established {
+    type Response = hyper_util::rt::TokioIo<TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::transport::Uri) -> Self::Future {
+        let stream = self.0.lock().ok().and_then(|mut s| s.take());
+        std::future::ready(stream.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotConnected, "the enrollment connection is used up")
+        }))
+    }
+}
+
+/// One enrollment attempt over `stream`, a TLS connection to the controller whose certificate
+/// was verified against the pinned CA (see [`crate::discovery::connect_pinned`]).
+pub async fn enroll_over(
+    stream: TlsStream<TcpStream>,
+    url: &str,
+    token: &str,
+    csr_pem: &str,
+    inventory: pb::Inventory,
+) -> Result<pb::EnrollResponse, CallError> {
+    let (host, port) = host_port(url).map_err(|e| CallError::Final(e.to_string()))?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    // TLS is done already: the channel sees a plain stream (the scheme only names it).
+    let channel = Endpoint::from_shared(format!("http://{host}:{port}"))
+        .map_err(|e| CallError::Final(format!("controller URL {url:?}: {e}")))?
+        .connect_with_connector(Established(Arc::new(Mutex::new(Some(stream)))))
+        .await
+        .map_err(|e| CallError::Retry(format!("cannot talk to {url}: {}", muster_util::error_chain(&e))))?;
+    enroll_rpc(channel, token, csr_pem, inventory).await
+}
+
+async fn enroll_rpc(
+    channel: Channel,
+    token: &str,
+    csr_pem: &str,
+    inventory: pb::Inventory,
+) -> Result<pb::EnrollResponse, CallError> {
     AgentServiceClient::new(channel)
         .enroll(pb::EnrollRequest {
             token: token.to_owned(),

@@ -85,6 +85,16 @@ pub fn host_port(url: &str) -> Result<(String, u16), DiscoveryError> {
 /// Connects to `url`, finds the CA certificate matching `pin` in the presented chain, verifies
 /// the server certificate against it, and returns the CA as PEM.
 pub async fn discover_ca(url: &str, pin: &CaPin) -> Result<String, DiscoveryError> {
+    Ok(connect_pinned(url, pin).await?.0)
+}
+
+/// As [`discover_ca`], and keeps the connection: once the server is verified against the pinned
+/// CA it is as good as any, and enrolling over it saves a TCP and TLS handshake (on a slow or
+/// emulated node, a good part of its enrollment time). Offers HTTP/2 by ALPN.
+pub async fn connect_pinned(
+    url: &str,
+    pin: &CaPin,
+) -> Result<(String, tokio_rustls::client::TlsStream<TcpStream>), DiscoveryError> {
     let (host, port) = host_port(url)?;
     let addr = format!("{host}:{port}");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -95,6 +105,8 @@ pub async fn discover_ca(url: &str, pin: &CaPin) -> Result<String, DiscoveryErro
         .dangerous()
         .with_custom_certificate_verifier(capture.clone())
         .with_no_client_auth();
+    let mut config = config;
+    config.alpn_protocols = vec![b"h2".to_vec()];
     let server_name =
         ServerName::try_from(host.clone()).map_err(|_| DiscoveryError::Url(url.to_owned()))?.to_owned();
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect((host.as_str(), port)))
@@ -112,7 +124,7 @@ pub async fn discover_ca(url: &str, pin: &CaPin) -> Result<String, DiscoveryErro
             source: std::io::ErrorKind::TimedOut.into(),
         })?
         .map_err(|source| DiscoveryError::Handshake { addr: addr.clone(), source })?;
-    drop(tls);
+    // Nothing is sent over the connection until the checks below pass.
     let chain = capture.chain.lock().map(|c| c.clone()).unwrap_or_default();
     let (leaf, rest) =
         chain.split_first().ok_or_else(|| DiscoveryError::Verify("no certificate presented".into()))?;
@@ -137,7 +149,7 @@ pub async fn discover_ca(url: &str, pin: &CaPin) -> Result<String, DiscoveryErro
     verifier
         .verify_server_cert(leaf, rest, &server_name, &[], UnixTime::now())
         .map_err(|e| DiscoveryError::Verify(e.to_string()))?;
-    Ok(to_pem("CERTIFICATE", ca.to_vec()))
+    Ok((to_pem("CERTIFICATE", ca.to_vec()), tls))
 }
 
 /// PEM with Unix line endings.

@@ -10,7 +10,8 @@
 //!   reconnects with backoff and full jitter, renews its certificate at ~70 % of its lifetime,
 //!   and stops for good when the controller revokes it.
 //!
-//! The lower-level steps ([`discover_ca`], [`generate_key`], [`csr_pem`], [`enroll_once`],
+//! The lower-level steps ([`discover_ca`] / [`discovery::connect_pinned`], [`generate_key`],
+//! [`csr_pem`], [`enroll_once`] / [`client::enroll_over`],
 //! [`mtls_channel`], [`inventory::collect`]) are public so that tests and the benchmark can
 //! drive many simulated agents from one process.
 

@@ -20,6 +20,9 @@ use crate::health::{Collector, Sources};
 use crate::identity::{Assignment, Identity, MachineFile, StateDir, StateError};
 use crate::settings::AgentConfig;
 
+/// A TLS connection to the controller, verified against the pinned CA.
+type PinnedConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// What the agent is doing, for callers and the metrics endpoint.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentStatus {
@@ -197,6 +200,7 @@ impl Agent {
             let _ = stop_tx.send(true);
         });
         self.state.create()?;
+        tracing::debug!(state = %self.state.root().display(), "agent running");
         let mut ident = match self.usable_identity()? {
             Some(i) => i,
             None => match self.enroll(&mut stop).await? {
@@ -365,8 +369,8 @@ impl Agent {
     }
 
     /// The CA to trust for enrollment: a CA file (checked against the pin if both are given),
-    /// else the one the pin finds.
-    async fn trusted_ca(&self, stop: &mut Stop) -> Result<Option<String>, AgentError> {
+    /// else the one the pin finds, with the connection that found it.
+    async fn trusted_ca(&self, stop: &mut Stop) -> Result<Option<(String, Option<PinnedConn>)>, AgentError> {
         if let Some(path) = &self.cfg.ca_file {
             let pem = std::fs::read_to_string(path).map_err(|e| AgentError::CaFile {
                 path: path.display().to_string(),
@@ -384,7 +388,7 @@ impl Agent {
                     });
                 }
             }
-            return Ok(Some(pem));
+            return Ok(Some((pem, None)));
         }
         let Some(pin) = self.cfg.ca_pin else {
             // The CA an earlier enrollment verified (kept after a revocation) still authenticates
@@ -392,15 +396,15 @@ impl Agent {
             return match self.state.load_ca()? {
                 Some(pem) => {
                     tracing::info!(path = %self.state.ca().display(), "trusting the CA saved by an earlier enrollment");
-                    Ok(Some(pem))
+                    Ok(Some((pem, None)))
                 }
                 None => Err(AgentError::NoTrust),
             };
         };
         let mut backoff = Backoff::reconnect();
         loop {
-            match discovery::discover_ca(&self.cfg.controller, &pin).await {
-                Ok(pem) => return Ok(Some(pem)),
+            match discovery::connect_pinned(&self.cfg.controller, &pin).await {
+                Ok((pem, conn)) => return Ok(Some((pem, Some(conn)))),
                 Err(e @ (DiscoveryError::Connect { .. } | DiscoveryError::Handshake { .. })) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "controller not reachable yet");
@@ -420,7 +424,8 @@ impl Agent {
             .token
             .clone()
             .ok_or_else(|| AgentError::NoToken(self.state.root().display().to_string()))?;
-        let Some(ca_pem) = self.trusted_ca(stop).await? else { return Ok(None) };
+        let Some((ca_pem, mut conn)) = self.trusted_ca(stop).await? else { return Ok(None) };
+        tracing::debug!("controller CA trusted");
         let key_pem = match self.state.load_key()? {
             Some(k) => k,
             None => {
@@ -433,9 +438,23 @@ impl Agent {
         let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| AgentError::Key(e.to_string()))?;
         let csr = client::csr_pem(&key).map_err(|e| AgentError::Key(e.to_string()))?;
         let inventory = crate::inventory::collect(&self.cfg.hints);
+        tracing::debug!("key, CSR and inventory ready; enrolling");
         let mut backoff = Backoff::reconnect();
         let resp = loop {
-            match client::enroll_once(&self.cfg.controller, &ca_pem, &token, &csr, inventory.clone()).await {
+            let url = &self.cfg.controller;
+            let attempt = match conn.take() {
+                // The connection discovery verified: one handshake fewer.
+                Some(stream) => match client::enroll_over(stream, url, &token, &csr, inventory.clone()).await
+                {
+                    Err(CallError::Retry(msg)) => {
+                        tracing::debug!(error = %msg, "enrolling over the discovery connection failed; using a new one");
+                        client::enroll_once(url, &ca_pem, &token, &csr, inventory.clone()).await
+                    }
+                    other => other,
+                },
+                None => client::enroll_once(url, &ca_pem, &token, &csr, inventory.clone()).await,
+            };
+            match attempt {
                 Ok(r) => break r,
                 Err(CallError::Retry(msg)) => {
                     let delay = backoff.next_delay();

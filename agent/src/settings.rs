@@ -64,7 +64,7 @@ pub struct Flags {
     /// Controller gRPC endpoint, https://HOST:PORT [kernel: muster.controller=]
     #[arg(long, value_name = "URL")]
     pub controller: Option<String>,
-    /// Join token <id>.<secret>; needed only for the first enrollment [kernel: muster.token=]
+    /// Join token ID.SECRET; needed only for the first enrollment [kernel: muster.token=]
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
     /// Pin of the controller's CA, sha256:<64 hex>, as printed by `muster-controller init`

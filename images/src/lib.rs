@@ -16,13 +16,16 @@ use std::time::Instant;
 use ring::digest;
 use serde::{Deserialize, Serialize};
 
-/// Network drivers loaded by the init, in dependency order (virtio first; e1000 for other NICs).
+/// Drivers loaded by the init, in dependency order: virtio, VirtIO RNG (a VM's kernel has
+/// entropy at once instead of seconds later, so the agent's key and first TLS handshake do not
+/// wait; hardware with RDRAND needs nothing), then the NICs (virtio, e1000).
 pub const MODULES: &[(&str, &str)] = &[
     ("virtio_ring", "drivers/virtio/virtio_ring.ko"),
     ("virtio", "drivers/virtio/virtio.ko"),
     ("virtio_pci_modern_dev", "drivers/virtio/virtio_pci_modern_dev.ko"),
     ("virtio_pci_legacy_dev", "drivers/virtio/virtio_pci_legacy_dev.ko"),
     ("virtio_pci", "drivers/virtio/virtio_pci.ko"),
+    ("virtio_rng", "drivers/char/hw_random/virtio-rng.ko"),
     ("failover", "net/core/failover.ko"),
     ("net_failover", "drivers/net/net_failover.ko"),
     ("virtio_net", "drivers/net/virtio_net.ko"),
@@ -180,9 +183,12 @@ fn fetch_kernel(opts: &PxeOptions, progress: &mut dyn Progress, of: usize) -> Re
     let bytes = std::fs::read(&deb).map_err(io(format!("reading {}", deb.display())))?;
     let deb_sha256 = sha256(&bytes);
     drop(bytes);
-    let unpacked = dir.join(format!("unpacked-{}", &deb_sha256[..16]));
+    // Keyed by the package and the module list, so a new module is unpacked, not looked for.
+    let wanted: String = MODULES.iter().map(|(_, p)| format!("{p}\n")).collect();
+    let key = sha256(format!("{deb_sha256}\n{wanted}").as_bytes());
+    let unpacked = dir.join(format!("unpacked-{}", &key[..16]));
     if !unpacked.join("done").exists() {
-        progress.step(2, of, "kernel: unpacking vmlinuz and network drivers");
+        progress.step(2, of, "kernel: unpacking vmlinuz and drivers");
         let tmp = dir.join(format!("unpacking-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
@@ -200,6 +206,14 @@ fn fetch_kernel(opts: &PxeOptions, progress: &mut dyn Progress, of: usize) -> Re
         std::fs::write(tmp.join("done"), b"").map_err(io("marking the unpacked kernel"))?;
         let _ = std::fs::remove_dir_all(&unpacked);
         std::fs::rename(&tmp, &unpacked).map_err(io(format!("renaming into {}", unpacked.display())))?;
+        // Older unpacks (another package or module list) are not used again.
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let old = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("unpacked-"));
+            if old && p != unpacked {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
     } else {
         progress.step(2, of, "kernel: unpacked (cached)");
     }

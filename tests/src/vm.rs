@@ -120,6 +120,9 @@ pub fn qemu_args(spec: &VmSpec, dir: &Path) -> Result<(Vec<String>, PathBuf)> {
     };
     a.extend(["-netdev".into(), netdev]);
     a.extend(["-device".into(), format!("virtio-net-pci,netdev=n0,mac={}", spec.mac)]);
+    // Entropy at once, as a CPU with RDRAND gives a real node: without it the kernel's CRNG
+    // takes seconds to seed under TCG and the agent's first key or TLS handshake waits.
+    a.extend(["-device".into(), "virtio-rng-pci".into()]);
     match &spec.boot {
         Boot::Network => a.extend(["-boot".into(), "n".into()]),
         Boot::Cdrom(iso) => {

@@ -11,6 +11,11 @@
 //! every 10 ms. The VM reaches only the controller's loopback ports (user-mode networking,
 //! `restrict=on`).
 //!
+//! A third column runs the same agent binary on this host without a VM (in its own UTS and
+//! mount namespaces, files under a temp root, over loopback): Muster's share with the
+//! emulator's cost taken out. Under TCG every piece of code is translated the first time it
+//! runs, which the once-per-boot TLS handshakes and enrollment pay in full.
+//!
 //!     cargo build --workspace --bins && cargo build --profile agent -p muster-agent
 //!     target/debug/muster-bench-boot [--runs 3]
 
@@ -41,6 +46,13 @@ struct Args {
     /// Give up on a boot after this long.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// More kernel command line for both boots, e.g. `RUST_LOG=muster_agent=debug` (the kernel
+    /// hands `NAME=value` words it does not know to the init's environment, and so the agent's).
+    #[arg(long, default_value = "")]
+    kernel_args: String,
+    /// Copy each run's serial log into this directory.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
 }
 
 /// One phase's duration, from a run's marker times.
@@ -82,12 +94,12 @@ fn main() -> Result<()> {
     }
     eprintln!("PXE bundle built in {:.1}s", started.elapsed().as_secs_f64());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let mut net = Vec::new();
-    let mut direct = Vec::new();
+    let (mut net, mut direct, mut native) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.runs {
         let n = u8::try_from(run % 200).unwrap_or(0);
-        net.push(rt.block_on(boot_once(tmp.path(), &bundle, true, n, args.timeout))?);
-        direct.push(rt.block_on(boot_once(tmp.path(), &bundle, false, n, args.timeout))?);
+        net.push(rt.block_on(boot_once(tmp.path(), &bundle, Kind::Ipxe, n, &args, &agent))?);
+        direct.push(rt.block_on(boot_once(tmp.path(), &bundle, Kind::Direct, n, &args, &agent))?);
+        native.push(rt.block_on(boot_once(tmp.path(), &bundle, Kind::Native, n, &args, &agent))?);
     }
     let med = |v: &[Phases], f: PhaseFn| {
         let mut x: Vec<f64> = v.iter().map(f).collect();
@@ -95,26 +107,29 @@ fn main() -> Result<()> {
         x[x.len() / 2]
     };
     println!("\npower-on → ready, median of {} run(s) each (seconds from QEMU start)", args.runs);
-    println!("{:<38} {:>12} {:>14}", "phase", "iPXE boot", "direct kernel");
-    let rows: [(&str, PhaseFn); 4] = [
-        ("firmware (+ iPXE, downloads)", |p| p.kernel),
-        ("kernel + init → agent start", |p| p.agent_start - p.kernel),
-        ("agent start → enrolled", |p| p.enrolled - p.agent_start),
-        ("enrolled → config applied (ready)", |p| p.ready - p.enrolled),
+    println!("{:<38} {:>10} {:>14} {:>15}", "phase", "iPXE boot", "direct kernel", "native (no VM)");
+    let rows: [(&str, PhaseFn, bool); 4] = [
+        ("firmware (+ iPXE, downloads)", |p| p.kernel, false),
+        ("kernel + init → agent start", |p| p.agent_start - p.kernel, false),
+        ("agent start → enrolled", |p| p.enrolled - p.agent_start, true),
+        ("enrolled → config applied (ready)", |p| p.ready - p.enrolled, true),
     ];
-    for (name, f) in rows {
-        println!("{name:<38} {:>12.2} {:>14.2}", med(&net, f), med(&direct, f));
+    for (name, f, on_host) in rows {
+        let host = if on_host { format!("{:.3}", med(&native, f)) } else { "-".into() };
+        println!("{name:<38} {:>10.2} {:>14.2} {host:>15}", med(&net, f), med(&direct, f));
     }
     println!(
-        "{:<38} {:>12.2} {:>14.2}",
+        "{:<38} {:>10.2} {:>14.2} {:>15}",
         "total power-on → ready",
         med(&net, |p| p.ready),
-        med(&direct, |p| p.ready)
+        med(&direct, |p| p.ready),
+        "-"
     );
     println!(
-        "Muster's own share (agent start → ready with config): {:.3} s (iPXE run), {:.3} s (direct run)",
+        "Muster's own share (agent start → ready with config): {:.3} s (iPXE run), {:.3} s (direct run), {:.3} s (same agent, no VM)",
         med(&net, |p| p.ready - p.agent_start),
-        med(&direct, |p| p.ready - p.agent_start)
+        med(&direct, |p| p.ready - p.agent_start),
+        med(&native, |p| p.ready - p.agent_start)
     );
     let manifest = std::fs::read_to_string(bundle.join("manifest.json")).unwrap_or_default();
     println!("\nimage sizes:");
@@ -128,8 +143,54 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-async fn boot_once(dir: &Path, bundle: &Path, netboot: bool, run: u8, timeout: Duration) -> Result<Phases> {
-    let kind = if netboot { "ipxe" } else { "direct" };
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A VM network-booting over iPXE.
+    Ipxe,
+    /// A VM given the kernel and initramfs directly.
+    Direct,
+    /// The agent as a process on this host.
+    Native,
+}
+
+/// The node under test: a VM, or the agent as a process.
+enum Node {
+    Vm(Vm),
+    Process(std::process::Child),
+}
+
+/// The MAC the agent will report first on this host (its inventory skips `lo` and zero MACs).
+fn host_mac() -> Result<String> {
+    let mut names: Vec<_> = std::fs::read_dir("/sys/class/net")?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .filter(|n| n.as_str() != "lo")
+        .filter_map(|n| std::fs::read_to_string(format!("/sys/class/net/{n}/address")).ok())
+        .map(|m| m.trim().to_owned())
+        .find(|m| m != "00:00:00:00:00:00" && m.len() == 17)
+        .context("this host has no network interface with a MAC to register the native agent by")
+}
+
+async fn boot_once(
+    dir: &Path,
+    bundle: &Path,
+    which: Kind,
+    run: u8,
+    args: &Args,
+    agent_bin: &Path,
+) -> Result<Phases> {
+    let timeout = args.timeout;
+    let kernel_args = format!("console=ttyS0 panic=-1 {}", args.kernel_args).trim_end().to_owned();
+    let netboot = which == Kind::Ipxe;
+    let kind = match which {
+        Kind::Ipxe => "ipxe",
+        Kind::Direct => "direct",
+        Kind::Native => "native",
+    };
     let run_dir = dir.join(format!("{kind}-{run}"));
     std::fs::create_dir_all(&run_dir)?;
     let data = run_dir.join("controller");
@@ -151,10 +212,13 @@ async fn boot_once(dir: &Path, bundle: &Path, netboot: bool, run: u8, timeout: D
             "--boot-controller-url",
             &url,
             "--boot-kernel-args",
-            "console=ttyS0 panic=-1",
+            &kernel_args,
         ],
     )?;
-    let mac = format!("52:54:00:be:{}:{run:02x}", if netboot { "01" } else { "02" });
+    let mac = match which {
+        Kind::Native => host_mac()?,
+        _ => format!("52:54:00:be:{}:{run:02x}", if netboot { "01" } else { "02" }),
+    };
     let cfg = run_dir.join("cfg.yaml");
     std::fs::write(
         &cfg,
@@ -171,40 +235,83 @@ async fn boot_once(dir: &Path, bundle: &Path, netboot: bool, run: u8, timeout: D
         &cfg.display().to_string(),
     ])?;
     let forwards = vec![(80, ctl.ports.http.port()), (GUEST_GRPC, ctl.ports.grpc.port())];
-    let (boot, netcfg) = if netboot {
-        (
+    let token = std::fs::read_to_string(data.join("boot-token")).context("the controller's boot token")?;
+    let token = token.trim();
+    let spec = match which {
+        Kind::Ipxe => Some((
             Boot::Network,
             Net::User { bootfile: Some(format!("http://{GUEST_FWD_ADDR}/boot/start.ipxe")), forwards },
-        )
-    } else {
+        )),
         // The same kernel, initramfs and command line the boot service would give it.
-        let token =
-            std::fs::read_to_string(data.join("boot-token")).context("the controller's boot token")?;
-        let append = format!(
-            "console=ttyS0 panic=-1 muster.controller={url} muster.ca_hash={} muster.token={}",
-            ctl.pin()?,
-            token.trim()
-        );
-        (
-            Boot::Kernel { kernel: bundle.join("vmlinuz"), initrd: bundle.join("initramfs.img"), append },
-            Net::User { bootfile: None, forwards },
-        )
+        Kind::Direct => {
+            let append = format!(
+                "{kernel_args} muster.controller={url} muster.ca_hash={} muster.token={token}",
+                ctl.pin()?
+            );
+            Some((
+                Boot::Kernel { kernel: bundle.join("vmlinuz"), initrd: bundle.join("initramfs.img"), append },
+                Net::User { bootfile: None, forwards },
+            ))
+        }
+        Kind::Native => None,
     };
     let mc = muster_controller::client::load_musterconfig(&ctl.musterconfig())?;
     let mut admin = muster_controller::client::admin_client(&mc).await?;
-    let mut vm = Vm::start(&VmSpec::new(&format!("bench-{kind}-{run}"), &mac, boot, netcfg), &run_dir)?;
-    let t0 = vm.started;
+    let started = Instant::now();
+    let mut node = match spec {
+        Some((boot, netcfg)) => {
+            Node::Vm(Vm::start(&VmSpec::new(&format!("bench-{kind}-{run}"), &mac, boot, netcfg), &run_dir)?)
+        }
+        None => {
+            let root = run_dir.join("root");
+            std::fs::create_dir_all(&root)?;
+            // Its own UTS and mount namespaces: the registered hostname lands there, files under
+            // the temp root; it talks to the controller over loopback.
+            Node::Process(
+                Command::new("unshare")
+                    .args(["--uts", "--mount", "--propagation", "private"])
+                    .arg(agent_bin)
+                    .arg("--controller")
+                    .arg(format!("https://127.0.0.1:{}", ctl.ports.grpc.port()))
+                    .args(["--ca-hash", &ctl.pin()?, "--token", token, "--metrics-listen", "off"])
+                    .arg("--state-dir")
+                    .arg(run_dir.join("agent-state"))
+                    .arg("--config-root")
+                    .arg(&root)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(run_dir.join("agent.log"))?)
+                    .spawn()
+                    .context("unshare (util-linux) with the agent")?,
+            )
+        }
+    };
+    let t0 = match &node {
+        Node::Vm(vm) => vm.started,
+        Node::Process(_) => started,
+    };
     let mut p = Phases::default();
     let (mut kernel, mut agent, mut enrolled) = (None, None, None);
+    if which == Kind::Native {
+        (kernel, agent) = (Some(0.0), Some(0.0));
+    }
     loop {
-        vm.check()?;
         let now = t0.elapsed().as_secs_f64();
-        let serial = vm.serial();
-        if kernel.is_none() && serial.contains(KERNEL_STARTED) {
-            kernel = Some(now);
-        }
-        if agent.is_none() && serial.contains(AGENT_STARTING) {
-            agent = Some(now);
+        match &mut node {
+            Node::Vm(vm) => {
+                vm.check()?;
+                let serial = vm.serial();
+                if kernel.is_none() && serial.contains(KERNEL_STARTED) {
+                    kernel = Some(now);
+                }
+                if agent.is_none() && serial.contains(AGENT_STARTING) {
+                    agent = Some(now);
+                }
+            }
+            Node::Process(child) => {
+                if let Some(st) = child.try_wait()? {
+                    bail!("the agent exited ({st}); see {}", run_dir.join("agent.log").display());
+                }
+            }
         }
         let ms = admin.list_machines(pb::ListMachinesRequest {}).await?.into_inner().machines;
         if let Some(m) = ms.iter().find(|m| m.macs.contains(&mac)) {
@@ -221,7 +328,12 @@ async fn boot_once(dir: &Path, bundle: &Path, netboot: bool, run: u8, timeout: D
             }
         }
         if t0.elapsed() > timeout {
-            bail!("{kind} boot not ready within {timeout:?}; serial log {}", vm.serial_log.display());
+            match &node {
+                Node::Vm(vm) => {
+                    bail!("{kind} boot not ready within {timeout:?}; serial log {}", vm.serial_log.display())
+                }
+                Node::Process(_) => bail!("the agent was not ready within {timeout:?}"),
+            }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -232,7 +344,24 @@ async fn boot_once(dir: &Path, bundle: &Path, netboot: bool, run: u8, timeout: D
         "{kind} run {run}: kernel {:.2}s, agent {:.2}s, enrolled {:.2}s, ready {:.2}s",
         p.kernel, p.agent_start, p.enrolled, p.ready
     );
-    vm.kill();
+    match &mut node {
+        Node::Vm(vm) => {
+            vm.kill();
+            if let Some(keep) = &args.keep_logs {
+                std::fs::create_dir_all(keep)?;
+                std::fs::copy(&vm.serial_log, keep.join(format!("{kind}-{run}.serial.log")))?;
+            }
+        }
+        Node::Process(child) => {
+            // Our own child, by its PID.
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some(keep) = &args.keep_logs {
+                std::fs::create_dir_all(keep)?;
+                std::fs::copy(run_dir.join("agent.log"), keep.join(format!("{kind}-{run}.agent.log")))?;
+            }
+        }
+    }
     drop(ctl);
     Ok(p)
 }

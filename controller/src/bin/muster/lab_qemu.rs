@@ -94,6 +94,9 @@ pub fn qemu_args(i: u32, dir: &Path, http_port: u16, grpc_port: u16) -> Result<V
         &netdev,
         "-device",
         &format!("virtio-net-pci,netdev=n0,mac={}", vm_mac(i)),
+        // Entropy at once (as RDRAND gives a real node): the agent's key and TLS need it.
+        "-device",
+        "virtio-rng-pci",
         "-boot",
         "n",
     ]
