@@ -28,7 +28,25 @@ struct Run {
     ok: bool,
 }
 
-// The child is reaped by wait4 below, which clippy cannot see.
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+/// Reaps our child `pid`: its wait status, CPU time (user + system) and peak RSS in KiB, from
+/// the kernel's per-process accounting.
+fn wait_accounted(pid: libc::pid_t) -> (i32, Duration, i64) {
+    let mut status = 0;
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: wait4 on our own child with valid pointers to a status int and a rusage struct.
+    #[allow(unsafe_code)]
+    let ru = unsafe {
+        libc::wait4(pid, &mut status, 0, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    (status, tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss)
+}
+
+// The child is reaped by wait4 (wait_accounted), which clippy cannot see.
 #[allow(clippy::zombie_processes)]
 fn run(agent: &Path, cfg: &Path, root: &Path, namespaced: bool) -> Run {
     let start = Instant::now();
@@ -54,22 +72,13 @@ fn run(agent: &Path, cfg: &Path, root: &Path, namespaced: bool) -> Run {
     let mut out = child.stdout.expect("stdout");
     let mut text = String::new();
     std::io::Read::read_to_string(&mut out, &mut text).expect("read");
-    let mut status = 0;
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: wait4 on our own child with valid pointers to a status int and a rusage struct.
-    #[allow(unsafe_code)]
-    let ru = unsafe {
-        libc::wait4(pid, &mut status, 0, ru.as_mut_ptr());
-        ru.assume_init()
-    };
+    let (status, cpu, max_rss_kib) = wait_accounted(pid);
     let wall = start.elapsed();
-    let tv =
-        |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
     let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     Run {
         wall,
-        cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
-        max_rss_kib: ru.ru_maxrss,
+        cpu,
+        max_rss_kib,
         writes: report["writes"].as_u64().unwrap_or(0),
         resources: report["resources"].as_array().map_or(0, Vec::len),
         ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
@@ -82,17 +91,8 @@ fn measure(cmd: &mut Command) -> Option<(Duration, Duration, i64)> {
     let start = Instant::now();
     let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().ok()?;
     let pid = libc::pid_t::try_from(child.id()).ok()?;
-    let mut status = 0;
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: wait4 on our own child with valid pointers to a status int and a rusage struct.
-    #[allow(unsafe_code)]
-    let ru = unsafe {
-        libc::wait4(pid, &mut status, 0, ru.as_mut_ptr());
-        ru.assume_init()
-    };
-    let tv =
-        |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
-    (status == 0).then(|| (start.elapsed(), tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss))
+    let (status, cpu, max_rss_kib) = wait_accounted(pid);
+    (status == 0).then(|| (start.elapsed(), cpu, max_rss_kib))
 }
 
 /// cloud-init's own cost for the same config, when it is installed (Debian `cloud-init`):
@@ -183,8 +183,6 @@ fn cpu_now() -> Duration {
         libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
         ru.assume_init()
     };
-    let tv =
-        |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 

@@ -83,14 +83,10 @@ pub fn host_port(url: &str) -> Result<(String, u16), DiscoveryError> {
 }
 
 /// Connects to `url`, finds the CA certificate matching `pin` in the presented chain, verifies
-/// the server certificate against it, and returns the CA as PEM.
-pub async fn discover_ca(url: &str, pin: &CaPin) -> Result<String, DiscoveryError> {
-    Ok(connect_pinned(url, pin).await?.0)
-}
-
-/// As [`discover_ca`], and keeps the connection: once the server is verified against the pinned
-/// CA it is as good as any, and enrolling over it saves a TCP and TLS handshake (on a slow or
-/// emulated node, a good part of its enrollment time). Offers HTTP/2 by ALPN.
+/// the server certificate against it, and returns the CA as PEM with the connection: once the
+/// server is verified against the pinned CA it is as good as any, and enrolling over it saves a
+/// TCP and TLS handshake (on a slow or emulated node, a good part of its enrollment time).
+/// Offers HTTP/2 by ALPN.
 pub async fn connect_pinned(
     url: &str,
     pin: &CaPin,
@@ -164,6 +160,10 @@ mod tests {
 
     use super::*;
     use crate::test_support::{tls_server, Ca};
+
+    async fn discover_ca(url: &str, pin: &CaPin) -> Result<String, DiscoveryError> {
+        Ok(connect_pinned(url, pin).await?.0)
+    }
 
     #[test]
     fn host_port_of_urls() {

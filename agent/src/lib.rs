@@ -10,7 +10,7 @@
 //!   reconnects with backoff and full jitter, renews its certificate at ~70 % of its lifetime,
 //!   and stops for good when the controller revokes it.
 //!
-//! The lower-level steps ([`discover_ca`] / [`discovery::connect_pinned`], [`generate_key`],
+//! The lower-level steps ([`connect_pinned`], [`generate_key`],
 //! [`csr_pem`], [`enroll_once`] / [`client::enroll_over`],
 //! [`mtls_channel`], [`inventory::collect`]) are public so that tests and the benchmark can
 //! drive many simulated agents from one process.
@@ -37,7 +37,7 @@ pub use settings::{AgentConfig, Hints};
 // The steps of the loop, for in-process tests and the benchmark (many simulated agents in one
 // process): find the CA by its pin, make a key and a CSR, enroll, open the mutual-TLS channel.
 pub use client::{csr_pem, enroll_once, generate_key, mtls_channel, CallError};
-pub use discovery::{discover_ca, DiscoveryError};
+pub use discovery::{connect_pinned, DiscoveryError};
 pub use identity::Assignment;
 
 /// Installs the ring crypto provider for rustls (once per process; later calls are no-ops).

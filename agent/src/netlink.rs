@@ -13,7 +13,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
-use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVlan, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVlan, RouteMessageBuilder};
 
 use crate::effects::{Addr, LinkState, NetChange, NetState, RouteState};
 
@@ -135,11 +135,10 @@ pub fn snapshot() -> io::Result<NetState> {
                 l.addresses.push(ad);
             }
         }
-        for v in [IpVersion::V4, IpVersion::V6] {
-            let req = match v {
-                IpVersion::V4 => RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-                IpVersion::V6 => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-            };
+        for req in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
             let routes: Vec<RouteMessage> = h.route().get(req).execute().try_collect().await?;
             for r in &routes {
                 if let Some((oif, st)) = route_state(r) {

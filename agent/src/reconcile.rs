@@ -182,10 +182,11 @@ pub fn reconcile(cfg: &MachineConfig, fx: &dyn Effects, report_only: bool) -> Re
                 found = ensure_file(fx, &path, content.as_bytes(), 0o644, (0, 0), report_only)?;
             }
             if let Err(why) = fx.systemd() {
-                return Ok(match found {
-                    Found::Same if u.enabled.is_none() && u.started.is_none() => Found::Same,
-                    Found::Differs if u.enabled.is_none() && u.started.is_none() => Found::Differs,
-                    _ => Found::Skip(format!("{why}: not enabled or started")),
+                // Only the file was asked for: that much is done.
+                return Ok(if u.enabled.is_none() && u.started.is_none() {
+                    found
+                } else {
+                    Found::Skip(format!("{why}: not enabled or started"))
                 });
             }
             let file_changed = matches!(found, Found::Differs);
@@ -301,10 +302,12 @@ fn kernel_managed(a: &Addr) -> bool {
 fn link_changes(
     link: &LinkState,
     mtu: Option<u32>,
-    manage_addresses: bool,
+    dhcp: Option<bool>,
     addresses: &[String],
     routes: &[Route],
 ) -> Result<Vec<NetChange>, String> {
+    // With DHCP the addresses belong to the DHCP client; without a word on addresses, to no one.
+    let manage_addresses = dhcp != Some(true) && (!addresses.is_empty() || dhcp == Some(false));
     let index = link.index;
     let want: Vec<Addr> =
         addresses.iter().map(|a| a.parse::<IpCidr>().map(addr)).collect::<Result<_, _>>()?;
@@ -375,9 +378,7 @@ fn interface(
     report_only: bool,
 ) -> Result<Found, String> {
     let link = find_link(state, itf)?;
-    // With DHCP the addresses belong to the DHCP client; without a word on addresses, to no one.
-    let manage = itf.dhcp != Some(true) && (!itf.addresses.is_empty() || itf.dhcp == Some(false));
-    apply_changes(fx, link_changes(link, itf.mtu, manage, &itf.addresses, &itf.routes)?, report_only)
+    apply_changes(fx, link_changes(link, itf.mtu, itf.dhcp, &itf.addresses, &itf.routes)?, report_only)
 }
 
 fn vlan(
@@ -401,9 +402,13 @@ fn vlan(
     }
     let link =
         state.links.iter().find(|l| l.name == name).ok_or_else(|| format!("VLAN {name} did not appear"))?;
-    let manage = v.dhcp != Some(true) && (!v.addresses.is_empty() || v.dhcp == Some(false));
-    let found = apply_changes(fx, link_changes(link, None, manage, &v.addresses, &v.routes)?, report_only)?;
+    let found = apply_changes(fx, link_changes(link, None, v.dhcp, &v.addresses, &v.routes)?, report_only)?;
     Ok(if created { Found::Differs } else { found })
+}
+
+/// Whether a passwd, group or shadow line is `name`'s entry.
+fn entry_of(name: &str) -> impl Fn(&String) -> bool + '_ {
+    move |l| l.split(':').next() == Some(name)
 }
 
 /// A local account: `/etc/passwd`, `/etc/group`, `/etc/shadow` (password locked) and the SSH
@@ -436,7 +441,7 @@ fn user(fx: &dyn Effects, u: &User, report_only: bool) -> Result<Found, String> 
     let home = format!("/home/{}", u.name);
 
     // The primary group, named after the user.
-    let gid = match g_lines.iter().map(|l| fields(l)).find(|f| f.first() == Some(&u.name)) {
+    let gid = match g_lines.iter().find(|l| entry_of(&u.name)(l)).map(|l| fields(l)) {
         Some(f) => f
             .get(2)
             .and_then(|g| g.parse().ok())
@@ -448,7 +453,7 @@ fn user(fx: &dyn Effects, u: &User, report_only: bool) -> Result<Found, String> 
             gid
         }
     };
-    let uid = match p_lines.iter().position(|l| l.split(':').next() == Some(u.name.as_str())) {
+    let uid = match p_lines.iter().position(entry_of(&u.name)) {
         Some(i) => {
             let mut f = fields(&p_lines[i]);
             f.resize(7, String::new());
@@ -471,13 +476,13 @@ fn user(fx: &dyn Effects, u: &User, report_only: bool) -> Result<Found, String> 
             uid
         }
     };
-    if !s_lines.iter().any(|l| l.split(':').next() == Some(u.name.as_str())) {
+    if !s_lines.iter().any(entry_of(&u.name)) {
         s_lines.push(format!("{}:!::0:99999:7:::", u.name));
     }
     for g in &u.groups {
         let i = g_lines
             .iter()
-            .position(|l| l.split(':').next() == Some(g.as_str()))
+            .position(entry_of(g))
             .ok_or_else(|| format!("group {g} does not exist on this node"))?;
         let mut f = fields(&g_lines[i]);
         f.resize(4, String::new());
@@ -565,8 +570,7 @@ mod tests {
     }
 
     fn a(s: &str) -> Addr {
-        let c: IpCidr = s.parse().unwrap();
-        Addr { ip: c.addr, prefix: c.prefix }
+        addr(s.parse().unwrap())
     }
 
     fn lan_node() -> FakeNode {

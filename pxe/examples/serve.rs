@@ -55,8 +55,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             iface,
             server_ip: None,
             http_boot_url: url.unwrap_or(format!("http://{local}/boot/start.ipxe")),
-            tftp_bios_file: "undionly.kpxe".into(),
-            tftp_efi_file: "ipxe.efi".into(),
+            tftp_bios_file: muster_pxe::proxydhcp::IPXE_BIOS_FILE.into(),
+            tftp_efi_file: muster_pxe::proxydhcp::IPXE_EFI_FILE.into(),
         };
         let p = muster_pxe::ProxyDhcp::bind(&cfg)?;
         tasks.spawn(async move { p.serve(std::future::pending()).await.map_err(|e| e.to_string()) });

@@ -112,7 +112,7 @@ impl Assets {
         let sha256 = match cached {
             Some(h) => h,
             None => {
-                // Hash through a second handle of the same open file (its own offset).
+                // Hash through a second handle of the same open file (it shares the offset).
                 let std_file = file.try_clone().await.map_err(io)?.into_std().await;
                 let h = tokio::task::spawn_blocking(move || hash_file(std_file))
                     .await

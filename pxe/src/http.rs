@@ -80,7 +80,7 @@ async fn machine(State(b): State<Boot>, ext: axum::http::Extensions, RawQuery(q)
 
 async fn sums(State(b): State<Boot>) -> Response {
     match b.assets.sha256sums().await {
-        Ok(s) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], s).into_response(),
+        Ok(s) => text(StatusCode::OK, s),
         Err(e) => {
             tracing::warn!(error = %e, "boot: listing assets");
             (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
@@ -118,11 +118,12 @@ async fn asset(
         }
     };
     let len = a.len;
-    let etag = format!("\"{}\"", a.sha256_hex());
+    let hex = a.sha256_hex();
+    let etag = format!("\"{hex}\"");
     let mut common = HeaderMap::new();
     common.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     set(&mut common, header::ETAG, &etag);
-    set(&mut common, "x-checksum-sha256", &a.sha256_hex());
+    set(&mut common, "x-checksum-sha256", &hex);
     set(
         &mut common,
         "digest",

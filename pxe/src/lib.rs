@@ -53,8 +53,8 @@
 //!     iface: "br0".into(),
 //!     server_ip: None,
 //!     http_boot_url: "http://10.0.0.1:8080/boot/start.ipxe".into(),
-//!     tftp_bios_file: "undionly.kpxe".into(),
-//!     tftp_efi_file: "ipxe.efi".into(),
+//!     tftp_bios_file: muster_pxe::proxydhcp::IPXE_BIOS_FILE.into(),
+//!     tftp_efi_file: muster_pxe::proxydhcp::IPXE_EFI_FILE.into(),
 //! };
 //! let dhcp = muster_pxe::ProxyDhcp::bind(&cfg)?; // bind errors surface at start-up
 //! tokio::spawn(dhcp.serve(shutdown.clone()));
@@ -84,11 +84,11 @@ pub mod tftp;
 
 pub use assets::{AssetError, Assets};
 pub use http::router;
-pub use proxydhcp::{serve_proxy_dhcp, ProxyDhcp, ProxyDhcpConfig};
+pub use proxydhcp::{ProxyDhcp, ProxyDhcpConfig};
 pub use script::{
     entry_script, error_script, machine_script, BootAction, BootRequest, BootSpec, MacAddr, QueryError,
 };
-pub use tftp::{serve_tftp, TftpServer};
+pub use tftp::TftpServer;
 
 /// Decides what a machine asking to network-boot gets. The controller implements it.
 #[async_trait::async_trait]

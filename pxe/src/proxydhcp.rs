@@ -26,6 +26,11 @@ use crate::PxeError;
 pub const DHCP_PORT: u16 = 67;
 pub const PXE_PORT: u16 = 4011;
 
+/// iPXE for BIOS PXE ROMs, as Debian's `ipxe` package names it (in `/usr/lib/ipxe`).
+pub const IPXE_BIOS_FILE: &str = "undionly.kpxe";
+/// iPXE for UEFI PXE, as Debian's `ipxe` package names it.
+pub const IPXE_EFI_FILE: &str = "ipxe.efi";
+
 /// What the ProxyDHCP service answers, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyDhcpConfig {
@@ -37,9 +42,9 @@ pub struct ProxyDhcpConfig {
     /// Absolute URL of `start.ipxe`, e.g. `http://192.168.1.10:8080/boot/start.ipxe`, for
     /// clients that are iPXE already.
     pub http_boot_url: String,
-    /// TFTP file for BIOS PXE ROMs (option 93 = 0), e.g. `undionly.kpxe`.
+    /// TFTP file for BIOS PXE ROMs (option 93 = 0), e.g. [`IPXE_BIOS_FILE`].
     pub tftp_bios_file: String,
-    /// TFTP file for UEFI PXE (option 93 = 6, 7, 9), e.g. `ipxe.efi`.
+    /// TFTP file for UEFI PXE (option 93 = 6, 7, 9), e.g. [`IPXE_EFI_FILE`].
     pub tftp_efi_file: String,
 }
 
@@ -300,14 +305,6 @@ impl ProxyDhcp {
             Err(e) => tracing::warn!(%mac, %to, error = %e, "proxy DHCP: sending the answer"),
         }
     }
-}
-
-/// Binds ([`ProxyDhcp::bind`]) and serves until `shutdown` completes.
-pub async fn serve_proxy_dhcp(
-    cfg: ProxyDhcpConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), PxeError> {
-    ProxyDhcp::bind(&cfg)?.serve(shutdown).await
 }
 
 #[cfg(test)]

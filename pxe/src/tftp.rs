@@ -251,15 +251,6 @@ impl TftpServer {
     }
 }
 
-/// Binds ([`TftpServer::bind`]) and serves until `shutdown` completes.
-pub async fn serve_tftp(
-    root: PathBuf,
-    bind: SocketAddr,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), PxeError> {
-    TftpServer::bind(root, bind).await?.serve(shutdown).await
-}
-
 /// Opens `name` under `root`, refusing anything that resolves outside it.
 async fn open(root: &Path, name: &str) -> Result<(tokio::fs::File, u64), TftpError> {
     let rel = relative_path(name)?;

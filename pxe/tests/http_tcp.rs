@@ -2,9 +2,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use common::pseudo_random;
 use muster_pxe::{router, Assets, BootAction, BootError, BootPolicy, BootRequest, BootSpec};
 
 #[derive(Default)]
@@ -37,22 +40,10 @@ async fn curl(args: &[&str]) -> (bool, Vec<u8>) {
     (out.status.success(), out.stdout)
 }
 
-fn pseudo_random(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn boot_routes_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    let kernel = pseudo_random(1 << 20);
+    let kernel = pseudo_random(1 << 20, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(dir.path().join("vmlinuz"), &kernel).unwrap();
     std::fs::write(dir.path().join("initramfs.img"), b"initramfs").unwrap();
     let stub = Arc::new(Stub::default());

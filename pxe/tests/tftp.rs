@@ -2,25 +2,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use common::pseudo_random;
 use muster_pxe::tftp::{Retransmit, TftpServer};
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
-
-fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 struct Server {
     addr: SocketAddr,

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn host_hostname() -> String {
@@ -17,13 +18,33 @@ fn host_ip_forward() -> String {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim().to_owned()
 }
 
-#[test]
-fn hostname_file_and_sysctl_applied_in_namespaces_then_nothing_to_do() {
+/// The agent binary, a temp dir, and in it the file root and an output directory for scripts.
+fn setup() -> (PathBuf, tempfile::TempDir, PathBuf, PathBuf) {
     let agent = muster_tests::bin("muster-agent").unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (root, out) = (tmp.path().join("root"), tmp.path().join("out"));
     std::fs::create_dir_all(&root).unwrap();
     std::fs::create_dir_all(&out).unwrap();
+    (agent, tmp, root, out)
+}
+
+/// Runs `script` with `sh` in fresh UTS, network and mount namespaces; it gets the agent, the
+/// config, the file root and the output directory as `$1`..`$4`.
+fn in_fresh_namespaces(script: &str, agent: &Path, cfg: &Path, root: &Path, out: &Path) {
+    let status = Command::new("unshare")
+        .args(["--uts", "--net", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "sh"])
+        .arg(agent)
+        .arg(cfg)
+        .arg(root)
+        .arg(out)
+        .status()
+        .expect("unshare (util-linux)");
+    assert!(status.success(), "the namespace run failed (needs root, as in CI): {status}");
+}
+
+#[test]
+fn hostname_file_and_sysctl_applied_in_namespaces_then_nothing_to_do() {
+    let (agent, tmp, root, out) = setup();
     let before = (host_hostname(), host_ip_forward());
     // Whatever the host has, ask the namespace for the other value, so the pass must write it.
     let want_forward = if before.1 == "1" { "0" } else { "1" };
@@ -41,15 +62,7 @@ fn hostname_file_and_sysctl_applied_in_namespaces_then_nothing_to_do() {
 cat /proc/sys/kernel/hostname > "$4/hostname"
 cat /proc/sys/net/ipv4/ip_forward > "$4/ip_forward"
 "#;
-    let status = Command::new("unshare")
-        .args(["--uts", "--net", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "sh"])
-        .arg(&agent)
-        .arg(&cfg)
-        .arg(&root)
-        .arg(&out)
-        .status()
-        .expect("unshare (util-linux)");
-    assert!(status.success(), "the namespace run failed (needs root, as in CI): {status}");
+    in_fresh_namespaces(script, &agent, &cfg, &root, &out);
 
     let pass1: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("pass1.json")).unwrap()).unwrap();
@@ -169,11 +182,7 @@ fn host_links() -> String {
 
 #[test]
 fn static_address_route_and_mtu_over_netlink_in_a_network_namespace_then_nothing_to_do() {
-    let agent = muster_tests::bin("muster-agent").unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let (root, out) = (tmp.path().join("root"), tmp.path().join("out"));
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::create_dir_all(&out).unwrap();
+    let (agent, tmp, root, out) = setup();
     let links_before = host_links();
     let cfg = tmp.path().join("net.yaml");
     // Modules and units are declared too: an agent that manages a subtree (not `/`) owns neither
@@ -195,15 +204,7 @@ ip route show dev mv0 > "$4/routes"
 ip -o link show dev mv0 > "$4/link"
 ip -o addr show dev lo > "$4/lo"
 "#;
-    let status = Command::new("unshare")
-        .args(["--uts", "--net", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "sh"])
-        .arg(&agent)
-        .arg(&cfg)
-        .arg(&root)
-        .arg(&out)
-        .status()
-        .expect("unshare (util-linux)");
-    assert!(status.success(), "the namespace run failed (needs root, as in CI): {status}");
+    in_fresh_namespaces(script, &agent, &cfg, &root, &out);
     let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
     let pass1: serde_json::Value = serde_json::from_str(&read("pass1.json")).unwrap();
     let pass2: serde_json::Value = serde_json::from_str(&read("pass2.json")).unwrap();

@@ -159,19 +159,13 @@ enum Node {
     Process(std::process::Child),
 }
 
-/// The MAC the agent will report first on this host (its inventory skips `lo` and zero MACs).
+/// The MAC the agent reports first on this host (from its own inventory).
 fn host_mac() -> Result<String> {
-    let mut names: Vec<_> = std::fs::read_dir("/sys/class/net")?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .filter(|n| n.as_str() != "lo")
-        .filter_map(|n| std::fs::read_to_string(format!("/sys/class/net/{n}/address")).ok())
-        .map(|m| m.trim().to_owned())
-        .find(|m| m != "00:00:00:00:00:00" && m.len() == 17)
+    muster_agent::inventory::collect(&muster_agent::Hints::default())
+        .nics
+        .into_iter()
+        .next()
+        .map(|n| n.mac)
         .context("this host has no network interface with a MAC to register the native agent by")
 }
 

@@ -246,18 +246,15 @@ pub async fn listeners(b: &BootOptions, http_port: u16) -> Result<Listeners, mus
             iface: iface.clone(),
             server_ip: Some(ip),
             http_boot_url: format!("http://{ip}:{http_port}/boot/start.ipxe"),
-            tftp_bios_file: "undionly.kpxe".into(),
-            tftp_efi_file: "ipxe.efi".into(),
+            tftp_bios_file: muster_pxe::proxydhcp::IPXE_BIOS_FILE.into(),
+            tftp_efi_file: muster_pxe::proxydhcp::IPXE_EFI_FILE.into(),
         };
-        let p = muster_pxe::ProxyDhcp::bind(&cfg)?;
-        tracing::info!(%iface, server = %ip, url = %cfg.http_boot_url, "proxy DHCP serving");
-        out.proxy_dhcp = Some(p);
+        // It logs what it serves once it runs.
+        out.proxy_dhcp = Some(muster_pxe::ProxyDhcp::bind(&cfg)?);
     }
     if let Some(root) = &b.tftp_root {
         let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, TFTP_PORT));
-        let t = muster_pxe::TftpServer::bind(root.clone(), addr).await?;
-        tracing::info!(root = %root.display(), %addr, "TFTP serving");
-        out.tftp = Some(t);
+        out.tftp = Some(muster_pxe::TftpServer::bind(root.clone(), addr).await?);
     }
     Ok(out)
 }

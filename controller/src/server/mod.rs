@@ -687,6 +687,18 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     Ok(Running { ports, pin, controller, shutdown: Some(shutdown_tx), task })
 }
 
+/// Runs one of the network-boot UDP services until it ends, logging why if it fails.
+fn spawn_service(
+    what: &'static str,
+    service: impl std::future::Future<Output = Result<(), muster_pxe::PxeError>> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = service.await {
+            tracing::error!(error = %e, "{what} stopped");
+        }
+    })
+}
+
 async fn serve(
     controller: Controller,
     grpc: TcpListener,
@@ -699,20 +711,10 @@ async fn serve(
     let stop = CancellationToken::new();
     let mut udp_tasks = Vec::new();
     if let Some(p) = udp.proxy_dhcp {
-        let stop = stop.clone();
-        udp_tasks.push(tokio::spawn(async move {
-            if let Err(e) = p.serve(stop.cancelled_owned()).await {
-                tracing::error!(error = %e, "proxy DHCP stopped");
-            }
-        }));
+        udp_tasks.push(spawn_service("proxy DHCP", p.serve(stop.clone().cancelled_owned())));
     }
     if let Some(t) = udp.tftp {
-        let stop = stop.clone();
-        udp_tasks.push(tokio::spawn(async move {
-            if let Err(e) = t.serve(stop.cancelled_owned()).await {
-                tracing::error!(error = %e, "TFTP stopped");
-            }
-        }));
+        udp_tasks.push(spawn_service("TFTP", t.serve(stop.clone().cancelled_owned())));
     }
     let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_loop(grpc, tls, stop.clone()));
     let agent =
