@@ -195,7 +195,7 @@ fn inner(cfg: &Path, root: &Path, host_ns: &str) {
         "not in fresh namespaces ({here} vs host {host_ns}); refusing to apply"
     );
     let text = std::fs::read_to_string(cfg).expect("config");
-    let (cfg, _) = muster_proto::config::parse(&text).expect("valid config");
+    let (cfg, _) = muster_machinery::config::parse(&text).expect("valid config");
     let fx = muster_agent::effects::LinuxEffects::new(root);
     let (w, c) = (Instant::now(), cpu_now());
     let first = muster_agent::reconcile::reconcile(&cfg, &fx, false);
@@ -212,7 +212,7 @@ fn inner(cfg: &Path, root: &Path, host_ns: &str) {
             "a no-op pass writes nothing: {:?}",
             r.resources
                 .iter()
-                .filter(|s| !matches!(s.outcome, muster_agent::reconcile::Outcome::Unchanged))
+                .filter(|s| !matches!(s.outcome, muster_machinery::Outcome::Unchanged))
                 .collect::<Vec<_>>()
         );
         assert_eq!(r.resources.len(), 50);

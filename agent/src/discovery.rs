@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use muster_proto::pin::CaPin;
+use muster_machinery::pin::CaPin;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -180,7 +180,7 @@ mod tests {
         let (leaf, key) = ca.server_leaf(&["localhost", "127.0.0.1"]);
         let addr = tls_server(vec![leaf, ca.der()], key, None).await;
         let pem = discover_ca(&format!("https://{addr}"), &ca.pin()).await.unwrap();
-        assert_eq!(muster_proto::pin::CaPin::of_cert_pem(&pem).unwrap(), ca.pin());
+        assert_eq!(muster_machinery::pin::CaPin::of_cert_pem(&pem).unwrap(), ca.pin());
         assert_eq!(pem.trim(), ca.pem().trim());
     }
 

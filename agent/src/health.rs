@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use muster_proto::pb;
+use muster_machinery::health as h;
 
 /// Filesystem types that hold no user data.
 const PSEUDO_FS: &[&str] = &[
@@ -78,7 +78,7 @@ pub fn parse_meminfo(s: &str) -> (u64, u64, u64, u64) {
 }
 
 /// `/proc/net/dev`: per interface (rx bytes, rx errors, tx bytes, tx errors), loopback skipped.
-pub fn parse_net_dev(s: &str) -> Vec<pb::NetworkCounters> {
+pub fn parse_net_dev(s: &str) -> Vec<h::NetworkCounters> {
     s.lines()
         .skip(2)
         .filter_map(|l| {
@@ -91,7 +91,7 @@ pub fn parse_net_dev(s: &str) -> Vec<pb::NetworkCounters> {
             if v.len() < 11 {
                 return None;
             }
-            Some(pb::NetworkCounters {
+            Some(h::NetworkCounters {
                 interface: name.to_owned(),
                 rx_bytes: v[0],
                 rx_errors: v[2],
@@ -194,7 +194,7 @@ impl Collector {
     }
 
     /// One snapshot. `clock_offset_ms` comes from the heartbeat round trips.
-    pub fn collect(&mut self, clock_offset_ms: i64) -> pb::HealthSnapshot {
+    pub fn collect(&mut self, clock_offset_ms: i64) -> h::HealthSnapshot {
         let cpu = parse_cpu_jiffies(&self.read("stat"));
         let cpu_usage_percent = match (self.last_cpu, cpu) {
             (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
@@ -212,7 +212,7 @@ impl Collector {
             .into_iter()
             .filter_map(|(device, mount_point, fs_type)| {
                 let (size, avail) = statvfs(Path::new(&mount_point))?;
-                (size > 0).then_some(pb::FilesystemUsage {
+                (size > 0).then_some(h::FilesystemUsage {
                     mount_point,
                     device,
                     fs_type,
@@ -221,7 +221,7 @@ impl Collector {
                 })
             })
             .collect();
-        pb::HealthSnapshot {
+        h::HealthSnapshot {
             cpu_usage_percent,
             load1,
             load5,
@@ -241,7 +241,7 @@ impl Collector {
         }
     }
 
-    fn temperatures(&self) -> Vec<pb::Temperature> {
+    fn temperatures(&self) -> Vec<h::Temperature> {
         let mut out = Vec::new();
         let zones = self.src.sys_root.join("class/thermal");
         let Ok(dir) = fs::read_dir(&zones) else { return out };
@@ -255,7 +255,7 @@ impl Collector {
             let kind = fs::read_to_string(zone.join("type")).map(|t| t.trim().to_owned()).unwrap_or_default();
             if let Some(m) = milli {
                 let name = zone.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                out.push(pb::Temperature {
+                out.push(h::Temperature {
                     sensor: if kind.is_empty() { name } else { kind },
                     celsius: m as f32 / 1000.0,
                 });
@@ -280,7 +280,7 @@ impl Collector {
 
     /// Checks one service: a unit is up when its cgroup has processes; a process when one
     /// runs with that command name.
-    pub fn check(&self, name: &str) -> pb::ServiceCheck {
+    pub fn check(&self, name: &str) -> h::ServiceCheck {
         let (up, detail) = match self.spec(name) {
             ServiceSpec::Unit(unit) if self.systemd() => {
                 let procs = self.src.sys_root.join("fs/cgroup/system.slice").join(&unit).join("cgroup.procs");
@@ -299,7 +299,7 @@ impl Collector {
                 }
             }
         };
-        pb::ServiceCheck { name: name.to_owned(), up, detail }
+        h::ServiceCheck { name: name.to_owned(), up, detail }
     }
 
     fn process_running(&self, name: &str) -> bool {
@@ -392,7 +392,7 @@ mod tests {
         assert_eq!(s.filesystems.len(), 1);
         assert!(s.filesystems[0].size_bytes > 0);
         assert_eq!(s.networks[0].tx_bytes, 2);
-        assert_eq!(s.temperatures, vec![pb::Temperature { sensor: "x86_pkg_temp".into(), celsius: 42.5 }]);
+        assert_eq!(s.temperatures, vec![h::Temperature { sensor: "x86_pkg_temp".into(), celsius: 42.5 }]);
         assert_eq!(s.clock_offset_ms, 1500);
         let by_name: Vec<(&str, bool)> = s.services.iter().map(|c| (c.name.as_str(), c.up)).collect();
         assert_eq!(by_name, [("k3s-server", true), ("kubelet", false), ("k3s.service", false)]);

@@ -7,7 +7,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use muster_proto::model::Role;
+use muster_machinery::model::Role;
 use muster_proto::pb;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,7 @@ pub struct Assignment {
 impl From<pb::Assignment> for Assignment {
     fn from(a: pb::Assignment) -> Self {
         Self {
-            role: Role::from_wire(a.role).unwrap_or_default(),
+            role: muster_proto::convert::role(a.role).unwrap_or_default(),
             cluster: a.cluster,
             labels: a.labels.into_iter().collect(),
             approved: a.approved,

@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use muster_proto::model::normalize_mac;
+use muster_machinery::model::normalize_mac;
 use muster_proto::pb;
 
 use crate::settings::Hints;

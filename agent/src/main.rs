@@ -40,7 +40,7 @@ fn apply_once(file: &std::path::Path, root: &std::path::Path, report_only: bool)
             return ExitCode::from(2);
         }
     };
-    let cfg = match muster_proto::config::parse(&text) {
+    let cfg = match muster_machinery::config::parse(&text) {
         Ok((cfg, warnings)) => {
             for w in warnings {
                 eprintln!("warning: {w}");

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use muster_proto::node_metrics::{write_nodes, Format, Kind, NodeSample, Writer};
+use muster_machinery::metrics::{write_nodes, Format, Kind, NodeSample, Writer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::agent::AgentStatus;
 use crate::health::Collector;
-use crate::run::AgentStatus;
 
 /// Renders the exposition.
 pub fn render(collector: &Mutex<Collector>, status: &AgentStatus, format: Format) -> String {

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use muster_proto::pin::CaPin;
-use muster_proto::token::JoinToken;
+use muster_machinery::pin::CaPin;
+use muster_machinery::token::JoinToken;
+use muster_machinery::KernelArgs;
 
 /// Identity hints that override what the inventory reports, for labs and tests where several
 /// agents share one host.
@@ -22,8 +23,8 @@ pub struct Hints {
 pub struct AgentConfig {
     /// `https://HOST:PORT` of the controller's gRPC listener.
     pub controller: String,
-    /// Join token; needed only until the node has an identity.
-    pub token: Option<String>,
+    /// Join token; needed only until the node has an identity. Its `Debug` hides the secret.
+    pub token: Option<JoinToken>,
     pub ca_pin: Option<CaPin>,
     pub ca_file: Option<PathBuf>,
     pub state_dir: PathBuf,
@@ -137,34 +138,16 @@ fn err(flag: &'static str, kernel: &'static str, problem: impl Into<String>) -> 
     SettingError { flag, kernel, problem: problem.into() }
 }
 
-/// `muster.*` parameters of a kernel command line (quotes allowed around values).
-pub fn parse_cmdline(cmdline: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut chars = cmdline.trim().chars().peekable();
-    while chars.peek().is_some() {
-        let mut word = String::new();
-        let mut quoted = false;
-        for c in chars.by_ref() {
-            match c {
-                '"' => quoted = !quoted,
-                c if c.is_whitespace() && !quoted => break,
-                c => word.push(c),
-            }
-        }
-        if let Some(rest) = word.strip_prefix("muster.") {
-            if let Some((k, v)) = rest.split_once('=') {
-                out.push((k.to_owned(), v.to_owned()));
-            }
-        }
-    }
-    out
-}
-
 impl Flags {
     /// Merges flags over the kernel command line and checks every value.
     pub fn resolve(self, cmdline: &str) -> Result<(AgentConfig, ServiceSettings), SettingError> {
-        let kernel = parse_cmdline(cmdline);
-        let k = |name: &str| kernel.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let kernel = KernelArgs::parse(cmdline);
+        let k = |name: &str| match name {
+            "controller" => kernel.controller.clone(),
+            "token" => kernel.token.clone(),
+            "ca_hash" => kernel.ca_hash.clone(),
+            other => kernel.get(other).map(str::to_owned),
+        };
 
         let controller = self
             .controller
@@ -180,10 +163,12 @@ impl Flags {
                 format!("{controller:?} must look like https://HOST:PORT"),
             ));
         }
-        let token = self.token.or_else(|| k("token")).filter(|t| !t.is_empty());
-        if let Some(t) = &token {
-            JoinToken::parse(t).map_err(|e| err("token", "token", e.to_string()))?;
-        }
+        let token = self
+            .token
+            .or_else(|| k("token"))
+            .filter(|t| !t.is_empty())
+            .map(|t| JoinToken::parse(&t).map_err(|e| err("token", "token", e.to_string())))
+            .transpose()?;
         let ca_pin = self
             .ca_hash
             .or_else(|| k("ca_hash"))
@@ -249,15 +234,6 @@ mod tests {
     const TOKEN: &str = "abc123.0123456789abcdefghijklmnopqrstuv";
 
     #[test]
-    fn parses_kernel_cmdline() {
-        let c = format!("BOOT_IMAGE=/vmlinuz quiet muster.controller=https://10.0.2.2:7443 muster.token={TOKEN} muster.ca_hash={PIN} root=/dev/sda1 muster.x=\"a b\"\n");
-        let p = parse_cmdline(&c);
-        assert_eq!(p[0], ("controller".into(), "https://10.0.2.2:7443".into()));
-        assert_eq!(p[1], ("token".into(), TOKEN.into()));
-        assert_eq!(p[3], ("x".into(), "a b".into()));
-    }
-
-    #[test]
     fn flags_win_over_the_kernel_cmdline() {
         let cmdline = format!(
             "muster.controller=https://k:1 muster.token={TOKEN} muster.ca_hash={PIN} muster.heartbeat=2s"
@@ -265,7 +241,7 @@ mod tests {
         let flags = Flags { controller: Some("https://flag:2".into()), ..Default::default() };
         let (cfg, svc) = flags.resolve(&cmdline).unwrap();
         assert_eq!(cfg.controller, "https://flag:2");
-        assert_eq!(cfg.token.as_deref(), Some(TOKEN), "from the kernel");
+        assert_eq!(cfg.token.map(|t| t.to_string()).as_deref(), Some(TOKEN), "from the kernel");
         assert_eq!(cfg.heartbeat, Duration::from_secs(2));
         assert_eq!(cfg.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(svc.metrics_listen, Some("0.0.0.0:7481".parse().unwrap()));

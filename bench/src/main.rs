@@ -30,10 +30,10 @@ use muster_bench::report::{self, Report};
 use muster_bench::sim::{self, Identity, Shared};
 use muster_bench::stats::Latency;
 use muster_bench::sys;
-use muster_proto::musterconfig::MusterConfig;
+use muster_lab::muster::ControllerProc;
+use muster_machinery::musterconfig::MusterConfig;
 use muster_proto::pb;
 use muster_proto::pb::admin_service_client::AdminServiceClient;
-use muster_tests::ControllerProc;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +92,7 @@ async fn bench_main() -> Result<ExitCode> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    muster_tests::init_crypto();
+    muster_agent::init_crypto();
     let args = Args::parse();
     if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&args.heartbeat) {
         bail!("--heartbeat must be between 100ms and 10m (the controller clamps to that range)");
@@ -126,7 +126,7 @@ async fn bench_main() -> Result<ExitCode> {
 
 /// The controller binary beside this one, with a hint how to build it when it is missing.
 fn controller_binary() -> Result<PathBuf> {
-    let p = muster_tests::bin_dir().join("muster-controller");
+    let p = muster_lab::process::bin_dir().join("muster-controller");
     if !p.exists() {
         let profile = if cfg!(debug_assertions) { "" } else { "--release " };
         bail!(
@@ -202,9 +202,7 @@ async fn bench(args: &Args, ctl: &ControllerProc, binary: &Path) -> Result<Repor
     let mc = MusterConfig::from_yaml(
         &std::fs::read_to_string(&mc_path).with_context(|| format!("reading {}", mc_path.display()))?,
     )?;
-    let admin_ch = muster_tests::channel(&endpoint, &mc.ca, Some((&mc.cert, &mc.key)))
-        .await
-        .context("connecting as admin")?;
+    let (admin_ch, _) = muster_cli::client::admin_channel(&mc).await.context("connecting as admin")?;
     let mut admin = AdminServiceClient::new(admin_ch).max_decoding_message_size(usize::MAX);
     let token = admin
         .create_token(pb::CreateTokenRequest {

@@ -88,7 +88,7 @@ pub fn describe(e: &anyhow::Error) -> String {
 /// Enrolls `id` with `token` over its own server-authenticated connection; fills in its
 /// machine id and certificate.
 pub async fn enroll(endpoint: &str, ca_pem: &str, token: &str, id: &mut Identity) -> Result<()> {
-    let ch = muster_tests::channel(endpoint, ca_pem, None).await.context("connecting")?;
+    let ch = muster_agent::client::server_tls_channel(endpoint, ca_pem).await.context("connecting")?;
     let r = AgentServiceClient::new(ch)
         .enroll(pb::EnrollRequest {
             token: token.to_owned(),
@@ -187,7 +187,7 @@ struct Conn {
 }
 
 async fn connect(shared: &Shared, id: &Identity) -> Result<Conn> {
-    let ch = muster_tests::channel(&shared.endpoint, &shared.ca_pem, Some((&id.cert_pem, &id.key_pem)))
+    let ch = muster_agent::mtls_channel(&shared.endpoint, &shared.ca_pem, &id.cert_pem, &id.key_pem)
         .await
         .context("connecting")?;
     let mut client = AgentServiceClient::new(ch);
@@ -296,6 +296,6 @@ mod tests {
         assert_ne!(a.hostname, b.hostname);
         assert_ne!(a.smbios, b.smbios);
         assert_ne!(a.nics[0].mac, b.nics[0].mac);
-        assert!(!muster_proto::model::is_placeholder_uuid(&inventory(0).smbios.unwrap_or_default().uuid));
+        assert!(!muster_machinery::model::is_placeholder_uuid(&inventory(0).smbios.unwrap_or_default().uuid));
     }
 }

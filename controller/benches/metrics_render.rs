@@ -6,9 +6,9 @@
 use std::io::Write;
 use std::time::Instant;
 
+use muster_controller::fleet::health::HealthStatus;
 use muster_controller::metrics::{FleetSnapshot, MachineSample, Metrics};
-use muster_controller::server::health::HealthStatus;
-use muster_proto::node_metrics::Format;
+use muster_machinery::metrics::Format;
 use muster_proto::pb;
 
 fn machine(i: usize) -> MachineSample {
@@ -59,7 +59,7 @@ fn machine(i: usize) -> MachineSample {
         kernel: "6.1.0-26-amd64".into(),
         os: "Debian GNU/Linux 12 (bookworm)".into(),
         agent_version: "0.1.0".into(),
-        snapshot: Some(snapshot),
+        snapshot: Some(snapshot.into()),
         config_generation: 0,
         config_applied: 0,
         config_drift: Vec::new(),

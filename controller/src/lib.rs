@@ -1,12 +1,25 @@
-//! The Muster controller: fleet state, the agent and admin gRPC APIs, and the certificate signer.
+//! The Muster controller, the server only: it holds the fleet's state and serves the agents'
+//! and operators' gRPC APIs, the HTTP endpoints (health, metrics, service discovery, network
+//! boot) and the certificate signer.
 //!
-//! - [`pki`]: the CA, server and admin certificates, and the signer for machine certificates.
-//! - [`store`]: the state store trait and its embedded SQLite backend.
-//! - [`server`]: the gRPC services, per-call authorization and the connected-agent registry.
-//! - [`client`]: admin API client used by the `muster` CLI, tests and benchmarks.
+//! - [`fleet`]: the domain core. The controller's state ([`fleet::Controller`]: the machine
+//!   cache and open sessions), enrollment admission, tokens, assignment, config rollout,
+//!   registration, boot policy, health; every rule lives here, with typed errors
+//!   ([`fleet::FleetError`]).
+//! - [`api`]: thin transport. gRPC handlers that check the caller and the arguments' shape,
+//!   call the fleet and convert; the one exhaustive error → status mapping; the HTTP router.
+//! - [`store`]: the state store trait, its embedded SQLite backend and a metered decorator.
+//! - [`pki`]: the data dir and its certificates, the machine-certificate signer, caller
+//!   identification.
+//! - [`metrics`]: the controller's own metrics and the fleet's exposition.
+//! - [`serve`]: start-up: data dir, listeners, services, shutdown.
+//!
+//! Depends on `muster-machinery`, `muster-proto`, `muster-pxe` and `muster-util`; never on
+//! clap, the CLI or the lab.
 
-pub mod client;
+pub mod api;
+pub mod fleet;
 pub mod metrics;
 pub mod pki;
-pub mod server;
+pub mod serve;
 pub mod store;

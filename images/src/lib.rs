@@ -33,8 +33,7 @@ pub const MODULES: &[(&str, &str)] = &[
 ];
 
 /// The bundle's file names (the boot service serves these).
-pub const KERNEL: &str = "vmlinuz";
-pub const INITRD: &str = "initramfs.img";
+pub use muster_machinery::boot::{INITRD, KERNEL};
 pub const MANIFEST: &str = "manifest.json";
 
 const INIT: &str = include_str!("../rootfs/init");

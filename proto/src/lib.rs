@@ -1,19 +1,9 @@
-//! Muster's contract, shared by the agent, the controller and the CLI.
-//!
-//! - [`pb`]: the gRPC API generated from `proto/muster/v1/*.proto`.
-//! - [`token`]: join tokens (`<id>.<secret>`), their parsing and hashing.
-//! - [`pin`]: the CA pin (`sha256:<hex>` of the CA's SubjectPublicKeyInfo), as kubeadm's discovery hash.
-//! - [`model`]: roles, machine states, labels and ids as validated domain types.
-//! - [`musterconfig`]: the CLI's config file.
-//!
-//! Pure types and computation only: nothing in this crate touches files, sockets or clocks.
+//! Muster's wire contract: the gRPC API generated from `proto/muster/v1/*.proto` ([`pb`]), and
+//! the conversions between its messages and Muster's vocabulary (`muster-machinery`) in
+//! [`convert`]. Nothing else: the domain types, their validation and every rule live in
+//! `muster-machinery` or in the programs.
 
-pub mod config;
-pub mod model;
-pub mod musterconfig;
-pub mod node_metrics;
-pub mod pin;
-pub mod token;
+pub mod convert;
 
 /// Generated protobuf and gRPC code.
 pub mod pb {
@@ -21,4 +11,4 @@ pub mod pb {
     tonic::include_proto!("muster.v1");
 }
 
-pub use model::{LabelError, Labels, MachineId, Role, State};
+pub use convert::WireError;

@@ -57,10 +57,10 @@ impl Stream {
             .send(pb::AgentMessage {
                 msg: Some(pb::agent_message::Msg::ConfigStatus(pb::ConfigStatus {
                     generation,
-                    applied: true,
+                    state: pb::GenerationState::Applied.into(),
                     resources: vec![pb::ResourceStatus {
                         resource: "hostname".into(),
-                        outcome: "applied".into(),
+                        outcome: pb::Outcome::Applied.into(),
                         detail: String::new(),
                     }],
                     error: String::new(),
@@ -260,7 +260,7 @@ async fn network_changes_default_to_try_mode_and_others_to_auto() {
     let mut admin = f.admin().await.unwrap();
     let net = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: n\nnetwork:\n  interfaces:\n    - name: eth0\n      addresses: [\"192.168.5.20/24\"]\n";
     let r = admin.apply_config(req(pb::ConfigScope::Machine, &m.id, net, false)).await.unwrap().into_inner();
-    assert_eq!((r.results[0].mode.as_str(), r.results[0].try_timeout_ms), ("try", 60_000));
+    assert_eq!((r.results[0].mode, r.results[0].try_timeout_ms), (Some(pb::ApplyMode::Try as i32), 60_000));
     let c = s.next_config().await;
     assert_eq!(
         (c.generation, c.mode, c.try_timeout_ms, c.confirmed),
@@ -272,11 +272,11 @@ async fn network_changes_default_to_try_mode_and_others_to_auto() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.results[0].mode, "auto");
+    assert_eq!(r.results[0].mode, Some(pb::ApplyMode::Auto as i32));
     assert_eq!(s.next_config().await.mode, pb::ApplyMode::Auto as i32);
     // An explicit mode wins; bad modes and timeouts name the field.
     let mut bad = req(pb::ConfigScope::Machine, &m.id, net, false);
-    bad.mode = "later".into();
+    bad.mode = Some(42);
     let e = admin.apply_config(bad).await.unwrap_err();
     assert!(e.message().starts_with("mode: "), "{e:?}");
     let mut bad = req(pb::ConfigScope::Machine, &m.id, net, false);

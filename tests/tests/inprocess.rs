@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use muster_agent::{Agent, AgentConfig, AgentStatus, Hints};
+use muster_machinery::ApplyMode;
 use muster_proto::pb;
-use muster_tests::TestController;
+use muster_tests::{mode_name, outcome_name, state_name, TestController};
 use tokio::sync::{oneshot, watch};
 
 struct RunningAgent {
@@ -48,7 +49,7 @@ fn start_agent_with(
     let state_dir = f.dir.path().join(name);
     let cfg = AgentConfig {
         controller: f.endpoint.clone(),
-        token: Some(token.to_owned()),
+        token: Some(muster_machinery::token::JoinToken::parse(token).unwrap()),
         ca_pin: Some(f.pin().unwrap()),
         ca_file: None,
         state_dir: state_dir.clone(),
@@ -194,7 +195,7 @@ async fn revoke_closes_the_stream_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_renews_its_certificate_at_seventy_percent_and_stays_connected() {
     // 6 s certificates: renewal due ~4 s after issuance.
-    let opts = muster_controller::server::ControllerOptions {
+    let opts = muster_controller::fleet::ControllerOptions {
         machine_cert_ttl: Duration::from_secs(6),
         ..Default::default()
     };
@@ -293,7 +294,11 @@ async fn config_apply_reaches_the_node_and_the_new_hostname_shows() {
         let m = machine(&f, &id).await;
         if cfg.applied_generation == 1 && m.hostname == "renamed-node" {
             assert_eq!(cfg.resources.len(), 3);
-            assert!(cfg.resources.iter().all(|r| r.outcome == "applied"), "{:?}", cfg.resources);
+            assert!(
+                cfg.resources.iter().all(|r| r.outcome == pb::Outcome::Applied as i32),
+                "{:?}",
+                cfg.resources
+            );
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "not recorded: {cfg:?} {m:?}");
@@ -314,7 +319,7 @@ async fn resources(f: &TestController, id: &str) -> Vec<(String, String)> {
         .await
         .unwrap()
         .into_inner();
-    c.resources.into_iter().map(|r| (r.resource, r.outcome)).collect()
+    c.resources.into_iter().map(|r| (r.resource, outcome_name(r.outcome))).collect()
 }
 
 async fn wait_resource(f: &TestController, id: &str, resource: &str, outcome: &str) {
@@ -390,7 +395,7 @@ async fn apply_mode(
     f: &TestController,
     id: &str,
     yaml: &str,
-    mode: &str,
+    mode: ApplyMode,
     timeout_ms: u64,
 ) -> pb::MachineConfigResult {
     let r = f
@@ -401,7 +406,7 @@ async fn apply_mode(
             scope: pb::ConfigScope::Machine.into(),
             target: id.into(),
             yaml: yaml.into(),
-            mode: mode.into(),
+            mode: Some(pb::ApplyMode::from(mode).into()),
             try_timeout_ms: timeout_ms,
             ..Default::default()
         })
@@ -446,15 +451,20 @@ async fn try_mode_reverts_unless_confirmed_and_keeps_what_is_confirmed() {
     let id = a.status.borrow().machine_id.clone().unwrap();
     let admin = || async { f.admin().await.unwrap() };
 
-    assert_eq!(apply_mode(&f, &id, &host_config("first"), "auto", 0).await.generation, 1);
+    assert_eq!(apply_mode(&f, &id, &host_config("first"), ApplyMode::Auto, 0).await.generation, 1);
     a.wait("generation 1", |s| s.config_generation == 1).await;
 
     // A try nobody confirms: applied, then reverted by the agent on its own.
-    let r = apply_mode(&f, &id, &host_config("risky"), "try", 1500).await;
-    assert_eq!((r.generation, r.mode.as_str(), r.try_timeout_ms), (2, "try", 1500));
-    wait_config(&f, &id, "trying generation 2", |c| c.state == "trying" && c.applied_generation == 2).await;
+    let r = apply_mode(&f, &id, &host_config("risky"), ApplyMode::Try, 1500).await;
+    assert_eq!((r.generation, r.mode, r.try_timeout_ms), (2, Some(pb::ApplyMode::Try as i32), 1500));
+    wait_config(&f, &id, "trying generation 2", |c| {
+        c.state == pb::GenerationState::Trying as i32 && c.applied_generation == 2
+    })
+    .await;
     assert_eq!(*node.hostname.lock().unwrap(), "risky");
-    let c = wait_config(&f, &id, "generation 2 reverted", |c| c.state == "reverted").await;
+    let c =
+        wait_config(&f, &id, "generation 2 reverted", |c| c.state == pb::GenerationState::Reverted as i32)
+            .await;
     assert_eq!(c.applied_generation, 1, "{c:?}");
     assert!(c.error.contains("reverted to generation 1"), "{c:?}");
     assert_eq!(*node.hostname.lock().unwrap(), "first");
@@ -465,23 +475,29 @@ async fn try_mode_reverts_unless_confirmed_and_keeps_what_is_confirmed() {
     assert!(err.message().contains("reverted"), "{err:?}");
     // History tells the story.
     let h = admin().await.config_history(pb::MachineRef { query: id.clone() }).await.unwrap().into_inner();
-    let states: Vec<(u64, &str, &str)> =
-        h.revisions.iter().map(|r| (r.generation, r.mode.as_str(), r.state.as_str())).collect();
-    assert_eq!(states, [(2, "try", "reverted"), (1, "auto", "applied")]);
+    let states: Vec<(u64, String, String)> =
+        h.revisions.iter().map(|r| (r.generation, mode_name(r.mode), state_name(r.state))).collect();
+    assert_eq!(
+        states,
+        [(2, "try".to_string(), "reverted".to_string()), (1, "auto".into(), "applied".into())]
+    );
 
     // A confirmed try stays after its timeout.
-    let r = apply_mode(&f, &id, &host_config("kept"), "try", 1500).await;
+    let r = apply_mode(&f, &id, &host_config("kept"), ApplyMode::Try, 1500).await;
     assert_eq!(r.generation, 3);
-    wait_config(&f, &id, "trying generation 3", |c| c.state == "trying").await;
+    wait_config(&f, &id, "trying generation 3", |c| c.state == pb::GenerationState::Trying as i32).await;
     let c = admin().await.confirm_config(pb::MachineRef { query: id.clone() }).await.unwrap().into_inner();
     assert!(c.confirmed);
-    wait_config(&f, &id, "generation 3 confirmed on the node", |c| c.state == "applied").await;
+    wait_config(&f, &id, "generation 3 confirmed on the node", |c| {
+        c.state == pb::GenerationState::Applied as i32
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let c = wait_config(&f, &id, "still generation 3", |c| c.applied_generation == 3).await;
-    assert_eq!(c.state, "applied");
+    assert_eq!(c.state, pb::GenerationState::Applied as i32);
     assert_eq!(*node.hostname.lock().unwrap(), "kept");
     // Confirming something that was not tried is refused, clearly.
-    apply_mode(&f, &id, &host_config("plain"), "auto", 0).await;
+    apply_mode(&f, &id, &host_config("plain"), ApplyMode::Auto, 0).await;
     let err = admin().await.confirm_config(pb::MachineRef { query: id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("not applied in try mode"), "{err:?}");
@@ -496,14 +512,17 @@ async fn a_try_survives_an_agent_restart_and_still_reverts() {
     let mut a = start_agent_with(&f, &token, "node-tr", Duration::from_millis(200), Some(node.clone()));
     a.wait("connected", |s| s.connected).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
-    apply_mode(&f, &id, &host_config("before"), "auto", 0).await;
+    apply_mode(&f, &id, &host_config("before"), ApplyMode::Auto, 0).await;
     a.wait("generation 1", |s| s.config_generation == 1).await;
-    apply_mode(&f, &id, &host_config("during"), "try", 2000).await;
+    apply_mode(&f, &id, &host_config("during"), ApplyMode::Try, 2000).await;
     a.wait("trying generation 2", |s| s.config_generation == 2).await;
     a.stop().await;
     // Restarted (same state dir), the agent keeps the try's deadline and reverts on time.
     let mut a = start_agent_with(&f, &token, "node-tr", Duration::from_millis(200), Some(node.clone()));
-    let c = wait_config(&f, &id, "reverted after the restart", |c| c.state == "reverted").await;
+    let c = wait_config(&f, &id, "reverted after the restart", |c| {
+        c.state == pb::GenerationState::Reverted as i32
+    })
+    .await;
     assert_eq!(c.applied_generation, 1);
     a.wait("running generation 1", |s| s.config_generation == 1).await;
     assert_eq!(*node.hostname.lock().unwrap(), "before");
@@ -523,11 +542,11 @@ async fn staged_config_waits_for_the_next_boot() {
     let mut a = start_agent_with(&f, &token, "node-st", Duration::from_millis(200), Some(node.clone()));
     a.wait("connected", |s| s.connected).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
-    apply_mode(&f, &id, &host_config("now"), "auto", 0).await;
+    apply_mode(&f, &id, &host_config("now"), ApplyMode::Auto, 0).await;
     a.wait("generation 1", |s| s.config_generation == 1).await;
-    let r = apply_mode(&f, &id, &host_config("after-reboot"), "staged", 0).await;
-    assert_eq!((r.generation, r.mode.as_str()), (2, "staged"));
-    let c = wait_config(&f, &id, "staged", |c| c.state == "staged").await;
+    let r = apply_mode(&f, &id, &host_config("after-reboot"), ApplyMode::Staged, 0).await;
+    assert_eq!((r.generation, r.mode), (2, Some(pb::ApplyMode::Staged as i32)));
+    let c = wait_config(&f, &id, "staged", |c| c.state == pb::GenerationState::Staged as i32).await;
     assert_eq!(c.applied_generation, 1);
     assert_eq!(*node.hostname.lock().unwrap(), "now");
     // An agent restart in the same boot changes nothing...
@@ -542,7 +561,9 @@ async fn staged_config_waits_for_the_next_boot() {
     let mut a = start_agent_with(&f, &token, "node-st", Duration::from_millis(200), Some(node.clone()));
     a.wait("generation 2 after the reboot", |s| s.config_generation == 2).await;
     assert_eq!(*node.hostname.lock().unwrap(), "after-reboot");
-    wait_config(&f, &id, "applied after the reboot", |c| c.state == "applied" && c.applied_generation == 2)
-        .await;
+    wait_config(&f, &id, "applied after the reboot", |c| {
+        c.state == pb::GenerationState::Applied as i32 && c.applied_generation == 2
+    })
+    .await;
     a.stop().await;
 }

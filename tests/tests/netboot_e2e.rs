@@ -63,7 +63,7 @@ fn boot_controller(dir: &Path, bundle: &Path, ports: Option<(u16, u16)>) -> Resu
     };
     let bundle = bundle.display().to_string();
     let url = format!("https://{GUEST_FWD_ADDR}:{GUEST_GRPC}");
-    ControllerProc::start(
+    Ok(ControllerProc::start(
         &data,
         &grpc,
         &http,
@@ -75,7 +75,7 @@ fn boot_controller(dir: &Path, bundle: &Path, ports: Option<(u16, u16)>) -> Resu
             "--boot-kernel-args",
             "console=ttyS0 panic=-1",
         ],
-    )
+    )?)
 }
 
 fn user_net(ctl: &ControllerProc, boot: bool) -> Net {
@@ -337,7 +337,7 @@ fn proxy_dhcp_beside_a_real_dhcp_server_boots_a_vm_and_tftp_serves_ipxe() {
     // The controller, in its namespace, with ProxyDHCP on c0 and TFTP.
     let data = tmp.path().join("controller");
     let out = Command::new(bin("muster-controller").unwrap())
-        .args(["init", "--san", "192.168.77.2", "--data-dir"])
+        .args(["init", "--san", "192.168.77.2", "--endpoint", "https://192.168.77.2:7443", "--data-dir"])
         .arg(&data)
         .output()
         .unwrap();

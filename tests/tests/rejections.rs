@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use muster_proto::musterconfig::MusterConfig;
+use muster_machinery::musterconfig::MusterConfig;
 use muster_proto::pb;
 use muster_proto::pb::admin_service_client::AdminServiceClient;
 use muster_proto::pb::agent_service_client::AgentServiceClient;

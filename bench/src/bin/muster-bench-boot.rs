@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use muster_lab::muster::ControllerProc;
+use muster_lab::process::find_bin as bin;
+use muster_lab::qemu::{Boot, Net, Vm, VmSpec, GUEST_FWD_ADDR};
 use muster_proto::pb;
-use muster_tests::vm::{Boot, Net, Vm, VmSpec, GUEST_FWD_ADDR};
-use muster_tests::{bin, ControllerProc};
 
 /// Markers on the serial console.
 const KERNEL_STARTED: &str = "Linux version";
@@ -72,11 +73,11 @@ fn main() -> Result<()> {
     let agent = match args.agent.clone() {
         Some(a) => a,
         None => {
-            let small = muster_tests::bin_dir().join("../agent/muster-agent");
+            let small = muster_lab::process::bin_dir().join("../agent/muster-agent");
             if small.exists() {
                 small
             } else {
-                muster_tests::agent_bin()?
+                muster_lab::muster::agent_bin()?
             }
         }
     };
@@ -249,8 +250,8 @@ async fn boot_once(
         }
         Kind::Native => None,
     };
-    let mc = muster_controller::client::load_musterconfig(&ctl.musterconfig())?;
-    let mut admin = muster_controller::client::admin_client(&mc).await?;
+    let mc = muster_cli::client::load_musterconfig(&ctl.musterconfig())?;
+    let mut admin = muster_cli::client::admin_client(&mc).await?;
     let started = Instant::now();
     let mut node = match spec {
         Some((boot, netcfg)) => {

@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use muster_bench::sys;
-use muster_tests::{http_get, start_agent, wait_for, ControllerProc, Proc};
+use muster_lab::http::http_get;
+use muster_lab::muster::{start_agent, ControllerProc};
+use muster_lab::process::{wait_for, Proc};
 
 /// Compare the agent's /metrics with prometheus-node-exporter.
 #[derive(Parser, Debug)]
@@ -60,7 +62,7 @@ async fn measure(name: &str, pid: u32, addr: std::net::SocketAddr, scrapes: u32)
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    muster_tests::init_crypto();
+    muster_agent::init_crypto();
     let args = Args::parse();
     let tmp = tempfile::tempdir()?;
     let ctl = ControllerProc::start(&tmp.path().join("ctl"), "127.0.0.1:0", "127.0.0.1:0", &[])?;

@@ -3,14 +3,17 @@
 //! read-modify-write goes through [`Store::update_machine`] / [`Store::update_token`] so a
 //! backend can make it atomic (a SQLite transaction, an etcd compare-and-swap).
 
+mod metered;
 mod sqlite;
 
 use async_trait::async_trait;
-use muster_proto::model::{Labels, MachineId, Role};
+use muster_machinery::model::{Labels, MachineId, Role};
+use muster_machinery::token::JoinToken;
+use muster_machinery::{ApplyMode, GenerationState, Outcome};
 use muster_proto::pb;
-use muster_proto::token::JoinToken;
 use serde::{Deserialize, Serialize};
 
+pub use metered::MeteredStore;
 pub use sqlite::SqliteStore;
 
 /// A join token as stored: the secret is only ever kept as a digest.
@@ -79,15 +82,15 @@ pub struct ConfigState {
     pub resources: Vec<ResourceRecord>,
     /// Why the agent did not apply the current generation, if it said so.
     pub error: String,
-    /// How the current generation is applied: `auto`, `try` or `staged`.
-    pub mode: String,
+    /// How the current generation is applied.
+    pub mode: ApplyMode,
     /// Try mode's confirmation timeout.
     pub try_timeout_ms: u64,
     /// The operator confirmed the current (try) generation.
     pub confirmed: bool,
-    /// Where the current generation stands on the node, as the agent last said (`applied`,
-    /// `trying`, `staged`, `reverted`, `failed`); empty until it reports.
-    pub state: String,
+    /// Where the current generation stands on the node, as the agent last said (`pending`
+    /// until it reports).
+    pub state: GenerationState,
     /// When the agent said it started trying the current generation (for its deadline).
     pub trying_since_ms: i64,
 }
@@ -105,10 +108,10 @@ pub struct ConfigRevision {
     /// The machine's own layer at the time (what a rollback restores).
     pub layer: Option<serde_json::Value>,
     #[serde(default)]
-    pub mode: String,
-    /// What the agent last said about this generation (empty: nothing yet).
+    pub mode: ApplyMode,
+    /// What the agent last said about this generation (`pending`: nothing yet).
     #[serde(default)]
-    pub state: String,
+    pub state: GenerationState,
 }
 
 /// A machine expected to network-boot, registered ahead of time by its MAC (and optionally
@@ -138,7 +141,7 @@ pub struct Registration {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ResourceRecord {
     pub resource: String,
-    pub outcome: String,
+    pub outcome: Outcome,
     pub detail: String,
 }
 
@@ -161,8 +164,11 @@ pub enum TokenRejection {
 pub enum StoreError {
     #[error("{kind} {id:?} not found")]
     NotFound { kind: &'static str, id: String },
-    #[error("{0}")]
-    Conflict(String),
+    #[error("{kind} {id:?} exists already")]
+    Duplicate { kind: &'static str, id: String },
+    /// The update function declined to change the record; its caller knows why.
+    #[error("the update was declined")]
+    Aborted,
     #[error(transparent)]
     Token(#[from] TokenRejection),
     #[error("corrupt {kind} record {id:?}: {reason}")]
@@ -171,7 +177,8 @@ pub enum StoreError {
     Backend(String),
 }
 
-/// A read-modify-write step, run inside the backend's transaction. An error aborts it.
+/// A read-modify-write step, run inside the backend's transaction. An error (usually
+/// [`StoreError::Aborted`]) rolls it back and is returned as is.
 pub type UpdateFn<T> = Box<dyn FnOnce(&mut T) -> Result<(), StoreError> + Send>;
 /// Builds the machine record from the token that admitted it and the registrations (which it
 /// may mark claimed; changed ones are saved in the same transaction).

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use muster_proto::model::MachineId;
-use muster_proto::token::JoinToken;
+use muster_machinery::model::MachineId;
+use muster_machinery::token::JoinToken;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{check_token, BuildFn, MachineRecord, Store, StoreError, TokenRecord, UpdateFn};
@@ -119,7 +119,7 @@ fn put_machine_tx(conn: &Connection, m: &MachineRecord, insert: bool) -> Result<
     };
     let n = conn.execute(sql, params![m.id.as_str(), doc, m.last_seen_ms]).map_err(|e| match e {
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-            StoreError::Conflict(format!("machine {} exists already", m.id))
+            StoreError::Duplicate { kind: "machine", id: m.id.to_string() }
         }
         e => backend(e),
     })?;
@@ -139,7 +139,7 @@ impl Store for SqliteStore {
                     rusqlite::Error::SqliteFailure(f, _)
                         if f.code == rusqlite::ErrorCode::ConstraintViolation =>
                     {
-                        StoreError::Conflict(format!("token {} exists already", token.id))
+                        StoreError::Duplicate { kind: "token", id: token.id.clone() }
                     }
                     e => backend(e),
                 },
@@ -243,7 +243,11 @@ impl Store for SqliteStore {
                 .ok_or_else(|| StoreError::NotFound { kind: "machine", id: id.to_string() })?;
             f(&mut m)?;
             if m.id != id {
-                return Err(StoreError::Conflict("a machine's id cannot change".into()));
+                return Err(StoreError::Corrupt {
+                    kind: "machine",
+                    id: id.to_string(),
+                    reason: "an update changed its id".into(),
+                });
             }
             put_machine_tx(&tx, &m, false)?;
             tx.commit().map_err(backend)?;
@@ -373,7 +377,7 @@ mod layer_tests {
 mod tests {
     use super::super::TokenRejection;
     use super::*;
-    use muster_proto::model::{Labels, Role};
+    use muster_machinery::model::{Labels, Role};
 
     fn token(n: u8) -> JoinToken {
         JoinToken::from_random(&[n; 38]).unwrap()
@@ -468,12 +472,12 @@ mod tests {
                 &m.id,
                 Box::new(|m| {
                     m.cluster = "changed".into();
-                    Err(StoreError::Conflict("no".into()))
+                    Err(StoreError::Aborted)
                 }),
             )
             .await
             .unwrap_err();
-        assert!(matches!(err, StoreError::Conflict(_)));
+        assert!(matches!(err, StoreError::Aborted));
         assert_eq!(s.get_machine(&m.id).await.unwrap().unwrap().cluster, "");
         s.update_machine(
             &m.id,

@@ -1,0 +1,40 @@
+//! Kernel modules, loaded with their parameters (only by an agent that owns its kernel).
+
+use muster_machinery::config::{KernelModule, MachineConfig};
+
+use super::{text, Found, Resource};
+use crate::effects::Effects;
+
+pub(crate) struct Modules;
+
+impl Resource for Modules {
+    type Want = KernelModule;
+    /// Loaded already.
+    type Have = bool;
+
+    fn desired(cfg: &MachineConfig) -> Vec<(String, Result<KernelModule, String>)> {
+        cfg.kernel_modules.iter().map(|m| (format!("module:{}", m.name), Ok(m.clone()))).collect()
+    }
+
+    fn observe(fx: &dyn Effects, m: &KernelModule) -> Result<bool, String> {
+        fx.module_loaded(&m.name).map_err(text)
+    }
+
+    fn converge(
+        fx: &dyn Effects,
+        m: &KernelModule,
+        loaded: bool,
+        report_only: bool,
+    ) -> Result<Found, String> {
+        if loaded {
+            return Ok(Found::Same);
+        }
+        if let Err(why) = fx.kernel_owned() {
+            return Ok(Found::Skip(why));
+        }
+        if !report_only {
+            fx.load_module(&m.name, &m.parameters).map_err(text)?;
+        }
+        Ok(Found::Differs)
+    }
+}

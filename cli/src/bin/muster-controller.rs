@@ -1,0 +1,287 @@
+//! `muster-controller`: holds the fleet's state and serves the agent and admin APIs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use muster_controller::fleet::boot::BootOptions;
+use muster_controller::fleet::health::Thresholds;
+use muster_controller::fleet::ControllerOptions;
+use muster_controller::pki::{self, DataDir, Pki};
+use muster_controller::serve::{self, ServeOptions};
+
+/// The Muster controller: fleet state, the agents' and operators' gRPC APIs (mutual TLS) and the
+/// HTTP endpoints (health, Prometheus metrics and service discovery, network boot).
+#[derive(Parser, Debug)]
+#[command(name = "muster-controller", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create the CA, server and admin certificates and the CLI's musterconfig in a new data dir.
+    ///
+    /// Prints the CA pin (`sha256:<hex>`) that agents are started with (`--ca-hash`). Refuses to
+    /// overwrite an existing CA.
+    Init {
+        /// Data directory.
+        #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+        /// Extra name or IP address for the server certificate (besides localhost, 127.0.0.1,
+        /// ::1 and this host's name). Repeatable. Agents must reach the controller by one of them.
+        #[arg(long = "san", value_name = "HOST_OR_IP")]
+        sans: Vec<String>,
+        /// Where the CLI reaches this controller's gRPC listener, written to the musterconfig
+        /// (`serve` never rewrites it; edit the musterconfig if the address changes).
+        #[arg(long, value_name = "URL", default_value = "https://127.0.0.1:7443", value_parser = parse_endpoint)]
+        endpoint: String,
+    },
+    /// Serve the gRPC and HTTP listeners. An empty data dir is initialised first (its
+    /// musterconfig then points at the bound gRPC address); an existing one is used as is.
+    ///
+    /// Prints `muster-controller listening grpc=ADDR http=ADDR` once both listeners are bound and
+    /// writes the same to DATA_DIR/ports.json, so port 0 works for scripts.
+    Serve {
+        /// Data directory (created and initialised if empty).
+        #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+        /// gRPC (mutual TLS) listen address for agents and the CLI.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        grpc_listen: SocketAddr,
+        /// Plain HTTP listen address (health, metrics, network boot).
+        #[arg(long, default_value = "0.0.0.0:7480")]
+        http_listen: SocketAddr,
+        /// Extra server certificate name, used only when the data dir is initialised. Repeatable.
+        #[arg(long = "san", value_name = "HOST_OR_IP")]
+        sans: Vec<String>,
+        /// Lifetime of machine client certificates; agents renew at ~70% of it.
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        machine_cert_ttl: Duration,
+        #[command(flatten)]
+        health: HealthArgs,
+        #[command(flatten)]
+        boot: Box<BootArgs>,
+    },
+    /// Print the CA pin of an initialised data dir.
+    Pin {
+        #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+    },
+}
+
+/// Network boot: iPXE scripts, kernel and initramfs on the HTTP listener; optionally ProxyDHCP
+/// and TFTP. Off unless --boot-assets is given.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Network boot")]
+struct BootArgs {
+    /// Serve network boot from this PXE bundle (`muster image pxe --out DIR`): iPXE clients
+    /// chain http://HOST:HTTP_PORT/boot/start.ipxe.
+    #[arg(long, value_name = "DIR")]
+    boot_assets: Option<PathBuf>,
+    /// The gRPC URL booted agents dial [default: https://<this host's name>:<gRPC port>]
+    #[arg(long, value_name = "URL", requires = "boot_assets")]
+    boot_controller_url: Option<String>,
+    /// Kernel parameters for booted nodes, before Muster's own.
+    #[arg(long, value_name = "ARGS", default_value = "console=tty0 console=ttyS0", requires = "boot_assets")]
+    boot_kernel_args: String,
+    /// Answer PXE clients on this interface with boot information (ProxyDHCP: no addresses,
+    /// so it works beside the LAN's own DHCP server).
+    #[arg(long, value_name = "IFACE", requires = "boot_assets")]
+    proxy_dhcp: Option<String>,
+    /// Serve iPXE binaries over TFTP (port 69) from this directory, for PXE ROMs that are not
+    /// iPXE (Debian's `ipxe` package: /usr/lib/ipxe).
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "/usr/lib/ipxe", requires = "boot_assets")]
+    tftp: Option<PathBuf>,
+}
+
+impl BootArgs {
+    fn options(self) -> Result<Option<BootOptions>> {
+        let Some(assets) = self.boot_assets else { return Ok(None) };
+        if !assets.is_dir() {
+            anyhow::bail!(
+                "--boot-assets {}: not a directory (build one with `muster image pxe --out DIR`)",
+                assets.display()
+            );
+        }
+        if let Some(u) = &self.boot_controller_url {
+            if !u.starts_with("https://") {
+                anyhow::bail!("--boot-controller-url {u:?}: must be https://HOST:PORT");
+            }
+        }
+        Ok(Some(BootOptions {
+            assets,
+            controller_url: self.boot_controller_url,
+            kernel_args: self.boot_kernel_args,
+            proxy_dhcp: self.proxy_dhcp,
+            tftp_root: self.tftp,
+        }))
+    }
+}
+
+/// Health model thresholds: when a machine turns `degraded` or `unhealthy`.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Health thresholds")]
+struct HealthArgs {
+    /// A filesystem fuller than this (percent) makes the machine degraded.
+    #[arg(long, default_value_t = 90.0, value_parser = percent)]
+    health_disk_percent: f64,
+    /// ... and fuller than this, unhealthy.
+    #[arg(long, default_value_t = 98.0, value_parser = percent)]
+    health_disk_critical_percent: f64,
+    /// Memory use above this (percent) makes the machine degraded.
+    #[arg(long, default_value_t = 95.0, value_parser = percent)]
+    health_memory_percent: f64,
+    /// ... and above this, unhealthy.
+    #[arg(long, default_value_t = 99.0, value_parser = percent)]
+    health_memory_critical_percent: f64,
+    /// A 1-minute load above this many times the CPU count makes the machine degraded.
+    #[arg(long, default_value_t = 2.0)]
+    health_load_per_cpu: f64,
+    /// A clock offset to the controller larger than this makes the machine degraded.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    health_clock_skew: Duration,
+    /// A client certificate expiring sooner than this makes the machine degraded.
+    #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+    health_cert_expiry_warning: Duration,
+}
+
+impl From<HealthArgs> for Thresholds {
+    fn from(a: HealthArgs) -> Self {
+        Thresholds {
+            disk_degraded_percent: a.health_disk_percent,
+            disk_unhealthy_percent: a.health_disk_critical_percent,
+            memory_degraded_percent: a.health_memory_percent,
+            memory_unhealthy_percent: a.health_memory_critical_percent,
+            load_per_cpu: a.health_load_per_cpu,
+            clock_skew: a.health_clock_skew,
+            cert_expiry_warning: a.health_cert_expiry_warning,
+        }
+    }
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err("must be between 0 and 100".into());
+    }
+    Ok(v)
+}
+
+fn default_data_dir() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self is owned by the effective uid.
+    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    match std::env::var_os("HOME") {
+        Some(home) if !root => PathBuf::from(home).join(".muster/controller"),
+        _ => PathBuf::from("/var/lib/muster"),
+    }
+}
+
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    let ok = s.strip_prefix("https://").is_some_and(|rest| {
+        rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+    });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("must look like https://HOST:PORT".into())
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(60) || d > Duration::from_secs(366 * 24 * 3600) {
+        return Err("must be between 1m and 366d".into());
+    }
+    Ok(d)
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    use std::io::IsTerminal;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    raise_fd_limit();
+    match cli.cmd {
+        Cmd::Init { data_dir, sans, endpoint } => {
+            let dir = DataDir::new(&data_dir);
+            let out = pki::init(&dir, &sans, &endpoint)
+                .with_context(|| format!("initialising {}", data_dir.display()))?;
+            println!("{}", out.pin);
+            eprintln!("CA, server and admin certificates written to {}", data_dir.display());
+            eprintln!("CLI config: {} (export MUSTERCONFIG={0})", out.musterconfig.display());
+            eprintln!("Start agents with: --ca-hash {}", out.pin);
+            Ok(())
+        }
+        Cmd::Pin { data_dir } => {
+            let pki = Pki::load(&DataDir::new(&data_dir)).context("loading the CA")?;
+            println!("{}", pki.pin);
+            Ok(())
+        }
+        Cmd::Serve { data_dir, grpc_listen, http_listen, sans, machine_cert_ttl, health, boot } => {
+            let boot = boot.options()?;
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+            rt.block_on(async move {
+                let running = serve::start(ServeOptions {
+                    data_dir: data_dir.clone(),
+                    grpc_listen,
+                    http_listen,
+                    sans,
+                    controller: ControllerOptions { machine_cert_ttl, thresholds: Thresholds::from(health) },
+                    boot,
+                })
+                .await
+                .with_context(|| format!("starting the controller with data dir {}", data_dir.display()))?;
+                println!(
+                    "muster-controller listening grpc={} http={}",
+                    running.ports.grpc, running.ports.http
+                );
+                println!("ca-hash {}", running.pin);
+                running.wait(shutdown_signal()).await.context("controller stopped")
+            })
+        }
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit: every connected agent holds a socket.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit struct.
+    #[allow(unsafe_code)]
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max && {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "raised the open-files limit");
+    }
+}
+
+async fn shutdown_signal() {
+    muster_util::shutdown_signal().await;
+    tracing::info!("shutting down");
+}

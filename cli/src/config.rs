@@ -1,0 +1,322 @@
+//! `muster config`: apply layers, diff, show, history, rollback, confirm, and offline validation.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use muster_machinery::config::{self, ConfigError};
+use muster_machinery::rollout;
+use muster_machinery::{ApplyMode, Role};
+use muster_proto::pb;
+
+use crate::output::{render, rfc3339, Output};
+use crate::views::{generation_state_name, history_table, mode_name, outcome_name, RevisionView};
+use crate::{parse_cluster, parse_role, read_input, Ctx};
+
+#[derive(clap::Args, Debug)]
+#[group(required = false, multiple = false)]
+pub struct ConfigTarget {
+    /// Machine id, unique id prefix, hostname or MAC: sets that machine's own layer.
+    id: Option<String>,
+    /// Set the layer of every machine in this cluster instead.
+    #[arg(long, value_parser = parse_cluster)]
+    cluster: Option<String>,
+    /// Set the layer of every machine with this role instead.
+    #[arg(long, value_parser = parse_role)]
+    role: Option<Role>,
+}
+
+impl ConfigTarget {
+    fn scope(&self) -> Result<(pb::ConfigScope, String)> {
+        match (&self.id, &self.cluster, &self.role) {
+            (Some(id), None, None) => Ok((pb::ConfigScope::Machine, id.clone())),
+            (None, Some(c), None) => Ok((pb::ConfigScope::Cluster, c.clone())),
+            (None, None, Some(r)) => Ok((pb::ConfigScope::Role, r.to_string())),
+            _ => bail!("name one target: a machine ID, --cluster NAME or --role ROLE"),
+        }
+    }
+}
+
+fn parse_mode(s: &str) -> Result<ApplyMode, String> {
+    s.parse()
+}
+
+fn parse_try_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 90s, 5m)"))?;
+    rollout::try_timeout(Some(d))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ModeArgs {
+    /// How the new generation is applied: auto (now), try (now; the agent reverts it unless
+    /// `muster config confirm` reaches it within --timeout) or staged (on the node's next boot)
+    /// [default: try when the network section changes, else auto]
+    #[arg(long, value_parser = parse_mode, value_name = "auto|try|staged")]
+    mode: Option<ApplyMode>,
+    /// How long a try waits for `muster config confirm` before the agent reverts (1s..1h)
+    /// [default: 60s]
+    #[arg(long, value_parser = parse_try_timeout, value_name = "DURATION")]
+    timeout: Option<Duration>,
+}
+
+impl ModeArgs {
+    fn mode(&self) -> Option<i32> {
+        self.mode.map(|m| pb::ApplyMode::from(m).into())
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        self.timeout.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Set a config layer and push the result to the machines it affects. Layers merge as
+    /// cluster, then role, then machine (RFC 7386: maps merge, lists replace, null deletes).
+    Apply {
+        #[command(flatten)]
+        target: ConfigTarget,
+        /// The layer, a MachineConfig YAML file (- for standard input).
+        #[arg(short, long, value_name = "FILE")]
+        file: PathBuf,
+        /// Show what would change (a unified diff per machine) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        mode: ModeArgs,
+    },
+    /// Keep a generation applied in try mode (else its agent reverts it when the timeout ends).
+    Confirm {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+    },
+    /// Show the unified diff of the rendered config a file would produce; changes nothing.
+    Diff {
+        #[command(flatten)]
+        target: ConfigTarget,
+        /// The layer, a MachineConfig YAML file (- for standard input).
+        #[arg(short, long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Show a machine's own layer, or with --rendered the merged config and what its agent reported.
+    Get {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        /// Show the merged config (cluster, role and machine layers) and the agent's report.
+        #[arg(long)]
+        rendered: bool,
+    },
+    /// A machine's config generations, newest first.
+    History {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        /// Output format: a table for people, json or yaml for scripts.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Restore a machine's own layer as of an earlier generation (as a new generation).
+    Rollback {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        /// Generation to return to [default: the one before the current]
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        mode: ModeArgs,
+    },
+    /// Check a MachineConfig file without a controller: every error with its field path, then
+    /// warnings. Exits 1 if there are errors.
+    Validate {
+        /// The YAML file, or - for standard input.
+        #[arg(short, long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of MachineConfig (for editor completion and checks).
+    Schema,
+}
+
+/// How a new generation is applied, for the apply/rollback summary line.
+fn mode_note(m: &pb::MachineConfigResult) -> String {
+    match m.mode.map(muster_proto::convert::apply_mode) {
+        Some(Ok(ApplyMode::Try)) => format!(
+            " (try: the agent reverts it unless `muster config confirm {}` within {})",
+            m.machine_id,
+            humantime::format_duration(Duration::from_millis(m.try_timeout_ms))
+        ),
+        Some(Ok(ApplyMode::Staged)) => " (staged: applies on the node's next boot)".into(),
+        Some(Ok(ApplyMode::Auto) | Err(_)) | None => String::new(),
+    }
+}
+
+impl ConfigCmd {
+    pub async fn run(self, ctx: &Ctx) -> Result<()> {
+        match self {
+            ConfigCmd::Schema => {
+                outln!("{}", serde_json::to_string_pretty(&config::json_schema())?);
+                Ok(())
+            }
+            ConfigCmd::Validate { file } => validate(&file),
+            ConfigCmd::Apply { target, file, dry_run, mode } => {
+                apply(ctx, &target, &file, dry_run, mode.mode(), mode.timeout_ms()).await
+            }
+            ConfigCmd::Diff { target, file } => apply(ctx, &target, &file, true, None, 0).await,
+            ConfigCmd::Get { id, rendered } => get(ctx, id, rendered).await,
+            ConfigCmd::History { id, output } => {
+                let mut a = ctx.admin().await?;
+                let r = a
+                    .client
+                    .config_history(pb::MachineRef { query: id })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                let revs: Vec<RevisionView<'_>> =
+                    r.revisions.iter().map(|v| RevisionView::new(v, r.applied_generation)).collect();
+                match output {
+                    Output::Table => out!("{}", history_table(&revs)),
+                    o => out!("{}", render(&revs, o)?),
+                }
+                Ok(())
+            }
+            ConfigCmd::Rollback { id, to, mode } => {
+                let mut a = ctx.admin().await?;
+                let req = pb::RollbackConfigRequest {
+                    query: id,
+                    to_generation: to.unwrap_or(0),
+                    mode: mode.mode(),
+                    try_timeout_ms: mode.timeout_ms(),
+                };
+                let r = a.client.rollback_config(req).await.map_err(|s| a.explain(s))?.into_inner();
+                for m in &r.results {
+                    outln!(
+                        "machine {} ({}): generation {}{}",
+                        m.machine_id,
+                        m.hostname,
+                        m.generation,
+                        if m.changed { mode_note(m) } else { " (unchanged)".into() }
+                    );
+                }
+                Ok(())
+            }
+            ConfigCmd::Confirm { id } => {
+                let mut a = ctx.admin().await?;
+                let r = a
+                    .client
+                    .confirm_config(pb::MachineRef { query: id })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                outln!("machine {}: generation {} confirmed; the agent keeps it", r.machine_id, r.generation);
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn apply(
+    ctx: &Ctx,
+    target: &ConfigTarget,
+    file: &Path,
+    dry_run: bool,
+    mode: Option<i32>,
+    try_timeout_ms: u64,
+) -> Result<()> {
+    let (scope, target) = target.scope()?;
+    let yaml = read_input(file)?;
+    let mut a = ctx.admin().await?;
+    let req = pb::ApplyConfigRequest { scope: scope.into(), target, yaml, dry_run, mode, try_timeout_ms };
+    let r = a.client.apply_config(req).await.map_err(|s| a.explain(s))?.into_inner();
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    if r.results.is_empty() {
+        outln!(
+            "no machines are affected yet{}",
+            if dry_run { "" } else { "; the layer is saved for machines that join" }
+        );
+    }
+    for m in &r.results {
+        match (dry_run, m.changed) {
+            (true, true) => outln!("machine {} ({}):\n{}", m.machine_id, m.hostname, m.diff),
+            (true, false) => outln!("machine {} ({}): no change", m.machine_id, m.hostname),
+            (false, true) => {
+                outln!(
+                    "machine {} ({}): generation {}{}",
+                    m.machine_id,
+                    m.hostname,
+                    m.generation,
+                    mode_note(m)
+                )
+            }
+            (false, false) => {
+                outln!("machine {} ({}): unchanged at generation {}", m.machine_id, m.hostname, m.generation)
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn get(ctx: &Ctx, id: String, rendered: bool) -> Result<()> {
+    let mut a = ctx.admin().await?;
+    let r = a
+        .client
+        .get_config(pb::GetConfigRequest { query: id, rendered })
+        .await
+        .map_err(|s| a.explain(s))?
+        .into_inner();
+    if rendered {
+        outln!(
+            "# machine {}: generation {} ({}, {}), running {}",
+            r.machine_id,
+            r.generation,
+            mode_name(r.mode),
+            generation_state_name(r.state),
+            r.applied_generation
+        );
+        if r.try_deadline_unix_ms > 0 {
+            outln!(
+                "# trying: reverts at {} unless `muster config confirm {}`",
+                rfc3339(r.try_deadline_unix_ms).unwrap_or_default(),
+                r.machine_id
+            );
+        }
+        for res in &r.resources {
+            outln!(
+                "# {} {}{}",
+                res.resource,
+                outcome_name(res.outcome),
+                if res.detail.is_empty() { String::new() } else { format!(": {}", res.detail) }
+            );
+        }
+        if !r.error.is_empty() {
+            outln!("# error: {}", r.error);
+        }
+    }
+    if r.yaml.is_empty() {
+        eprintln!("(no {} config)", if rendered { "rendered" } else { "machine-level" });
+    } else {
+        out!("{}", r.yaml);
+    }
+    Ok(())
+}
+
+/// `muster config validate`: prints every problem; fails if any is an error.
+fn validate(file: &Path) -> Result<()> {
+    let text = read_input(file)?;
+    match config::parse(&text) {
+        Ok((_, warnings)) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            outln!("{}: valid", file.display());
+            Ok(())
+        }
+        Err(ConfigError::Invalid(errors)) => {
+            for e in &errors {
+                outln!("{}: {e}", file.display());
+            }
+            bail!("{} has {} error{}", file.display(), errors.len(), if errors.len() == 1 { "" } else { "s" })
+        }
+        Err(e) => bail!("{}: {e}", file.display()),
+    }
+}

@@ -1,0 +1,275 @@
+//! Machines: list and show them, register them ahead of network boot, give them roles, approve,
+//! revoke and delete them, and see their health.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+use clap::Subcommand;
+use muster_machinery::model::Role;
+use muster_proto::pb;
+
+use crate::output::{render, Output};
+use crate::views::{
+    health_table, machine_detail, machines_table, registrations_table, HealthView, MachineView,
+    RegistrationView,
+};
+use crate::{parse_cluster, parse_role, read_input, Ctx};
+
+/// What an empty fleet looks like in a table (on stderr, like kubectl's "No resources found").
+const NO_MACHINES: &str =
+    "no machines yet (create a join token with `muster token create` and start agents with it)";
+
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    /// Output format: a table for people, json or yaml for scripts.
+    #[arg(short, long, value_enum, default_value_t)]
+    output: Output,
+    /// Refresh the table every 2 seconds until Ctrl-C.
+    #[arg(short, long)]
+    watch: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MachineCmd {
+    /// Show a machine with its full inventory.
+    Get {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        /// Output format: a table for people, json or yaml for scripts.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Pre-register a machine that will network-boot: its first enrollment (even with a public
+    /// boot token) is accepted and takes this hostname, role, cluster and config. The
+    /// registration is used up then; a second machine with the same MAC lands pending, flagged.
+    Register {
+        /// The MAC address it boots from (52:54:00:12:34:56).
+        #[arg(long)]
+        mac: String,
+        /// Its SMBIOS UUID too, if known: both must match.
+        #[arg(long)]
+        uuid: Option<String>,
+        /// The hostname it gets.
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Its role (needs --cluster).
+        #[arg(long, value_parser = parse_role, requires = "cluster")]
+        role: Option<Role>,
+        /// Its cluster (needs --role).
+        #[arg(long, value_parser = parse_cluster, requires = "role")]
+        cluster: Option<String>,
+        /// Its own config layer, a MachineConfig YAML file (- for standard input).
+        #[arg(short, long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Boot it from its local disk: its boot script says `exit` instead of booting Muster.
+        #[arg(long)]
+        boot_local: bool,
+        /// Replace an existing registration of the MAC.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List registrations, used and unused.
+    Registrations {
+        /// Output format: a table for people, json or yaml for scripts.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Remove a registration by MAC.
+    Unregister {
+        /// The registered MAC address.
+        mac: String,
+    },
+}
+
+/// The verbs that act on one machine.
+#[derive(Debug, Clone)]
+pub enum Verb {
+    Assign { id: String, role: Role, cluster: String, force: bool },
+    Approve { id: String },
+    Revoke { id: String },
+    Delete { id: String },
+}
+
+pub async fn list(ctx: &Ctx, args: ListArgs) -> Result<()> {
+    let mut a = ctx.admin().await?;
+    loop {
+        let ms = a
+            .client
+            .list_machines(pb::ListMachinesRequest {})
+            .await
+            .map_err(|s| a.explain(s))?
+            .into_inner()
+            .machines;
+        match args.output {
+            Output::Table => {
+                if args.watch {
+                    out!(
+                        "\x1b[2J\x1b[H{} machines at {}\n\n",
+                        ms.len(),
+                        humantime::format_rfc3339_seconds(SystemTime::now())
+                    );
+                }
+                if ms.is_empty() && !args.watch {
+                    eprintln!("{NO_MACHINES}");
+                } else {
+                    out!("{}", machines_table(&ms, SystemTime::now()));
+                }
+            }
+            o => {
+                let v: Vec<MachineView> = ms.iter().map(|m| MachineView::new(m, false)).collect();
+                out!("{}", render(&v, o)?);
+            }
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+impl MachineCmd {
+    pub async fn run(self, ctx: &Ctx) -> Result<()> {
+        let mut a = ctx.admin().await?;
+        match self {
+            MachineCmd::Get { id, output } => {
+                let m = a
+                    .client
+                    .get_machine(pb::MachineRef { query: id })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                match output {
+                    Output::Table => out!("{}", machine_detail(&m, SystemTime::now())),
+                    o => out!("{}", render(&MachineView::new(&m, true), o)?),
+                }
+            }
+            MachineCmd::Register { mac, uuid, hostname, role, cluster, file, boot_local, force } => {
+                let yaml = match &file {
+                    Some(f) => read_input(f)?,
+                    None => String::new(),
+                };
+                let registration = pb::Registration {
+                    mac,
+                    uuid: uuid.unwrap_or_default(),
+                    hostname: hostname.unwrap_or_default(),
+                    role: role.map_or(pb::Role::Unspecified, pb::Role::from).into(),
+                    cluster: cluster.unwrap_or_default(),
+                    yaml,
+                    boot_local,
+                    ..Default::default()
+                };
+                let r = a
+                    .client
+                    .register_machine(pb::RegisterMachineRequest { registration: Some(registration), force })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                outln!(
+                    "registered {}{}: its first enrollment is accepted{}",
+                    r.mac,
+                    if r.hostname.is_empty() { String::new() } else { format!(" as {}", r.hostname) },
+                    if r.boot_local { " (boots from its local disk)" } else { "" }
+                );
+            }
+            MachineCmd::Registrations { output } => {
+                let regs = a
+                    .client
+                    .list_registrations(pb::ListRegistrationsRequest {})
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner()
+                    .registrations;
+                let view: Vec<RegistrationView<'_>> = regs.iter().map(RegistrationView::new).collect();
+                match output {
+                    Output::Table if view.is_empty() => {
+                        eprintln!("no registrations (add one with `muster machine register --mac M`)")
+                    }
+                    Output::Table => out!("{}", registrations_table(&view)),
+                    o => out!("{}", render(&view, o)?),
+                }
+            }
+            MachineCmd::Unregister { mac } => {
+                let r = a
+                    .client
+                    .delete_registration(pb::MachineRef { query: mac })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                outln!("registration {} removed", r.id);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Verb {
+    pub async fn run(self, ctx: &Ctx) -> Result<()> {
+        let mut a = ctx.admin().await?;
+        match self {
+            Verb::Assign { id, role, cluster, force } => {
+                let req = pb::AssignRequest { query: id, role: pb::Role::from(role).into(), cluster, force };
+                let m = a.client.assign(req).await.map_err(|s| a.explain(s))?.into_inner();
+                outln!("machine {} ({}) assigned role {role} in cluster {}", m.id, m.hostname, m.cluster);
+            }
+            Verb::Approve { id } => {
+                let m = a
+                    .client
+                    .approve(pb::MachineRef { query: id })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                outln!("machine {} ({}) approved", m.id, m.hostname);
+            }
+            Verb::Revoke { id } => {
+                let m = a
+                    .client
+                    .revoke(pb::MachineRef { query: id })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                outln!("machine {} ({}) revoked; it must enroll again with a new token", m.id, m.hostname);
+            }
+            Verb::Delete { id } => {
+                let r = a
+                    .client
+                    .delete(pb::MachineRef { query: id })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                outln!("machine {} deleted", r.id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `muster health [ID]`.
+pub async fn health(ctx: &Ctx, id: Option<String>, output: Output) -> Result<()> {
+    let mut a = ctx.admin().await?;
+    let ms = match id {
+        Some(id) => vec![a
+            .client
+            .get_machine(pb::MachineRef { query: id })
+            .await
+            .map_err(|s| a.explain(s))?
+            .into_inner()],
+        None => {
+            a.client
+                .list_machines(pb::ListMachinesRequest {})
+                .await
+                .map_err(|s| a.explain(s))?
+                .into_inner()
+                .machines
+        }
+    };
+    match output {
+        Output::Table if ms.is_empty() => eprintln!("{NO_MACHINES}"),
+        Output::Table => out!("{}", health_table(&ms)),
+        o => out!("{}", render(&ms.iter().map(HealthView::new).collect::<Vec<_>>(), o)?),
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The operator-facing service used by the `muster` CLI. Every call needs an admin certificate.
+//! Thin: the caller and the request's shape are checked here, the fleet decides, and every
+//! change is logged with who made it.
+
+use std::time::Duration;
+
+use muster_proto::{convert, pb};
+use tonic::{Request, Response, Status};
+
+use super::{auth, views, ApiError};
+use crate::fleet::registration::NewRegistration;
+use crate::fleet::rollout::Scope;
+use crate::fleet::tokens::TokenSpec;
+use crate::fleet::Controller;
+
+pub struct AdminApi {
+    c: Controller,
+}
+
+impl AdminApi {
+    pub fn new(c: Controller) -> Self {
+        Self { c }
+    }
+
+    fn machine(&self, id: &muster_machinery::MachineId) -> Result<pb::Machine, ApiError> {
+        Ok(views::machine(&self.c.view_one(id)?))
+    }
+}
+
+fn ms(v: u64) -> Option<Duration> {
+    (v > 0).then(|| Duration::from_millis(v))
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let (tok, record) = self
+            .c
+            .mint_token(TokenSpec {
+                ttl: ms(r.ttl_ms),
+                uses: (r.uses > 0).then_some(r.uses),
+                labels: r.labels.into_iter().collect(),
+                pending: r.pending,
+                description: r.description,
+                boot: r.boot,
+            })
+            .await?;
+        tracing::info!(token = %record.id, uses = record.uses_total, boot = record.boot, by = %admin, "join token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: tok.to_string(),
+            info: Some(views::token(&record)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        auth::require_admin(&req)?;
+        let tokens = self.c.list_tokens().await?;
+        Ok(Response::new(pb::ListTokensResponse { tokens: tokens.iter().map(views::token).collect() }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let t = self.c.revoke_token(&req.get_ref().id).await?;
+        tracing::info!(token = %t.id, by = %admin, "join token revoked");
+        Ok(Response::new(views::token(&t)))
+    }
+
+    async fn list_machines(
+        &self,
+        req: Request<pb::ListMachinesRequest>,
+    ) -> Result<Response<pb::ListMachinesResponse>, Status> {
+        auth::require_admin(&req)?;
+        Ok(Response::new(pb::ListMachinesResponse {
+            machines: self.c.view(None).iter().map(views::machine).collect(),
+        }))
+    }
+
+    async fn get_machine(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::Machine>, Status> {
+        auth::require_admin(&req)?;
+        let m = self.c.resolve(&req.get_ref().query)?;
+        Ok(Response::new(self.machine(&m.id)?))
+    }
+
+    async fn assign(&self, req: Request<pb::AssignRequest>) -> Result<Response<pb::Machine>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let role = convert::role(r.role).map_err(ApiError::from)?;
+        let m = self.c.assign(&r.query, role, &r.cluster, r.force).await?;
+        tracing::info!(machine = %m.id, %role, cluster = %m.cluster, by = %admin, "machine assigned");
+        Ok(Response::new(self.machine(&m.id)?))
+    }
+
+    async fn approve(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::Machine>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let m = self.c.approve(&req.get_ref().query).await?;
+        tracing::info!(machine = %m.id, by = %admin, "machine approved");
+        Ok(Response::new(self.machine(&m.id)?))
+    }
+
+    async fn revoke(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::Machine>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let (m, closed) = self.c.revoke(&req.get_ref().query).await?;
+        tracing::info!(machine = %m.id, stream_closed = closed, by = %admin, "machine revoked");
+        Ok(Response::new(self.machine(&m.id)?))
+    }
+
+    async fn delete(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let m = self.c.delete(&req.get_ref().query).await?;
+        tracing::info!(machine = %m.id, by = %admin, "machine deleted");
+        Ok(Response::new(pb::DeleteResponse { id: m.id.to_string() }))
+    }
+
+    async fn apply_config(
+        &self,
+        req: Request<pb::ApplyConfigRequest>,
+    ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let scope = match pb::ConfigScope::try_from(r.scope) {
+            Ok(pb::ConfigScope::Machine) => Scope::Machine(self.c.resolve(&r.target)?.id),
+            Ok(pb::ConfigScope::Cluster) => Scope::cluster(&r.target)?,
+            Ok(pb::ConfigScope::Role) => Scope::role(&r.target)?,
+            Err(_) => return Err(ApiError::malformed("scope", format!("unknown scope {}", r.scope)).into()),
+        };
+        let mode = convert::opt_apply_mode(r.mode).map_err(ApiError::from)?;
+        let out = self.c.apply_config(scope, &r.yaml, r.dry_run, mode, ms(r.try_timeout_ms)).await?;
+        if !r.dry_run {
+            tracing::info!(machines = out.results.len(), by = %admin, "config applied");
+        }
+        Ok(Response::new(views::applied(&out)))
+    }
+
+    async fn get_config(
+        &self,
+        req: Request<pb::GetConfigRequest>,
+    ) -> Result<Response<pb::GetConfigResponse>, Status> {
+        auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let m = self.c.resolve(&r.query)?;
+        Ok(Response::new(views::config(&m, r.rendered)?))
+    }
+
+    async fn config_history(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::ConfigHistoryResponse>, Status> {
+        auth::require_admin(&req)?;
+        let m = self.c.resolve(&req.get_ref().query)?;
+        Ok(Response::new(views::history(&m)))
+    }
+
+    async fn rollback_config(
+        &self,
+        req: Request<pb::RollbackConfigRequest>,
+    ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let mode = convert::opt_apply_mode(r.mode).map_err(ApiError::from)?;
+        let out = self.c.rollback_config(&r.query, r.to_generation, mode, ms(r.try_timeout_ms)).await?;
+        tracing::info!(machine = %r.query, by = %admin, "config rolled back");
+        Ok(Response::new(views::applied(&out)))
+    }
+
+    async fn confirm_config(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::GetConfigResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let m = self.c.confirm_config(&req.get_ref().query).await?;
+        tracing::info!(machine = %m.id, by = %admin, "config confirmed");
+        Ok(Response::new(views::config(&m, true)?))
+    }
+
+    async fn register_machine(
+        &self,
+        req: Request<pb::RegisterMachineRequest>,
+    ) -> Result<Response<pb::Registration>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let req = req.into_inner();
+        let r = req.registration.ok_or_else(|| ApiError::malformed("registration", "required"))?;
+        let new = NewRegistration {
+            role: convert::role(r.role).map_err(ApiError::from)?,
+            mac: r.mac,
+            uuid: r.uuid,
+            hostname: r.hostname,
+            cluster: r.cluster,
+            yaml: r.yaml,
+            boot_local: r.boot_local,
+        };
+        let reg = self.c.register_machine(new, req.force).await?;
+        tracing::info!(mac = %reg.mac, hostname = %reg.hostname, by = %admin, "machine registered");
+        Ok(Response::new(views::registration(&reg)))
+    }
+
+    async fn list_registrations(
+        &self,
+        req: Request<pb::ListRegistrationsRequest>,
+    ) -> Result<Response<pb::ListRegistrationsResponse>, Status> {
+        auth::require_admin(&req)?;
+        let regs = self.c.list_registrations().await?;
+        Ok(Response::new(pb::ListRegistrationsResponse {
+            registrations: regs.iter().map(views::registration).collect(),
+        }))
+    }
+
+    async fn delete_registration(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let mac = self.c.delete_registration(&req.get_ref().query).await?;
+        tracing::info!(%mac, by = %admin, "registration deleted");
+        Ok(Response::new(pb::DeleteResponse { id: mac }))
+    }
+}

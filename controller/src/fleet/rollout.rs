@@ -1,0 +1,486 @@
+//! Config layers, rendering and generations. A machine's config is its cluster's layer, then its
+//! role's, then its own, merged (RFC 7386) and validated; every change of the rendered YAML is a
+//! new generation, kept in the machine's history and pushed down its stream.
+
+use std::time::Duration;
+
+use muster_machinery::config::{parse_value, render, ConfigError, RenderError};
+use muster_machinery::model::{MachineId, Role};
+use muster_machinery::rollout::try_timeout;
+use muster_machinery::{ApplyMode, GenerationState};
+use muster_proto::pb;
+use serde_json::Value;
+
+use super::{Controller, FleetError};
+use crate::store::{ConfigRevision, MachineRecord, ResourceRecord, MAX_REVISIONS};
+
+/// Which layer a request sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Machine(MachineId),
+    Cluster(String),
+    Role(Role),
+}
+
+impl Scope {
+    /// A cluster's layer; the name is checked.
+    pub fn cluster(name: &str) -> Result<Self, FleetError> {
+        muster_machinery::model::validate_cluster_name(name)
+            .map_err(|e| FleetError::invalid("target", e.to_string()))?;
+        Ok(Scope::Cluster(name.to_owned()))
+    }
+
+    /// A role's layer; the role is parsed.
+    pub fn role(name: &str) -> Result<Self, FleetError> {
+        name.parse::<Role>().map(Scope::Role).map_err(|e| FleetError::invalid("target", e.to_string()))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Scope::Machine(_) => "machine layer".into(),
+            Scope::Cluster(c) => format!("cluster {c}"),
+            Scope::Role(r) => format!("role {r}"),
+        }
+    }
+}
+
+/// Whether two rendered configs differ in their network section (such changes default to try
+/// mode: a wrong address or route can cut the node off).
+fn network_changed(old: &str, new: &str) -> bool {
+    let network = |yaml: &str| {
+        if yaml.trim().is_empty() {
+            return None;
+        }
+        muster_machinery::config::parse(yaml).ok().and_then(|(c, _)| c.network)
+    };
+    network(old) != network(new)
+}
+
+fn layer_key(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}")
+}
+
+fn invalid(errors: Vec<String>) -> FleetError {
+    FleetError::invalid("yaml", format!("the config is not valid:\n{}", errors.join("\n")))
+}
+
+/// What applying a layer did (or, on a dry run, would do) to one machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigChange {
+    pub machine_id: MachineId,
+    pub hostname: String,
+    /// The generation the machine has after the request (unchanged on dry runs and no-ops).
+    pub generation: u64,
+    pub changed: bool,
+    /// Unified diff of the rendered YAML.
+    pub diff: String,
+    /// How the new generation is applied; `None` when unchanged.
+    pub mode: Option<ApplyMode>,
+    /// For a try: the confirmation window.
+    pub try_timeout: Option<Duration>,
+}
+
+/// What applying a layer did, with the warnings of the configs involved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub results: Vec<ConfigChange>,
+    pub warnings: Vec<String>,
+}
+
+fn render_errors(prefix: &str, e: &RenderError) -> Vec<String> {
+    match &e.source {
+        ConfigError::Yaml(m) => vec![format!("{prefix}{m}")],
+        ConfigError::Invalid(errs) => errs.iter().map(|f| format!("{prefix}{f}")).collect(),
+    }
+}
+
+/// A unified diff of two rendered configs.
+pub fn unified_diff(old: &str, new: &str, old_name: &str, new_name: &str) -> String {
+    similar::TextDiff::from_lines(old, new)
+        .unified_diff()
+        .context_radius(3)
+        .header(old_name, new_name)
+        .to_string()
+}
+
+impl Controller {
+    /// The shared layers for `m` (its cluster's and role's), with `scope`/`layer` standing in for
+    /// the one being changed.
+    async fn shared_layers(
+        &self,
+        m: &MachineRecord,
+        change: Option<(&Scope, &Value)>,
+    ) -> Result<(Option<Value>, Option<Value>), FleetError> {
+        let cluster = match change {
+            Some((Scope::Cluster(c), v)) if *c == m.cluster => Some(v.clone()),
+            _ if m.cluster.is_empty() => None,
+            _ => self.store().get_layer(&layer_key("cluster", &m.cluster)).await?,
+        };
+        let role = match change {
+            Some((Scope::Role(r), v)) if *r == m.role => Some(v.clone()),
+            _ if m.role == Role::None => None,
+            _ => self.store().get_layer(&layer_key("role", m.role.as_str())).await?,
+        };
+        Ok((cluster, role))
+    }
+
+    /// Renders `m` with `change` applied; `Ok(None)` when it has no layers at all.
+    async fn render_for(
+        &self,
+        m: &MachineRecord,
+        change: Option<(&Scope, &Value)>,
+    ) -> Result<Result<Option<(String, Vec<String>)>, Vec<String>>, FleetError> {
+        let (cluster, role) = self.shared_layers(m, change).await?;
+        let own = match change {
+            Some((Scope::Machine(id), v)) if *id == m.id => Some(v.clone()),
+            _ => m.config.layer.clone(),
+        };
+        let layers: Vec<(&'static str, &Value)> =
+            [("cluster", cluster.as_ref()), ("role", role.as_ref()), ("machine", own.as_ref())]
+                .into_iter()
+                .filter_map(|(n, v)| v.map(|v| (n, v)))
+                .filter(|(_, v)| !v.as_object().is_some_and(|o| o.is_empty()))
+                .collect();
+        if layers.is_empty() {
+            return Ok(Ok(None));
+        }
+        Ok(match render(&layers) {
+            Ok((cfg, warnings)) => match cfg.to_yaml() {
+                Ok(y) => Ok(Some((y, warnings))),
+                Err(e) => Err(vec![format!("machine {}: {e}", m.id)]),
+            },
+            Err(e) => Err(render_errors(&format!("machine {} ({}): ", m.id, m.hostname), &e)),
+        })
+    }
+
+    /// Sets a layer and re-renders the machines it affects (or, with `dry_run`, only diffs).
+    pub async fn apply_layer(
+        &self,
+        scope: Scope,
+        layer: Value,
+        dry_run: bool,
+        source: String,
+        mode: Option<ApplyMode>,
+        try_window: Option<Duration>,
+    ) -> Result<Applied, FleetError> {
+        let try_window = try_timeout(try_window).map_err(|e| FleetError::invalid("timeout", e))?;
+        let try_timeout_ms = u64::try_from(try_window.as_millis()).unwrap_or(u64::MAX);
+        if !layer.is_object() {
+            return Err(FleetError::invalid("yaml", "a config layer must be a mapping"));
+        }
+        // The layer must be valid on its own, whatever it will be merged with.
+        let mut warnings = Vec::new();
+        let empty = layer.as_object().is_some_and(|o| o.is_empty());
+        if !empty {
+            match render(&[("layer", &layer)]) {
+                Ok((_, w)) => warnings.extend(w),
+                Err(e) => return Err(invalid(render_errors("", &e))),
+            }
+        }
+        let affected: Vec<MachineRecord> = self
+            .machines()
+            .into_iter()
+            .filter(|m| !m.revoked)
+            .filter(|m| match &scope {
+                Scope::Machine(id) => m.id == *id,
+                Scope::Cluster(c) => m.cluster == *c,
+                Scope::Role(r) => m.role == *r,
+            })
+            .collect();
+        let mut planned = Vec::new();
+        let mut errors = Vec::new();
+        for m in &affected {
+            match self.render_for(m, Some((&scope, &layer))).await? {
+                Ok(r) => planned.push((m, r)),
+                Err(e) => errors.extend(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(invalid(errors));
+        }
+        let mut results = Vec::new();
+        let mut changes = Vec::new();
+        for (m, r) in planned {
+            let (new, w) = r.unwrap_or_default();
+            warnings.extend(w);
+            let changed = new != m.config.rendered;
+            let g = m.config.generation;
+            let diff = if changed {
+                unified_diff(
+                    &m.config.rendered,
+                    &new,
+                    &format!("generation {g}"),
+                    &format!("generation {}", g + 1),
+                )
+            } else {
+                String::new()
+            };
+            let mode = mode.unwrap_or(if network_changed(&m.config.rendered, &new) {
+                ApplyMode::Try
+            } else {
+                ApplyMode::Auto
+            });
+            results.push(ConfigChange {
+                machine_id: m.id.clone(),
+                hostname: m.hostname.clone(),
+                generation: g,
+                changed,
+                diff,
+                mode: changed.then_some(mode),
+                try_timeout: (changed && mode == ApplyMode::Try).then_some(try_window),
+            });
+            changes.push((m.id.clone(), changed, new, mode));
+        }
+        if dry_run {
+            warnings.dedup();
+            return Ok(Applied { results, warnings });
+        }
+        match &scope {
+            Scope::Cluster(c) => {
+                self.store().put_layer(&layer_key("cluster", c), Some(layer.clone())).await?
+            }
+            Scope::Role(r) => {
+                self.store().put_layer(&layer_key("role", r.as_str()), Some(layer.clone())).await?
+            }
+            Scope::Machine(_) => {}
+        }
+        let now = muster_util::now_ms();
+        for ((id, changed, rendered, mode), result) in changes.into_iter().zip(results.iter_mut()) {
+            let own = matches!(&scope, Scope::Machine(m) if *m == id).then(|| layer.clone());
+            if !changed && own.is_none() {
+                continue;
+            }
+            let source = source.clone();
+            let updated = self
+                .update_machine(&id, move |m| {
+                    if let Some(l) = own {
+                        let empty = l.as_object().is_some_and(|o| o.is_empty());
+                        if !(empty && m.config.layer.is_none()) {
+                            m.config.layer = Some(l);
+                        }
+                    }
+                    if changed {
+                        m.config.generation += 1;
+                        m.config.rendered = rendered.clone();
+                        m.config.error.clear();
+                        m.config.mode = mode;
+                        m.config.try_timeout_ms = if mode == ApplyMode::Try { try_timeout_ms } else { 0 };
+                        m.config.confirmed = false;
+                        m.config.state = GenerationState::Pending;
+                        m.config.trying_since_ms = 0;
+                        m.config.revisions.push(ConfigRevision {
+                            generation: m.config.generation,
+                            created_ms: now,
+                            source,
+                            rendered,
+                            layer: m.config.layer.clone(),
+                            mode,
+                            state: GenerationState::Pending,
+                        });
+                        let excess = m.config.revisions.len().saturating_sub(MAX_REVISIONS);
+                        m.config.revisions.drain(..excess);
+                    }
+                    Ok(())
+                })
+                .await?;
+            result.generation = updated.config.generation;
+            if changed {
+                tracing::info!(machine = %id, generation = updated.config.generation, "new config generation");
+                if let Some(msg) = config_msg(&updated) {
+                    self.push(&id, msg);
+                }
+            }
+        }
+        warnings.dedup();
+        Ok(Applied { results, warnings })
+    }
+
+    /// Renders a machine again after its role or cluster changed (their layers now apply).
+    pub async fn rerender(&self, m: &MachineRecord) -> Result<(), FleetError> {
+        let layer = m.config.layer.clone().unwrap_or_else(|| Value::Object(Default::default()));
+        self.apply_layer(Scope::Machine(m.id.clone()), layer, false, "assignment".into(), None, None).await?;
+        Ok(())
+    }
+
+    /// Sets the layer `yaml` for `scope` (see [`Controller::apply_layer`]).
+    pub async fn apply_config(
+        &self,
+        scope: Scope,
+        yaml: &str,
+        dry_run: bool,
+        mode: Option<ApplyMode>,
+        try_window: Option<Duration>,
+    ) -> Result<Applied, FleetError> {
+        if yaml.len() > 1024 * 1024 {
+            return Err(FleetError::invalid("yaml", "larger than 1 MiB"));
+        }
+        let layer = parse_value(yaml).map_err(|e| FleetError::invalid("yaml", e.to_string()))?;
+        let source = scope.describe();
+        self.apply_layer(scope, layer, dry_run, source, mode, try_window).await
+    }
+
+    /// `RollbackConfig`: restores the machine's own layer as of `to` (default: the generation
+    /// before the current one) as a new generation.
+    pub async fn rollback_config(
+        &self,
+        query: &str,
+        to: u64,
+        mode: Option<ApplyMode>,
+        try_window: Option<Duration>,
+    ) -> Result<Applied, FleetError> {
+        let m = self.resolve(query)?;
+        let to = if to == 0 { m.config.generation.saturating_sub(1) } else { to };
+        let rev = m.config.revisions.iter().find(|r| r.generation == to).ok_or_else(|| {
+            FleetError::NotFound(format!(
+                "machine {} has no config generation {to} (history keeps the last {MAX_REVISIONS})",
+                m.id
+            ))
+        })?;
+        let layer = rev.layer.clone().unwrap_or_else(|| Value::Object(Default::default()));
+        self.apply_layer(
+            Scope::Machine(m.id.clone()),
+            layer,
+            false,
+            format!("rollback to {to}"),
+            mode,
+            try_window,
+        )
+        .await
+    }
+
+    /// `ConfirmConfig`: the operator keeps the generation the agent is trying. The agent hears it
+    /// over its stream, so a node that lost the controller cannot be confirmed, and reverts.
+    pub async fn confirm_config(&self, query: &str) -> Result<MachineRecord, FleetError> {
+        let m = self.resolve(query)?;
+        let g = m.config.generation;
+        let refuse = |reason: String| FleetError::ConfigState { id: m.id.clone(), reason };
+        if m.config.mode != ApplyMode::Try {
+            return Err(refuse(format!(
+                "generation {g} was not applied in try mode (mode: {}); nothing to confirm",
+                if g == 0 { "none" } else { m.config.mode.as_str() }
+            )));
+        }
+        if m.config.confirmed {
+            return Ok(m);
+        }
+        match m.config.state {
+            GenerationState::Trying => {}
+            GenerationState::Reverted => {
+                return Err(refuse(format!(
+                    "generation {g} was already reverted by the agent (not confirmed in time); \
+                     apply it again to retry"
+                )))
+            }
+            other => {
+                return Err(refuse(format!(
+                    "the agent has not reported trying generation {g} yet (state: {other}); \
+                     it must be connected to be confirmed"
+                )))
+            }
+        }
+        if !self.is_connected(&m.id) {
+            return Err(refuse(format!(
+                "not connected: it cannot hear the confirmation and will revert generation {g}"
+            )));
+        }
+        let updated = self
+            .update_machine(&m.id, move |m| {
+                if m.config.generation == g {
+                    m.config.confirmed = true;
+                }
+                Ok(())
+            })
+            .await?;
+        if updated.config.generation != g {
+            return Err(FleetError::ConfigState {
+                id: updated.id.clone(),
+                reason: format!(
+                    "generation {g} was replaced by {} meanwhile; nothing confirmed",
+                    updated.config.generation
+                ),
+            });
+        }
+        tracing::info!(machine = %updated.id, generation = g, "try confirmed");
+        if let Some(msg) = config_msg(&updated) {
+            self.push(&updated.id, msg);
+        }
+        Ok(updated)
+    }
+
+    /// Records what an agent reported about a generation.
+    pub async fn record_config_status(&self, id: &MachineId, s: Report) {
+        let r = self
+            .update_machine(id, move |m| {
+                if s.generation > m.config.generation {
+                    return Ok(());
+                }
+                match s.state {
+                    GenerationState::Reverted => m.config.applied_generation = s.current_generation,
+                    GenerationState::Applied | GenerationState::Trying => {
+                        m.config.applied_generation = s.generation;
+                    }
+                    GenerationState::Pending | GenerationState::Staged | GenerationState::Failed => {}
+                }
+                if let Some(rev) = m.config.revisions.iter_mut().find(|r| r.generation == s.generation) {
+                    rev.state = s.state;
+                }
+                if s.generation == m.config.generation {
+                    if s.state == GenerationState::Trying && m.config.state != GenerationState::Trying {
+                        m.config.trying_since_ms = muster_util::now_ms();
+                    }
+                    m.config.state = s.state;
+                    m.config.error = s.error.chars().take(1024).collect();
+                    m.config.resources = s
+                        .resources
+                        .into_iter()
+                        .take(1024)
+                        .map(|r| ResourceRecord {
+                            resource: r.resource.chars().take(256).collect(),
+                            outcome: r.outcome,
+                            detail: r.detail.chars().take(1024).collect(),
+                        })
+                        .collect();
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(machine = %id, error = %e, "could not record config status");
+        }
+    }
+}
+
+/// What an agent reported about a generation (converted from the wire by the API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub generation: u64,
+    pub state: GenerationState,
+    pub current_generation: u64,
+    pub error: String,
+    pub resources: Vec<ResourceRecord>,
+}
+
+/// The current generation for a machine's stream, if it has a config.
+pub(super) fn config_msg(m: &MachineRecord) -> Option<pb::ControllerMessage> {
+    (m.config.generation > 0).then(|| pb::ControllerMessage {
+        msg: Some(pb::controller_message::Msg::Config(pb::ConfigUpdate {
+            generation: m.config.generation,
+            yaml: m.config.rendered.clone(),
+            mode: pb::ApplyMode::from(m.config.mode).into(),
+            try_timeout_ms: m.config.try_timeout_ms,
+            confirmed: m.config.confirmed,
+        })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffs_are_unified() {
+        let d = unified_diff("hostname: a\n", "hostname: b\n", "generation 1", "generation 2");
+        assert!(d.starts_with("--- generation 1\n+++ generation 2\n"), "{d}");
+        assert!(d.contains("-hostname: a\n+hostname: b\n"), "{d}");
+    }
+}
