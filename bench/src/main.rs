@@ -5,7 +5,7 @@
 //! The controller is the binary built beside the bench, so build both in the same profile:
 //!
 //! ```sh
-//! cargo build --release -p muster-bench -p muster-controller
+//! cargo build --release -p muster-bench -p muster-cli
 //! target/release/muster-bench --agents 1000 --duration 30s
 //! ```
 //!
@@ -131,7 +131,7 @@ fn controller_binary() -> Result<PathBuf> {
         let profile = if cfg!(debug_assertions) { "" } else { "--release " };
         bail!(
             "{} not found. The bench runs the controller built in its own profile: \
-             cargo build {profile}-p muster-bench -p muster-controller \
+             cargo build {profile}-p muster-bench -p muster-cli \
              (or set MUSTER_BIN_DIR to a directory holding muster-controller)",
             p.display()
         );

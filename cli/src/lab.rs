@@ -370,35 +370,53 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
         Ok::<(), anyhow::Error>(())
     }
     .await;
-    if let Err(e) = result {
-        for c in children.iter_mut().chain(relay_child.iter_mut()) {
-            let _ = c.kill();
+    let mut procs = Procs { children, relay: relay_child, namespaces };
+    procs.hold(&dir, result, detach).await
+}
+
+/// What a running lab consists of: its processes (the controller first), the relay, and the
+/// network namespaces it made.
+pub(crate) struct Procs {
+    pub children: Vec<Child>,
+    pub relay: Option<Child>,
+    pub namespaces: Vec<String>,
+}
+
+impl Procs {
+    /// After start-up: on failure, removes everything and returns the error; detached, leaves
+    /// the lab running; else waits for Ctrl-C, SIGTERM or the controller's exit, then stops the
+    /// processes (newest first), removes the namespaces and `lab.json`, and keeps the logs.
+    pub(crate) async fn hold(&mut self, dir: &Path, started: Result<()>, detach: bool) -> Result<()> {
+        if let Err(e) = started {
+            for c in self.children.iter_mut().chain(self.relay.iter_mut()) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            netns::teardown(&self.namespaces);
+            let _ = std::fs::remove_file(dir.join("lab.json"));
+            return Err(e);
+        }
+        if detach {
+            outln!("Running in the background; stop it with `muster lab down`.");
+            return Ok(());
+        }
+        // Never fail from here on: the children must be stopped whatever happens to stdout.
+        let _ = crate::output::emit("Stop it with Ctrl-C (or `muster lab down` from another shell).\n");
+        wait_for_signal_or_exit(&mut self.children).await;
+        let mut pids: Vec<u32> = self.children.iter().map(Child::id).rev().collect();
+        pids.extend(self.relay.as_ref().map(Child::id));
+        stop_pids(&pids);
+        for c in self.children.iter_mut().chain(self.relay.iter_mut()) {
             let _ = c.wait();
         }
-        netns::teardown(&namespaces);
+        netns::teardown(&self.namespaces);
         let _ = std::fs::remove_file(dir.join("lab.json"));
-        return Err(e);
+        let _ = crate::output::emit(&format!(
+            "lab stopped (state and logs kept in {}; `muster lab down` removes them)\n",
+            dir.display()
+        ));
+        Ok(())
     }
-    if detach {
-        outln!("Running in the background; stop it with `muster lab down`.");
-        return Ok(());
-    }
-    // Never fail from here on: the children must be stopped whatever happens to stdout.
-    let _ = crate::output::emit("Stop it with Ctrl-C (or `muster lab down` from another shell).\n");
-    wait_for_signal_or_exit(&mut children).await;
-    let mut pids: Vec<u32> = children.iter().map(Child::id).rev().collect();
-    pids.extend(relay_child.as_ref().map(Child::id));
-    stop_pids(&pids);
-    for c in children.iter_mut().chain(relay_child.iter_mut()) {
-        let _ = c.wait();
-    }
-    netns::teardown(&namespaces);
-    let _ = std::fs::remove_file(dir.join("lab.json"));
-    let _ = crate::output::emit(&format!(
-        "lab stopped (state and logs kept in {}; `muster lab down` removes them)\n",
-        dir.display()
-    ));
-    Ok(())
 }
 
 async fn wait_file(path: &Path, child: &mut Child, log: &Path) -> Result<Vec<serde_json::Value>> {

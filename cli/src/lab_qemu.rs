@@ -12,13 +12,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use muster_cli::client::Admin;
-use muster_lab::process::{find_bin, spawn, stop_pids, tail};
+use muster_lab::process::{find_bin, spawn, tail};
 use muster_lab::qemu::{
     self, boot_failure, lab_vm_name as vm_name, Boot, Net, VmSpec, GUEST_FWD_ADDR as GUEST_ADDR,
 };
 use muster_proto::pb;
 
-use crate::lab::{wait_for_signal_or_exit, wait_ports, LabFile};
+use crate::lab::{wait_ports, LabFile, Procs};
 
 const GUEST_HTTP: u16 = 80;
 const GUEST_GRPC: u16 = 7443;
@@ -224,31 +224,8 @@ pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
         }
     }
     .await;
-    if let Err(e) = result {
-        for c in &mut children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(dir.join("lab.json"));
-        return Err(e);
-    }
-    if detach {
-        outln!("Running in the background; stop it with `muster lab down`.");
-        return Ok(());
-    }
-    let _ = crate::output::emit("Stop it with Ctrl-C (or `muster lab down` from another shell).\n");
-    wait_for_signal_or_exit(&mut children).await;
-    let pids: Vec<u32> = children.iter().map(Child::id).rev().collect();
-    stop_pids(&pids);
-    for c in &mut children {
-        let _ = c.wait();
-    }
-    let _ = std::fs::remove_file(dir.join("lab.json"));
-    let _ = crate::output::emit(&format!(
-        "lab stopped (state and logs kept in {}; `muster lab down` removes them)\n",
-        dir.display()
-    ));
-    Ok(())
+    let mut procs = Procs { children, relay: None, namespaces: Vec::new() };
+    procs.hold(&dir, result, detach).await
 }
 
 /// `muster lab console NODE`: the VM's serial console so far, then follows it until Ctrl-C.

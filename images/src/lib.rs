@@ -1,6 +1,7 @@
 //! Builds Muster's node images: a PXE bundle (Debian's generic kernel + an initramfs with
 //! busybox, the network drivers, an init and the agent) and a BIOS-bootable ISO with the same
-//! payload. `muster image pxe|iso` is the command.
+//! payload. `muster image pxe|iso` is the command. Depends only on `muster-machinery` (asset
+//! names); no network code, no root.
 //!
 //! Reproducible: the same kernel package, busybox and agent give the same bytes (sorted cpio
 //! entries, fixed mtimes, gzip without timestamps, a fixed ISO date). No root needed: the kernel

@@ -109,6 +109,25 @@ impl ControllerProc {
     }
 }
 
+/// `muster-controller init --data-dir DATA_DIR ARGS...`; returns the CA pin it printed.
+pub fn init_controller(data_dir: &Path, args: &[&str]) -> Result<String, LabError> {
+    let out = Command::new(find_bin("muster-controller")?)
+        .arg("init")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(LabError::io("running muster-controller init"))?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command: format!("muster-controller init {}", args.join(" ")),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// Points the musterconfig at `path` to `endpoint` (only when it names another).
 pub fn point_musterconfig(path: &Path, endpoint: &str) -> Result<(), LabError> {
     use muster_machinery::musterconfig::MusterConfig;

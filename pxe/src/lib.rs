@@ -1,5 +1,6 @@
 //! Muster's network-boot service: the mechanism, not the policy. One binary (the controller)
-//! serves it all; no dnsmasq needed.
+//! serves it all; no dnsmasq needed. Depends on no Muster crate: the controller plugs its boot
+//! decisions in through [`BootPolicy`].
 //!
 //! # HTTP ([`router`], on the controller's HTTP listener)
 //!

@@ -1,5 +1,6 @@
-//! The harness shared by Muster's cross-process tests and benchmarks: real binaries started on
-//! loopback in temp dirs, killed when dropped, and small gRPC client helpers.
+//! The harness of Muster's integration and end-to-end tests: a controller in the test process
+//! ([`TestController`]) with raw gRPC clients, promtool, and the lab crate's processes, VMs and
+//! HTTP client re-exported (so the tests read the same as the benchmarks). Only tests use it.
 //!
 //! Nothing here touches the host outside the temp dirs it creates, and every network address
 //! is on 127.0.0.1.

@@ -1,6 +1,7 @@
 //! The agent library against a real controller, both in this process on 127.0.0.1:
 //! enrollment, reconnect after a controller restart, `unreachable` after missed heartbeats,
-//! revocation closing the stream within a second, and pending machines waiting for approval.
+//! revocation closing the stream within a second (and a refused renewal taken as revocation),
+//! and pending machines waiting for approval.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -219,6 +220,44 @@ async fn agent_renews_its_certificate_at_seventy_percent_and_stays_connected() {
     let on_disk = std::fs::read_to_string(a.state_dir.join("cert.pem")).unwrap();
     assert!(!on_disk.is_empty());
     a.stop().await;
+    f.still_serving().await.unwrap();
+}
+
+/// A machine revoked while its stream stays open (the fleet's record changes, no session is
+/// closed) hears of it from `Renew`: PermissionDenied, which the agent takes as revocation: it
+/// wipes its identity and stops with `Revoked`, as when the stream is closed on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_of_a_revoked_machine_reaches_the_agent_as_revoked() {
+    let opts = muster_controller::fleet::ControllerOptions {
+        machine_cert_ttl: Duration::from_secs(6),
+        ..Default::default()
+    };
+    let f = TestController::start_with(opts).await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let mut a = start_agent(&f, &token, "node-r", Duration::from_millis(200));
+    a.wait("connected", |s| s.connected && s.cert_not_after > 0).await;
+    let id: muster_machinery::MachineId = a.status.borrow().machine_id.clone().unwrap().parse().unwrap();
+    // Revoke in the fleet's record only: the stream stays open, so only Renew can tell.
+    f.running
+        .controller
+        .update_machine(&id, |m| {
+            m.revoked = true;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert!(f.running.controller.is_connected(&id), "the stream is still open");
+    let result = tokio::time::timeout(Duration::from_secs(15), &mut a.task)
+        .await
+        .expect("the agent must stop once its renewal is refused")
+        .unwrap();
+    let err = result.expect_err("a revoked agent stops with an error");
+    assert!(
+        matches!(&err, muster_agent::AgentError::Revoked { reason, .. } if reason.contains("revoked")),
+        "{err}"
+    );
+    assert!(!a.state_dir.join("cert.pem").exists(), "identity wiped");
+    assert!(!a.state_dir.join("key.pem").exists(), "identity wiped");
     f.still_serving().await.unwrap();
 }
 

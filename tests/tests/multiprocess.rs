@@ -23,13 +23,7 @@ fn three_agents_enroll_get_roles_and_survive_a_controller_kill() {
     let data = tmp.path().join("controller");
 
     // init prints the pin; serve then uses the same CA.
-    let init = std::process::Command::new(muster_tests::bin("muster-controller").unwrap())
-        .args(["init", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let pin = String::from_utf8(init.stdout).unwrap().trim().to_owned();
+    let pin = muster_lab::muster::init_controller(&data, &[]).unwrap();
     assert!(pin.starts_with("sha256:") && pin.len() == 71, "{pin}");
 
     let mut ctl = ControllerProc::start(&data, "127.0.0.1:0", "127.0.0.1:0", &[]).unwrap();

@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use muster_machinery::KernelArgs;
 use muster_tests::vm::{mac, Boot, Net, Vm, VmSpec, GUEST_FWD_ADDR};
 use muster_tests::{bin, wait_for, ControllerProc};
 
@@ -49,13 +50,7 @@ fn pxe_bundle() -> Result<PathBuf> {
 fn boot_controller(dir: &Path, bundle: &Path, ports: Option<(u16, u16)>) -> Result<ControllerProc> {
     let data = dir.join("controller");
     if !data.join("ca.crt").exists() {
-        let out = Command::new(bin("muster-controller")?)
-            .args(["init", "--san", GUEST_FWD_ADDR, "--data-dir"])
-            .arg(&data)
-            .output()?;
-        if !out.status.success() {
-            bail!("init: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        muster_lab::muster::init_controller(&data, &["--san", GUEST_FWD_ADDR])?;
     }
     let (grpc, http) = match ports {
         Some((g, h)) => (format!("127.0.0.1:{g}"), format!("127.0.0.1:{h}")),
@@ -225,10 +220,12 @@ fn iso_boots_to_ready() {
     let ctl = boot_controller(tmp.path(), &bundle, None).unwrap();
     let token = ctl.cli_ok(&["token", "create", "--description", "iso e2e"]).unwrap().trim().to_owned();
     let iso = tmp.path().join("muster.iso");
-    let cmdline = format!(
-        "console=ttyS0 panic=-1 muster.controller=https://{GUEST_FWD_ADDR}:{GUEST_GRPC} muster.ca_hash={} muster.token={token}",
-        ctl.pin().unwrap()
-    );
+    let cmdline = KernelArgs::enrollment(
+        &format!("https://{GUEST_FWD_ADDR}:{GUEST_GRPC}"),
+        &ctl.pin().unwrap(),
+        &token,
+    )
+    .after("console=ttyS0 panic=-1");
     let out = Command::new(bin("muster").unwrap())
         .args(["image", "iso", "--quiet", "--agent"])
         .arg(muster_tests::agent_bin().unwrap())
@@ -336,12 +333,11 @@ fn proxy_dhcp_beside_a_real_dhcp_server_boots_a_vm_and_tftp_serves_ipxe() {
 
     // The controller, in its namespace, with ProxyDHCP on c0 and TFTP.
     let data = tmp.path().join("controller");
-    let out = Command::new(bin("muster-controller").unwrap())
-        .args(["init", "--san", "192.168.77.2", "--endpoint", "https://192.168.77.2:7443", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    muster_lab::muster::init_controller(
+        &data,
+        &["--san", "192.168.77.2", "--endpoint", "https://192.168.77.2:7443"],
+    )
+    .unwrap();
     let mut ctl = muster_tests::Proc::spawn(
         Command::new("ip")
             .args(["netns", "exec", &ctln])

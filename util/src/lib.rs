@@ -1,5 +1,6 @@
 //! Small OS helpers shared by Muster's programs. Anything node-changing (hostname, network,
 //! sysctls, services) does not belong here: that goes through the agent's effects interface.
+//! Depends on no other Muster crate.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

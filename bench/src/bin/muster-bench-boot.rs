@@ -28,6 +28,8 @@ use clap::Parser;
 use muster_lab::muster::ControllerProc;
 use muster_lab::process::find_bin as bin;
 use muster_lab::qemu::{Boot, Net, Vm, VmSpec, GUEST_FWD_ADDR};
+use muster_machinery::boot::{INITRD, KERNEL};
+use muster_machinery::KernelArgs;
 use muster_proto::pb;
 
 /// Markers on the serial console.
@@ -134,7 +136,7 @@ fn main() -> Result<()> {
     );
     let manifest = std::fs::read_to_string(bundle.join("manifest.json")).unwrap_or_default();
     println!("\nimage sizes:");
-    for f in ["vmlinuz", "initramfs.img"] {
+    for f in [KERNEL, INITRD] {
         let len = std::fs::metadata(bundle.join(f)).map(|m| m.len()).unwrap_or(0);
         println!("  {f:<14} {:>8.2} MB", len as f64 / 1e6);
     }
@@ -189,13 +191,7 @@ async fn boot_once(
     let run_dir = dir.join(format!("{kind}-{run}"));
     std::fs::create_dir_all(&run_dir)?;
     let data = run_dir.join("controller");
-    let out = Command::new(bin("muster-controller")?)
-        .args(["init", "--san", GUEST_FWD_ADDR, "--data-dir"])
-        .arg(&data)
-        .output()?;
-    if !out.status.success() {
-        bail!("init: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    muster_lab::muster::init_controller(&data, &["--san", GUEST_FWD_ADDR])?;
     let url = format!("https://{GUEST_FWD_ADDR}:{GUEST_GRPC}");
     let ctl = ControllerProc::start(
         &data,
@@ -239,12 +235,9 @@ async fn boot_once(
         )),
         // The same kernel, initramfs and command line the boot service would give it.
         Kind::Direct => {
-            let append = format!(
-                "{kernel_args} muster.controller={url} muster.ca_hash={} muster.token={token}",
-                ctl.pin()?
-            );
+            let append = KernelArgs::enrollment(&url, &ctl.pin()?, token).after(&kernel_args);
             Some((
-                Boot::Kernel { kernel: bundle.join("vmlinuz"), initrd: bundle.join("initramfs.img"), append },
+                Boot::Kernel { kernel: bundle.join(KERNEL), initrd: bundle.join(INITRD), append },
                 Net::User { bootfile: None, forwards },
             ))
         }

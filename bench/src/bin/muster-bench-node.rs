@@ -3,7 +3,7 @@
 //! The agent runs as it does on a node: enrolled, its stream to a real controller open.
 //!
 //! ```sh
-//! cargo build --release -p muster-bench -p muster-controller && cargo build --profile agent -p muster-agent
+//! cargo build --release -p muster-bench -p muster-cli && cargo build --profile agent -p muster-agent
 //! MUSTER_AGENT_BIN=target/agent/muster-agent target/release/muster-bench-node
 //! ```
 
