@@ -33,6 +33,12 @@ pub struct AgentStatus {
     pub clock_offset_ms: i64,
     /// Unix seconds; 0 when unknown.
     pub cert_not_after: i64,
+    /// When the current certificate is due for renewal, Unix seconds (0: not scheduled yet).
+    pub renew_at: i64,
+    /// Config generations received from the controller (each counted once handled).
+    pub config_updates: u64,
+    /// The generation being tried and not confirmed yet, if any.
+    pub trying: Option<u64>,
 }
 
 /// Why the agent stopped.

@@ -73,7 +73,7 @@ pub struct Rollout {
     /// Resources the last drift pass found off (to report only changes).
     last_drift: Mutex<Vec<(String, Outcome)>>,
     /// Wakes the try watcher when a try starts or ends.
-    try_changed: Notify,
+    try_wake: Notify,
     outbox_tx: mpsc::UnboundedSender<GenerationReport>,
     outbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<GenerationReport>>,
 }
@@ -93,7 +93,7 @@ impl Rollout {
             status,
             config_hostname: Mutex::new(None),
             last_drift: Mutex::new(Vec::new()),
-            try_changed: Notify::new(),
+            try_wake: Notify::new(),
             outbox_tx,
             outbox_rx: tokio::sync::Mutex::new(outbox_rx),
         }
@@ -114,6 +114,13 @@ impl Rollout {
         self.config_hostname.lock().ok().and_then(|h| h.clone())
     }
 
+    /// Tells watchers (status) which generation is being tried, and wakes the try watcher.
+    fn try_changed(&self) {
+        let trying = self.generations.pending_try().map(|t| t.generation);
+        self.status.send_modify(|s| s.trying = trying);
+        self.try_wake.notify_one();
+    }
+
     fn running(&self) -> u64 {
         self.status.borrow().config_generation
     }
@@ -121,6 +128,7 @@ impl Rollout {
     /// Converges to the last config the node was given, without waiting for the controller: a
     /// generation staged for the next boot if this is a new boot, else the running one.
     pub fn converge_at_start(&self) {
+        self.try_changed();
         if let Some(st) = self.generations.staged() {
             let now = boot_id(&self.boot_id_file);
             if !now.is_empty() && now != st.boot_id {
@@ -145,7 +153,7 @@ impl Rollout {
     /// connected or not (a try that cut the node off must still come back).
     pub async fn watch_tries(&self) {
         loop {
-            let changed = self.try_changed.notified();
+            let changed = self.try_wake.notified();
             let Some(t) = self.generations.pending_try() else {
                 changed.await;
                 continue;
@@ -192,6 +200,7 @@ impl Rollout {
         if let Err(e) = self.generations.clear_try() {
             tracing::warn!(error = %e, "could not clear the try");
         }
+        self.try_changed();
         if t.previous.is_none() {
             self.status.send_modify(|s| s.config_generation = 0);
         }
@@ -254,7 +263,7 @@ impl Rollout {
                     if let Err(e) = self.generations.clear_try() {
                         tracing::warn!(error = %e, "could not clear the try");
                     }
-                    self.try_changed.notify_one();
+                    self.try_changed();
                 }
                 if self.generations.staged().is_some_and(|s| s.generation <= u.generation) {
                     if let Err(e) = self.generations.clear_staged() {
@@ -290,7 +299,7 @@ impl Rollout {
                 if let Err(e) = self.generations.clear_try() {
                     tracing::warn!(error = %e, "could not clear the try");
                 }
-                self.try_changed.notify_one();
+                self.try_changed();
             }
             return self.apply(&new);
         }
@@ -316,7 +325,7 @@ impl Rollout {
             );
         }
         tracing::info!(generation = u.generation, timeout_ms, "trying a config: reverts unless confirmed");
-        self.try_changed.notify_one();
+        self.try_changed();
         self.apply_and_save(&new, GenerationState::Trying)
     }
 
@@ -450,6 +459,13 @@ mod tests {
         fn hostname(&self) -> String {
             self.fx.hostname.lock().unwrap().clone()
         }
+        /// Tells watchers (status) which generation is being tried, and wakes the try watcher.
+        fn try_changed(&self) {
+            let trying = self.generations.pending_try().map(|t| t.generation);
+            self.status.send_modify(|s| s.trying = trying);
+            self.try_wake.notify_one();
+        }
+
         fn running(&self) -> u64 {
             self.status.borrow().config_generation
         }

@@ -107,6 +107,7 @@ impl Agent {
             |wall: i64| Duration::from_secs(u64::try_from(wall - now_unix_ms() / 1000).unwrap_or(0).max(1));
         let mut renew_deadline =
             tokio::time::Instant::now() + renew_wall.map_or(Duration::from_secs(3600), renew_in);
+        self.status.send_modify(|s| s.renew_at = renew_wall.unwrap_or(0));
         let mut inventory_check = tokio::time::interval(INVENTORY_CHECK);
         inventory_check.tick().await;
         let mut drift_check = tokio::time::interval(self.cfg.drift_interval);
@@ -189,7 +190,7 @@ impl Agent {
         match m.msg {
             Some(pb::controller_message::Msg::Config(c)) => {
                 let generation = c.generation;
-                return Some(match update_of(c) {
+                let report = match update_of(c) {
                     Ok(u) => self.rollout.on_update(u),
                     Err(e) => GenerationReport {
                         generation,
@@ -198,7 +199,9 @@ impl Agent {
                         error: format!("this agent cannot read the update: {e}"),
                         resources: Vec::new(),
                     },
-                });
+                };
+                self.status.send_modify(|s| s.config_updates += 1);
+                return Some(report);
             }
             Some(pb::controller_message::Msg::Welcome(w)) => {
                 tracing::debug!(machine = %w.machine_id, "welcome");

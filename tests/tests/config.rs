@@ -227,23 +227,24 @@ async fn cluster_and_role_layers_merge_under_the_machine_layer() {
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        ra.yaml.contains("vm.swappiness: '1'") || ra.yaml.contains("vm.swappiness: \"1\""),
-        "{}",
-        ra.yaml
-    );
-    assert!(!ra.yaml.contains("ip_forward"), "the machine layer deleted it: {}", ra.yaml);
+    let sysctls = |yaml: &str| muster_machinery::config::parse(yaml).unwrap().0.sysctls;
+    let sa = sysctls(&ra.yaml);
+    assert_eq!(sa.get("vm.swappiness").map(String::as_str), Some("1"), "the role's value wins: {}", ra.yaml);
+    assert!(!sa.contains_key("net.ipv4.ip_forward"), "the machine layer deleted it: {}", ra.yaml);
     assert_eq!(ra.generation, 3);
     let rb = admin
         .get_config(pb::GetConfigRequest { query: b.id.clone(), rendered: true })
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        rb.yaml.contains("ip_forward") && rb.yaml.contains("'10'") || rb.yaml.contains("\"10\""),
-        "{}",
+    let sb = sysctls(&rb.yaml);
+    assert_eq!(
+        sb.get("net.ipv4.ip_forward").map(String::as_str),
+        Some("1"),
+        "b keeps the cluster's: {}",
         rb.yaml
     );
+    assert_eq!(sb.get("vm.swappiness").map(String::as_str), Some("10"), "b has no worker layer: {}", rb.yaml);
     assert_eq!(rb.generation, 1);
     // Bad target names are refused.
     let err = admin.apply_config(req(pb::ConfigScope::Role, "boss", role, true)).await.unwrap_err();

@@ -12,6 +12,7 @@ use muster_machinery::ApplyMode;
 use muster_proto::pb;
 use muster_tests::{mode_name, outcome_name, state_name, TestController};
 use tokio::sync::{oneshot, watch};
+use tokio_stream::StreamExt;
 
 struct RunningAgent {
     status: watch::Receiver<AgentStatus>,
@@ -50,7 +51,7 @@ fn start_agent_with(
     let state_dir = f.dir.path().join(name);
     let cfg = AgentConfig {
         controller: f.endpoint.clone(),
-        token: Some(muster_machinery::token::JoinToken::parse(token).unwrap()),
+        token: (!token.is_empty()).then(|| muster_machinery::token::JoinToken::parse(token).unwrap()),
         ca_pin: Some(f.pin().unwrap()),
         ca_file: None,
         state_dir: state_dir.clone(),
@@ -133,11 +134,14 @@ async fn agent_reconnects_after_controller_restart_without_a_token() {
     let mut a = start_agent(&f, &token, "node-r", Duration::from_millis(200));
     a.wait("connected", |s| s.connected && s.heartbeats_acked > 0).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
+    a.stop().await;
 
+    // A new controller process on the same data dir, and the agent started again with no token:
+    // only its saved identity can get it in.
     let f = f.restart().await.unwrap();
-    let acked_before = a.status.borrow().heartbeats_acked;
-    a.wait("reconnected to the new controller", |s| s.connected && s.heartbeats_acked > acked_before + 2)
-        .await;
+    let mut a = start_agent(&f, "", "node-r", Duration::from_millis(200));
+    a.wait("reconnected to the new controller", |s| s.connected && s.heartbeats_acked > 2).await;
+    assert_eq!(a.status.borrow().machine_id.as_deref(), Some(id.as_str()), "the saved identity");
     let m = wait_state(&f, &id, pb::MachineState::Ready, Duration::from_secs(5)).await;
     assert!(m.connected);
     assert_eq!(f.machine_count().await.unwrap(), 1, "the same machine, not a new enrollment");
@@ -170,22 +174,22 @@ async fn missed_heartbeats_make_a_machine_unreachable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoke_closes_the_stream_within_a_second() {
+async fn revoke_closes_the_stream_and_stops_the_agent() {
     let f = TestController::start().await.unwrap();
     let token = f.token(0, 1).await.unwrap();
     let mut a = start_agent(&f, &token, "node-x", Duration::from_millis(500));
     a.wait("connected", |s| s.connected && s.heartbeats_acked > 0).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
 
-    let t0 = Instant::now();
     f.admin().await.unwrap().revoke(pb::MachineRef { query: id.clone() }).await.unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(1), &mut a.task)
+    // The stream is closed at once (how fast is measured by muster-bench, not asserted here);
+    // heartbeats every 500 ms would take far longer to notice than this allows.
+    let result = tokio::time::timeout(Duration::from_secs(10), &mut a.task)
         .await
-        .expect("the agent must learn of its revocation within 1 s")
+        .expect("the agent must learn of its revocation from the closed stream")
         .unwrap();
     let err = result.expect_err("a revoked agent stops with an error");
     assert!(matches!(err, muster_agent::AgentError::Revoked { .. }), "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(1));
     // It threw away the identity that no longer works.
     assert!(!a.state_dir.join("cert.pem").exists());
     assert!(!a.state_dir.join("key.pem").exists());
@@ -195,30 +199,40 @@ async fn revoke_closes_the_stream_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_renews_its_certificate_at_seventy_percent_and_stays_connected() {
-    // 6 s certificates: renewal due ~4 s after issuance.
-    let opts = muster_controller::fleet::ControllerOptions {
-        machine_cert_ttl: Duration::from_secs(6),
-        ..Default::default()
-    };
+    // 20 s certificates: renewal due 65-70 % into their validity (13-16 s after issuance).
+    let ttl = Duration::from_secs(20);
+    let opts = muster_controller::fleet::ControllerOptions { machine_cert_ttl: ttl, ..Default::default() };
     let f = TestController::start_with(opts).await.unwrap();
     let token = f.token(0, 1).await.unwrap();
     let mut a = start_agent(&f, &token, "node-c", Duration::from_millis(200));
-    a.wait("connected", |s| s.connected && s.cert_not_after > 0).await;
+    a.wait("connected with a renewal scheduled", |s| s.connected && s.renew_at > 0).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
-    let first = a.status.borrow().cert_not_after;
+    let (first, renew_at) = (a.status.borrow().cert_not_after, a.status.borrow().renew_at);
     let serial = machine(&f, &id).await.cert_serial;
-    let t0 = Instant::now();
+    // The schedule, from the certificate itself: 65-70 % of its validity (70 %, moved earlier by
+    // up to 5 % of jitter), never later.
+    let pem = std::fs::read_to_string(a.state_dir.join("cert.pem")).unwrap();
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let cert = p.parse_x509().unwrap();
+    let (nb, na) = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
+    let life = na - nb;
+    assert!(
+        (nb + life * 65 / 100..=nb + life * 70 / 100).contains(&renew_at),
+        "renewal scheduled at {renew_at}, validity {nb}..{na}"
+    );
     a.wait("a renewed certificate", |s| s.cert_not_after > first).await;
-    let took = t0.elapsed();
-    assert!(took >= Duration::from_secs(2) && took <= Duration::from_secs(6), "renewed after {took:?}");
+    // The controller signed the new one no earlier than the schedule and before the old expired.
+    let m = machine(&f, &id).await;
+    let signed_ms = m.cert_not_after_unix_ms - i64::try_from(ttl.as_millis()).unwrap();
+    assert!(signed_ms >= renew_at * 1000, "renewed at {signed_ms} ms, before its time {renew_at} s");
+    assert!(signed_ms < na * 1000, "renewed at {signed_ms} ms, after the old certificate expired ({na} s)");
+    assert_ne!(m.cert_serial, serial);
     // Reconnected with the new certificate and still heartbeating; the controller knows it.
     let acked = a.status.borrow().heartbeats_acked;
     a.wait("heartbeats on the new certificate", |s| s.connected && s.heartbeats_acked > acked + 2).await;
-    let m = machine(&f, &id).await;
-    assert_ne!(m.cert_serial, serial);
-    assert_eq!(m.state, pb::MachineState::Ready as i32);
+    assert_eq!(machine(&f, &id).await.state, pb::MachineState::Ready as i32);
     let on_disk = std::fs::read_to_string(a.state_dir.join("cert.pem")).unwrap();
-    assert!(!on_disk.is_empty());
+    assert_ne!(on_disk, pem, "the new certificate is saved");
     a.stop().await;
     f.still_serving().await.unwrap();
 }
@@ -258,6 +272,80 @@ async fn renew_of_a_revoked_machine_reaches_the_agent_as_revoked() {
     );
     assert!(!a.state_dir.join("cert.pem").exists(), "identity wiped");
     assert!(!a.state_dir.join("key.pem").exists(), "identity wiped");
+    f.still_serving().await.unwrap();
+}
+
+/// A node that was off while its certificate expired: without a token it stops with a clear
+/// error; with one it enrolls again (as a new machine) and connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_needs_a_token_to_enroll_again() {
+    let opts = muster_controller::fleet::ControllerOptions {
+        machine_cert_ttl: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let f = TestController::start_with(opts).await.unwrap();
+    let token = f.token(0, 2).await.unwrap();
+    let mut a = start_agent(&f, &token, "node-e", Duration::from_millis(200));
+    a.wait("connected", |s| s.connected && s.cert_not_after > 0).await;
+    let (id, not_after) = (a.status.borrow().machine_id.clone().unwrap(), a.status.borrow().cert_not_after);
+    a.stop().await;
+    // Off until the certificate has expired.
+    let left = u64::try_from(not_after * 1000 - muster_util::now_ms()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(left + 1100)).await;
+
+    let a = start_agent(&f, "", "node-e", Duration::from_millis(200));
+    let result = tokio::time::timeout(Duration::from_secs(10), a.task).await.unwrap().unwrap();
+    let err = result.expect_err("no token: it cannot come back");
+    assert!(matches!(err, muster_agent::AgentError::Expired(_)), "{err}");
+    assert!(err.to_string().contains("expired") && err.to_string().contains("join token"), "{err}");
+
+    let mut a = start_agent(&f, &token, "node-e", Duration::from_millis(200));
+    a.wait("enrolled again and connected", |s| s.connected && s.heartbeats_acked > 0).await;
+    let new_id = a.status.borrow().machine_id.clone().unwrap();
+    assert_ne!(new_id, id, "a new enrollment makes a new machine");
+    assert_eq!(machine(&f, &new_id).await.state, pb::MachineState::Ready as i32);
+    a.stop().await;
+    f.still_serving().await.unwrap();
+}
+
+/// A deleted machine's certificate is still valid as X.509, and refused anyway: its open stream
+/// is closed, and reconnecting or renewing with it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_machines_certificate_is_refused() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 1).await.unwrap();
+    let m = f.enroll(&token).await.unwrap();
+    let hello = || {
+        tokio_stream::iter([pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                heartbeat_interval_ms: 5000,
+                ..Default::default()
+            })),
+        }])
+        .chain(tokio_stream::pending())
+    };
+    let mut down = f.machine_agent(&m).await.unwrap().connect(hello()).await.unwrap().into_inner();
+    assert!(down.message().await.unwrap().is_some(), "welcome");
+    f.admin().await.unwrap().delete(pb::MachineRef { query: m.id.clone() }).await.unwrap();
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), down.message())
+            .await
+            .expect("the stream must close")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("closed without saying why"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(closed.code(), tonic::Code::PermissionDenied, "{closed:?}");
+    assert!(closed.message().contains("deleted"), "{closed:?}");
+    let again = f.machine_agent(&m).await.unwrap().connect(hello()).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::PermissionDenied, "{again:?}");
+    let key = rcgen::KeyPair::from_pem(&m.key).unwrap();
+    let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    let renew =
+        f.machine_agent(&m).await.unwrap().renew(pb::RenewRequest { csr_pem: csr }).await.unwrap_err();
+    assert_eq!(renew.code(), tonic::Code::PermissionDenied, "{renew:?}");
     f.still_serving().await.unwrap();
 }
 
@@ -388,14 +476,94 @@ async fn apply(f: &TestController, id: &str, yaml: &str) {
         .unwrap();
 }
 
+/// The real Linux effects for files under a temp root, and nothing else: every effect that
+/// would reach beyond the root (hostname, sysctls, network, modules, units) fails.
+struct FilesOnly(muster_agent::effects::LinuxEffects);
+
+fn refused(what: &str) -> muster_agent::effects::EffectError {
+    muster_agent::effects::EffectError {
+        what: what.into(),
+        source: std::io::Error::other("refused by the test: it runs in the host's namespaces"),
+    }
+}
+
+impl muster_agent::effects::Effects for FilesOnly {
+    fn hostname(&self) -> Result<String, muster_agent::effects::EffectError> {
+        Err(refused("hostname"))
+    }
+    fn set_hostname(&self, _: &str) -> Result<(), muster_agent::effects::EffectError> {
+        Err(refused("set_hostname"))
+    }
+    fn read_file(
+        &self,
+        path: &str,
+    ) -> Result<Option<muster_agent::effects::FileState>, muster_agent::effects::EffectError> {
+        self.0.read_file(path)
+    }
+    fn write_file(
+        &self,
+        path: &str,
+        content: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), muster_agent::effects::EffectError> {
+        self.0.write_file(path, content, mode, uid, gid)
+    }
+    fn resolve_owner(
+        &self,
+        user: &str,
+        group: Option<&str>,
+    ) -> Result<(u32, u32), muster_agent::effects::EffectError> {
+        self.0.resolve_owner(user, group)
+    }
+    fn sysctl(&self, _: &str) -> Result<Option<String>, muster_agent::effects::EffectError> {
+        Err(refused("sysctl"))
+    }
+    fn set_sysctl(&self, _: &str, _: &str) -> Result<(), muster_agent::effects::EffectError> {
+        Err(refused("set_sysctl"))
+    }
+    fn network(&self) -> Result<muster_agent::effects::NetState, muster_agent::effects::EffectError> {
+        Err(refused("network"))
+    }
+    fn change_network(
+        &self,
+        _: &muster_agent::effects::NetChange,
+    ) -> Result<(), muster_agent::effects::EffectError> {
+        Err(refused("change_network"))
+    }
+    fn kernel_owned(&self) -> Result<(), String> {
+        Err("refused by the test".into())
+    }
+    fn module_loaded(&self, _: &str) -> Result<bool, muster_agent::effects::EffectError> {
+        Err(refused("module_loaded"))
+    }
+    fn load_module(&self, _: &str, _: &[String]) -> Result<(), muster_agent::effects::EffectError> {
+        Err(refused("load_module"))
+    }
+    fn systemd(&self) -> Result<(), String> {
+        Err("refused by the test".into())
+    }
+    fn unit_state(
+        &self,
+        _: &str,
+    ) -> Result<muster_agent::effects::UnitState, muster_agent::effects::EffectError> {
+        Err(refused("unit_state"))
+    }
+    fn systemctl(&self, _: &str, _: Option<&str>) -> Result<(), muster_agent::effects::EffectError> {
+        Err(refused("systemctl"))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_corrected_and_reported_or_only_reported() {
     let f = TestController::start().await.unwrap();
     let token = f.token(0, 1).await.unwrap();
-    // The real effects, with files under a temp root (the config has nothing but a file).
+    // The real file effects under a temp root; everything node-wide is refused (this test runs
+    // in the host's namespaces).
     let root = f.dir.path().join("node-d-root");
     std::fs::create_dir_all(&root).unwrap();
-    let node = std::sync::Arc::new(muster_agent::effects::LinuxEffects::new(&root));
+    let node = std::sync::Arc::new(FilesOnly(muster_agent::effects::LinuxEffects::new(&root)));
     let mut a = start_agent_with(&f, &token, "node-d", Duration::from_millis(200), Some(node));
     a.wait("connected", |s| s.connected).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
@@ -524,14 +692,20 @@ async fn try_mode_reverts_unless_confirmed_and_keeps_what_is_confirmed() {
     // A confirmed try stays after its timeout.
     let r = apply_mode(&f, &id, &host_config("kept"), ApplyMode::Try, 1500).await;
     assert_eq!(r.generation, 3);
-    wait_config(&f, &id, "trying generation 3", |c| c.state == pb::GenerationState::Trying as i32).await;
+    let trying =
+        wait_config(&f, &id, "trying generation 3", |c| c.state == pb::GenerationState::Trying as i32).await;
+    let deadline = trying.try_deadline_unix_ms;
+    assert!(deadline > 0, "{trying:?}");
     let c = admin().await.confirm_config(pb::MachineRef { query: id.clone() }).await.unwrap().into_inner();
     assert!(c.confirmed);
     wait_config(&f, &id, "generation 3 confirmed on the node", |c| {
         c.state == pb::GenerationState::Applied as i32
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    a.wait("no try pending on the node", |s| s.trying.is_none()).await;
+    // Past the deadline it had: nothing reverted it.
+    let left = u64::try_from(deadline - muster_util::now_ms()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(left + 200)).await;
     let c = wait_config(&f, &id, "still generation 3", |c| c.applied_generation == 3).await;
     assert_eq!(c.state, pb::GenerationState::Applied as i32);
     assert_eq!(*node.hostname.lock().unwrap(), "kept");
@@ -553,21 +727,32 @@ async fn a_try_survives_an_agent_restart_and_still_reverts() {
     let id = a.status.borrow().machine_id.clone().unwrap();
     apply_mode(&f, &id, &host_config("before"), ApplyMode::Auto, 0).await;
     a.wait("generation 1", |s| s.config_generation == 1).await;
-    apply_mode(&f, &id, &host_config("during"), ApplyMode::Try, 2000).await;
-    a.wait("trying generation 2", |s| s.config_generation == 2).await;
+    apply_mode(&f, &id, &host_config("during"), ApplyMode::Try, 4000).await;
+    a.wait("trying generation 2", |s| s.config_generation == 2 && s.trying == Some(2)).await;
+    let try_file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.state_dir.join("try.json")).unwrap()).unwrap();
+    let deadline = try_file["deadline_unix_ms"].as_i64().unwrap();
     a.stop().await;
-    // Restarted (same state dir), the agent keeps the try's deadline and reverts on time.
+    // Restarted (same state dir): before the deadline the try is still what the node runs...
     let mut a = start_agent_with(&f, &token, "node-tr", Duration::from_millis(200), Some(node.clone()));
+    a.wait("the try still pending after the restart", |s| s.trying == Some(2)).await;
+    assert_eq!(*node.hostname.lock().unwrap(), "during");
+    assert!(muster_util::now_ms() < deadline, "checked before the deadline");
+    // ...and at the deadline it reverts, connected or not.
     let c = wait_config(&f, &id, "reverted after the restart", |c| {
         c.state == pb::GenerationState::Reverted as i32
     })
     .await;
+    assert!(muster_util::now_ms() >= deadline, "not before its deadline");
     assert_eq!(c.applied_generation, 1);
-    a.wait("running generation 1", |s| s.config_generation == 1).await;
+    a.wait("running generation 1", |s| s.config_generation == 1 && s.trying.is_none()).await;
     assert_eq!(*node.hostname.lock().unwrap(), "before");
-    // On reconnect the controller sends generation 2 again; a reverted try is not tried again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The controller sends generation 2 again on every connect; a reverted try is not tried again.
+    a.stop().await;
+    let mut a = start_agent_with(&f, &token, "node-tr", Duration::from_millis(200), Some(node.clone()));
+    a.wait("generation 2 received again", |s| s.config_updates >= 1).await;
     assert_eq!(*node.hostname.lock().unwrap(), "before");
+    assert_eq!(a.status.borrow().config_generation, 1);
     a.stop().await;
 }
 
@@ -591,9 +776,9 @@ async fn staged_config_waits_for_the_next_boot() {
     // An agent restart in the same boot changes nothing...
     a.stop().await;
     let mut a = start_agent_with(&f, &token, "node-st", Duration::from_millis(200), Some(node.clone()));
-    a.wait("connected", |s| s.connected).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.wait("connected, with generation 2 received again", |s| s.connected && s.config_updates >= 1).await;
     assert_eq!(*node.hostname.lock().unwrap(), "now");
+    assert_eq!(a.status.borrow().config_generation, 1);
     a.stop().await;
     // ...a new boot applies it.
     std::fs::write(&boot_id, "boot-2\n").unwrap();

@@ -64,8 +64,12 @@ fn three_agents_enroll_get_roles_and_survive_a_controller_kill() {
     // kill -9 the controller; the agents keep running.
     let grpc_port = ctl.ports.grpc.port();
     ctl.proc.kill();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Each agent notices (and says so), and keeps running.
     for a in agents.iter_mut() {
+        wait_for("the agent to notice the controller is gone", Duration::from_secs(30), || {
+            a.log_text().contains("connection to the controller lost").then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
         assert!(a.alive(), "an agent must keep running while the controller is down:\n{}", a.log_text());
     }
 
@@ -83,8 +87,15 @@ fn three_agents_enroll_get_roles_and_survive_a_controller_kill() {
         assert_eq!(m["cluster"], "homelab", "{m}");
     }
 
-    // An agent restarted without a token comes back as the same machine.
+    // An agent restarted without a token comes back as the same machine: the old process is
+    // gone (and the controller saw its stream end) before the new one starts.
+    let node3 = back.iter().find(|m| m["hostname"] == "node-3").unwrap()["id"].as_str().unwrap().to_owned();
     agents[2].kill();
+    wait_for("node-3's old stream to end", Duration::from_secs(30), || {
+        let ms = ctl.machines().ok()?;
+        ms.iter().any(|m| m["id"] == node3.as_str() && m["connected"] == false).then_some(())
+    })
+    .unwrap();
     let restarted = start_agent(
         &ctl,
         "",
@@ -104,10 +115,15 @@ fn three_agents_enroll_get_roles_and_survive_a_controller_kill() {
         (ms.len() == 3
             && ms
                 .iter()
-                .any(|m| m["hostname"] == "node-3" && m["connected"] == true && m["state"] == "ready"))
+                .any(|m| m["id"] == node3.as_str() && m["connected"] == true && m["state"] == "ready"))
         .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", restarted.log_text()));
+    // And it is the restarted process that connected, with its saved identity, not a new one.
+    let log = restarted.log_text();
+    assert!(log.contains("connected to the controller"), "{log}");
+    assert!(log.contains(&node3), "the saved machine id: {log}");
+    assert!(!log.contains("enrolled"), "no second enrollment: {log}");
 
     // The token is used up: a fourth agent cannot enroll with it.
     let mut fourth =

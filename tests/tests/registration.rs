@@ -201,3 +201,57 @@ async fn assigning_a_role_applies_that_roles_config_layer() {
     assert_eq!(after.generation, 1);
     assert!(after.yaml.contains("registered"), "{}", after.yaml);
 }
+
+/// The controller's boot policy, decided without a VM: an unknown MAC gets the discovery
+/// profile, a registered one its image, a claimed registration the image as a known machine, a
+/// `boot_local` registration and a revoked machine's MAC `exit` (the firmware boots the next
+/// device), and a registration whose UUID does not match is not used.
+#[tokio::test]
+async fn boot_policy_decides_per_machine() {
+    use muster_controller::fleet::boot::BootDecision;
+    let f = TestController::start().await.unwrap();
+    let c = &f.running.controller;
+    let mut admin = f.admin().await.unwrap();
+    let register = |mac: &str, uuid: &str, boot_local: bool| pb::RegisterMachineRequest {
+        registration: Some(pb::Registration {
+            mac: mac.into(),
+            uuid: uuid.into(),
+            hostname: format!("n-{}", &mac[15..]),
+            boot_local,
+            ..Default::default()
+        }),
+        force: false,
+    };
+    let uuid = "11111111-2222-3333-4444-555555555555";
+    admin.register_machine(register("52:54:00:00:01:01", "", false)).await.unwrap();
+    admin.register_machine(register("52:54:00:00:01:02", "", true)).await.unwrap();
+    admin.register_machine(register("52:54:00:00:01:03", uuid, false)).await.unwrap();
+    let decide = |mac: &'static str, uuid: Option<&'static str>| async move {
+        c.boot_decision(Some(mac), uuid, "CMDLINE").await.unwrap()
+    };
+    let profile = |d: BootDecision| match d {
+        BootDecision::Boot { profile, cmdline } => {
+            assert_eq!(cmdline, "CMDLINE");
+            profile.to_owned()
+        }
+        BootDecision::Exit { reason } => format!("exit: {reason}"),
+    };
+    assert_eq!(profile(decide("52:54:00:00:09:09", None).await), "discovery");
+    assert_eq!(profile(decide("52:54:00:00:01:01", None).await), "registered");
+    assert!(profile(decide("52:54:00:00:01:02", None).await).starts_with("exit: "), "boot_local");
+    assert_eq!(profile(decide("52:54:00:00:01:03", Some(uuid)).await), "registered");
+    assert_eq!(
+        profile(decide("52:54:00:00:01:03", Some("99999999-2222-3333-4444-555555555555")).await),
+        "discovery"
+    );
+
+    // Claimed: the machine that enrolled with it is known.
+    let token = boot_token(&f).await;
+    let m = f.enroll_with(&token, inventory("n-01", "52:54:00:00:01:01")).await.unwrap().unwrap();
+    assert_eq!(profile(decide("52:54:00:00:01:01", None).await), "known");
+    // Revoked: exit, so a revoked node does not come back on its own.
+    admin.revoke(pb::MachineRef { query: m.id.clone() }).await.unwrap();
+    let d = profile(decide("52:54:00:00:01:01", None).await);
+    assert!(d.starts_with("exit: ") && d.contains("revoked"), "{d}");
+    f.still_serving().await.unwrap();
+}

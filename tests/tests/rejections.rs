@@ -254,23 +254,33 @@ async fn csr_asking_for_ca_and_extra_sans_gets_neither() {
 #[tokio::test]
 async fn oversized_message_is_rejected() {
     let f = TestController::start().await.unwrap();
-    let huge = pb::Inventory { cpu_model: "x".repeat(1024 * 1024), ..Default::default() };
+    let token = f.token(0, 1).await.unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    // A valid enrollment (real token, real CSR), made just over the documented 256 KiB agent
+    // limit by its inventory: only the size can refuse it.
+    let limit = 256 * 1024;
+    let inventory = pb::Inventory { cpu_model: "x".repeat(limit + 1024), ..Default::default() };
     let err = f
         .anon_agent()
         .await
         .unwrap()
-        .enroll(pb::EnrollRequest {
-            token: f.token(0, 1).await.unwrap(),
-            csr_pem: "x".into(),
-            inventory: Some(huge),
-        })
+        .enroll(pb::EnrollRequest { token: token.clone(), csr_pem: csr.clone(), inventory: Some(inventory) })
         .await
         .unwrap_err();
-    assert!(
-        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument),
-        "{err}"
-    );
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+    assert!(err.message().contains("too large"), "{err}");
     assert_eq!(f.machine_count().await.unwrap(), 0);
+    // The same request within the limit enrolls with the same single-use token: the refusal
+    // took nothing.
+    let inventory = pb::Inventory { cpu_model: "x".repeat(limit / 2), ..Default::default() };
+    f.anon_agent()
+        .await
+        .unwrap()
+        .enroll(pb::EnrollRequest { token, csr_pem: csr, inventory: Some(inventory) })
+        .await
+        .unwrap();
+    assert_eq!(f.machine_count().await.unwrap(), 1);
     f.still_serving().await.unwrap();
 }
 
