@@ -12,13 +12,14 @@ pub fn create_dir_private(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
-/// Writes `data` to `path` with exactly `mode`: temp file in the same directory, fsync, rename,
-/// fsync of the directory. Readers see the old or the new content, never a mix, and a crash
-/// leaves no half-written file under `path`.
+/// Writes `data` to `path` with exactly `mode`: temp file (`.NAME.tmp`) in the same directory,
+/// fsync, rename, fsync of the directory. Readers see the old or the new content, never a mix,
+/// and a crash leaves no half-written file under `path`; the temp name is fixed, so the next
+/// write of `path` (after a crash, the one that completes it) takes the leftover along.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         // The umask may have narrowed the mode on create; set it exactly.

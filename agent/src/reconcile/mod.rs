@@ -127,13 +127,14 @@ impl Report {
 pub fn reconcile(cfg: &MachineConfig, fx: &dyn Effects, report_only: bool) -> Report {
     let mut report = Report::default();
     report.run::<hostname::Hostname>(cfg, fx, report_only);
+    // Users before files: a file may be owned by a user the same config declares.
+    report.run::<users::Users>(cfg, fx, report_only);
     report.run::<files::Files>(cfg, fx, report_only);
     report.run::<sysctls::Sysctls>(cfg, fx, report_only);
     report.run::<modules::Modules>(cfg, fx, report_only);
     report.run::<network::Interfaces>(cfg, fx, report_only);
     report.run::<network::Vlans>(cfg, fx, report_only);
     report.run::<network::Resolv>(cfg, fx, report_only);
-    report.run::<users::Users>(cfg, fx, report_only);
     report.run::<units::Units>(cfg, fx, report_only);
     report.run::<timeservers::TimeServers>(cfg, fx, report_only);
     report
