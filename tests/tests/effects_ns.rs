@@ -34,8 +34,11 @@ fn host_links() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A file's content, mode, uid and gid.
+type FileFacts = (Vec<u8>, u32, u32, u32);
+
 /// This machine's account files with their mode and owner, to prove the agent never wrote them.
-fn host_accounts() -> Vec<Option<(Vec<u8>, u32, u32, u32)>> {
+fn host_accounts() -> Vec<Option<FileFacts>> {
     ["/etc/passwd", "/etc/group", "/etc/shadow"]
         .iter()
         .map(|p| {
