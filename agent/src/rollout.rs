@@ -459,13 +459,6 @@ mod tests {
         fn hostname(&self) -> String {
             self.fx.hostname.lock().unwrap().clone()
         }
-        /// Tells watchers (status) which generation is being tried, and wakes the try watcher.
-        fn try_changed(&self) {
-            let trying = self.generations.pending_try().map(|t| t.generation);
-            self.status.send_modify(|s| s.trying = trying);
-            self.try_wake.notify_one();
-        }
-
         fn running(&self) -> u64 {
             self.status.borrow().config_generation
         }
