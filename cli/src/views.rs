@@ -36,6 +36,49 @@ pub struct MachineView {
     pub inventory: Option<pb::Inventory>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_snapshot: Option<pb::HealthSnapshot>,
+    /// The machine's config, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigSummary>,
+}
+
+/// Where a machine's config stands: generations, state, what failed.
+#[derive(Debug, Serialize)]
+pub struct ConfigSummary {
+    pub generation: u64,
+    pub applied_generation: u64,
+    pub state: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<FailedResource>,
+}
+
+/// A resource that failed to apply, with why.
+#[derive(Debug, Serialize)]
+pub struct FailedResource {
+    pub resource: String,
+    pub error: String,
+}
+
+impl ConfigSummary {
+    fn of(m: &pb::Machine) -> Option<Self> {
+        (m.config_generation > 0).then(|| Self {
+            generation: m.config_generation,
+            applied_generation: m.config_applied_generation,
+            state: generation_state_name(m.config_state),
+            error: m.config_error.clone(),
+            failures: m
+                .config_failures
+                .iter()
+                .map(|r| FailedResource { resource: r.resource.clone(), error: r.detail.clone() })
+                .collect(),
+        })
+    }
+
+    /// `2/3 trying`: the generation the node runs, the current one, where that stands.
+    fn short(&self) -> String {
+        format!("{}/{} {}", self.applied_generation, self.generation, self.state)
+    }
 }
 
 /// A machine state as the wire gives it; "unknown" for a value this CLI does not know.
@@ -71,6 +114,7 @@ impl MachineView {
             metrics_endpoint: full.then(|| m.metrics_endpoint.clone()).filter(|e| !e.is_empty()),
             inventory: if full { m.inventory.clone() } else { None },
             health_snapshot: if full { m.health_snapshot.clone() } else { None },
+            config: ConfigSummary::of(m),
         }
     }
 }
@@ -88,11 +132,12 @@ pub fn machines_table(ms: &[pb::Machine], now: SystemTime) -> String {
                 if m.cluster.is_empty() { "-".into() } else { m.cluster.clone() },
                 if m.health.is_empty() { "-".into() } else { m.health.clone() },
                 relative(m.last_seen_unix_ms, now),
+                ConfigSummary::of(m).map_or_else(|| "-".into(), |c| c.short()),
                 m.warnings.len().to_string(),
             ]
         })
         .collect();
-    table(&["ID", "HOSTNAME", "STATE", "ROLE", "CLUSTER", "HEALTH", "LAST SEEN", "WARNINGS"], &rows)
+    table(&["ID", "HOSTNAME", "STATE", "ROLE", "CLUSTER", "HEALTH", "CONFIG", "LAST SEEN", "WARNINGS"], &rows)
 }
 
 fn bytes(n: u64) -> String {
@@ -153,6 +198,21 @@ pub fn machine_detail(m: &pb::Machine, now: SystemTime) -> String {
         format!("serial {}, expires {}", m.cert_serial, v.cert_expires.clone().unwrap_or_default()),
     );
     kv("Token:", v.token.clone());
+    match &v.config {
+        None => kv("Config:", "-".into()),
+        Some(c) => {
+            kv(
+                "Config:",
+                format!("generation {}, running {} ({})", c.generation, c.applied_generation, c.state),
+            );
+            if !c.error.is_empty() {
+                kv("  error:", c.error.clone());
+            }
+            for f in &c.failures {
+                kv("  failed:", format!("{}: {}", f.resource, f.error));
+            }
+        }
+    }
     if let Some(ep) = &v.metrics_endpoint {
         kv("Metrics:", format!("http://{ep}/metrics"));
     }

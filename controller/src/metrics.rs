@@ -132,6 +132,8 @@ pub struct MachineSample {
     /// Config generation and the one the agent applied (0: no config).
     pub config_generation: u64,
     pub config_applied: u64,
+    /// Failed resources of the current generation (1 when it failed as a whole).
+    pub config_failed: usize,
     /// Each reported resource and whether it drifted (found off at the last drift pass).
     pub config_drift: Vec<(String, bool)>,
 }
@@ -229,6 +231,14 @@ impl FleetSnapshot {
             );
             for (m, p) in configured() {
                 w.sample(p, &[], m.config_applied as f64);
+            }
+            w.family(
+                "muster_machine_config_failed_resources",
+                "Resources of the machine's current config generation that failed to apply (1 when the generation failed as a whole)",
+                Kind::Gauge,
+            );
+            for (m, p) in configured() {
+                w.sample(p, &[], m.config_failed as f64);
             }
             w.family(
                 "muster_machine_config_drift",

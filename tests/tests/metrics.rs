@@ -312,6 +312,18 @@ async fn dashboard_and_rules_reference_only_metrics_that_exist() {
     let a = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
     let _g = connect(&f, &a, 9100, full_snapshot()).await;
     assert!(f.enroll("abc123.0123456789abcdefghijklmnopqrstuv").await.is_err());
+    // ...with a config, so the config families have series too.
+    f.admin()
+        .await
+        .unwrap()
+        .apply_config(pb::ApplyConfigRequest {
+            scope: pb::ConfigScope::Machine.into(),
+            target: a.id.clone(),
+            yaml: "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: m\n".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let text = http_get(f.running.ports.http, "/metrics", &[]).await.unwrap().text();
     let exposed: std::collections::BTreeSet<&str> =
         text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();

@@ -352,3 +352,106 @@ fn b64(data: &[u8]) -> String {
     }
     s
 }
+
+/// A pending machine (enrolled with a public boot token, not approved) hears nothing beyond the
+/// welcome: no role, cluster or labels, and none of the config its role and cluster layers hold
+/// (a cluster secret included), until `muster approve` releases both.
+#[tokio::test]
+async fn pending_machine_gets_no_role_config_or_cluster_secrets_until_approved() {
+    let f = TestController::start().await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    let boot = admin
+        .create_token(pb::CreateTokenRequest {
+            boot: true,
+            labels: [("rack".to_string(), "r1".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let m = f.enroll(&boot).await.unwrap();
+    admin
+        .assign(pb::AssignRequest {
+            query: m.id.clone(),
+            role: pb::Role::Worker.into(),
+            cluster: "homelab".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    let secret = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/cluster-secret\n    content: \"S3CR3T\\n\"\n";
+    admin
+        .apply_config(pb::ApplyConfigRequest {
+            scope: pb::ConfigScope::Cluster.into(),
+            target: "homelab".into(),
+            yaml: secret.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let (up, rx) = tokio::sync::mpsc::channel(8);
+    up.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            heartbeat_interval_ms: 1000,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut down = f
+        .machine_agent(&m)
+        .await
+        .unwrap()
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Everything queued for it on connect arrives before the ack of its first heartbeat.
+    up.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { seq: 7, ..Default::default() })),
+    })
+    .await
+    .unwrap();
+    let mut before_ack = Vec::new();
+    loop {
+        let msg =
+            tokio::time::timeout(Duration::from_secs(10), down.message()).await.unwrap().unwrap().unwrap();
+        match msg.msg {
+            Some(pb::controller_message::Msg::HeartbeatAck(a)) if a.seq == 7 => break,
+            other => before_ack.push(other),
+        }
+    }
+    let text = format!("{before_ack:?}");
+    assert!(!text.contains("S3CR3T") && !text.contains("cluster-secret"), "{text}");
+    assert!(!before_ack.iter().any(|m| matches!(m, Some(pb::controller_message::Msg::Config(_)))), "{text}");
+    let assignment = before_ack
+        .iter()
+        .find_map(|m| match m {
+            Some(pb::controller_message::Msg::Assignment(a)) => Some(a.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(assignment, pb::Assignment { approved: false, ..Default::default() }, "nothing but 'wait'");
+
+    // Approval releases the assignment and the config, over the same stream.
+    admin.approve(pb::MachineRef { query: m.id.clone() }).await.unwrap();
+    let (mut got_assignment, mut got_config) = (None, None);
+    while got_assignment.is_none() || got_config.is_none() {
+        let msg =
+            tokio::time::timeout(Duration::from_secs(10), down.message()).await.unwrap().unwrap().unwrap();
+        match msg.msg {
+            Some(pb::controller_message::Msg::Assignment(a)) => got_assignment = Some(a),
+            Some(pb::controller_message::Msg::Config(c)) => got_config = Some(c),
+            _ => {}
+        }
+    }
+    let a = got_assignment.unwrap();
+    assert!(
+        a.approved && a.cluster == "homelab" && a.labels.get("rack").map(String::as_str) == Some("r1"),
+        "{a:?}"
+    );
+    assert!(got_config.unwrap().yaml.contains("S3CR3T"));
+    f.still_serving().await.unwrap();
+}

@@ -35,6 +35,21 @@ pub fn machine(v: &MachineView) -> pb::Machine {
         health_reasons: v.health.reasons.clone(),
         health_snapshot: v.snapshot.clone().map(Into::into),
         metrics_endpoint: v.metrics_endpoint.clone().unwrap_or_default(),
+        config_generation: m.config.generation,
+        config_applied_generation: m.config.applied_generation,
+        config_state: pb::GenerationState::from(m.config.state).into(),
+        config_failures: m
+            .config
+            .resources
+            .iter()
+            .filter(|r| r.outcome == muster_machinery::Outcome::Failed)
+            .map(|r| pb::ResourceStatus {
+                resource: r.resource.clone(),
+                outcome: pb::Outcome::from(r.outcome).into(),
+                detail: r.detail.clone(),
+            })
+            .collect(),
+        config_error: m.config.error.clone(),
     }
 }
 

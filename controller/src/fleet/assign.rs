@@ -66,7 +66,11 @@ impl Controller {
                 Ok(())
             })
             .await?;
+        // Approval releases what waited: the assignment and the config.
         self.push(&updated.id, assignment_msg(&updated));
+        if let Some(cfg) = super::rollout::config_msg(&updated) {
+            self.push(&updated.id, cfg);
+        }
         Ok(updated)
     }
 

@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use muster_machinery::health as h;
 use muster_machinery::model::State;
+use muster_machinery::{GenerationState, Outcome};
 use serde::Serialize;
+
+use crate::store::ConfigState;
 
 /// A machine's health status, worst last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -95,13 +98,53 @@ fn human(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
-/// Judges one machine. `last_seen_ms`/`heartbeat_ms` explain an unreachable verdict.
+/// What is wrong with a machine's config, one line each: a current generation that failed
+/// (as a whole, or per failing resource) or that its agent reverted.
+pub fn config_problems(c: &ConfigState) -> Vec<String> {
+    let g = c.generation;
+    let mut out = Vec::new();
+    if g == 0 {
+        return out;
+    }
+    match c.state {
+        GenerationState::Failed => {
+            if !c.error.is_empty() {
+                out.push(format!("config generation {g} failed: {}", c.error));
+            }
+            for r in c.resources.iter().filter(|r| r.outcome == Outcome::Failed) {
+                out.push(format!("config generation {g}: {} failed: {}", r.resource, r.detail));
+            }
+            if out.is_empty() {
+                out.push(format!("config generation {g} failed"));
+            }
+        }
+        GenerationState::Reverted => out.push(format!(
+            "config generation {g} was reverted (not confirmed in time); the node runs generation {}",
+            c.applied_generation
+        )),
+        GenerationState::Pending
+        | GenerationState::Applied
+        | GenerationState::Trying
+        | GenerationState::Staged => {
+            // A drift pass can report failures while the generation itself applied.
+            for r in c.resources.iter().filter(|r| r.outcome == Outcome::Failed) {
+                out.push(format!("config generation {g}: {} failed: {}", r.resource, r.detail));
+            }
+        }
+    }
+    out
+}
+
+/// Judges one machine. `last_seen_ms`/`heartbeat_ms` explain an unreachable verdict;
+/// `config_problems` (see [`config_problems`]) make it degraded.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     state: State,
     snapshot: Option<&h::HealthSnapshot>,
     cert_not_after_ms: i64,
     last_seen_ms: i64,
     now_ms: i64,
+    config_problems: Vec<String>,
     th: &Thresholds,
 ) -> Health {
     let mut status = HealthStatus::Healthy;
@@ -110,6 +153,9 @@ pub fn evaluate(
         status = status.max(s);
         reasons.push(why);
     };
+    for p in config_problems {
+        flag(HealthStatus::Degraded, p);
+    }
     match state {
         State::Revoked => {
             return Health { status: HealthStatus::Unreachable, reasons: vec!["certificate revoked".into()] };
@@ -193,7 +239,7 @@ mod tests {
     }
 
     fn eval(state: State, s: Option<&h::HealthSnapshot>) -> Health {
-        evaluate(state, s, NOW + DAY_MS, NOW - 1000, NOW, &Thresholds::default())
+        evaluate(state, s, NOW + DAY_MS, NOW - 1000, NOW, Vec::new(), &Thresholds::default())
     }
 
     #[test]
@@ -249,10 +295,10 @@ mod tests {
     #[test]
     fn certificate_expiry() {
         let th = Thresholds::default();
-        let soon = evaluate(State::Ready, None, NOW + 3_600_000, NOW, NOW, &th);
+        let soon = evaluate(State::Ready, None, NOW + 3_600_000, NOW, NOW, Vec::new(), &th);
         assert_eq!(soon.status, HealthStatus::Degraded);
         assert_eq!(soon.reasons, ["client certificate expires in 1h"]);
-        let gone = evaluate(State::Ready, None, NOW - 1, NOW, NOW, &th);
+        let gone = evaluate(State::Ready, None, NOW - 1, NOW, NOW, Vec::new(), &th);
         assert_eq!(gone.status, HealthStatus::Unhealthy);
     }
 
@@ -264,5 +310,30 @@ mod tests {
         let h = eval(State::Ready, Some(&s));
         assert_eq!(h.status, HealthStatus::Unhealthy);
         assert_eq!(h.reasons.len(), 2);
+    }
+
+    #[test]
+    fn a_failed_or_reverted_generation_degrades_the_machine_with_its_resources() {
+        use crate::store::ResourceRecord;
+        let mut c = ConfigState { generation: 3, applied_generation: 2, ..Default::default() };
+        c.state = GenerationState::Failed;
+        c.resources = vec![
+            ResourceRecord { resource: "hostname".into(), outcome: Outcome::Applied, detail: String::new() },
+            ResourceRecord {
+                resource: "file:/etc/x".into(),
+                outcome: Outcome::Failed,
+                detail: "EACCES".into(),
+            },
+        ];
+        let p = config_problems(&c);
+        assert_eq!(p, ["config generation 3: file:/etc/x failed: EACCES"]);
+        let h = evaluate(State::Ready, None, NOW + DAY_MS, NOW, NOW, p, &Thresholds::default());
+        assert_eq!(h.status, HealthStatus::Degraded);
+        c.state = GenerationState::Reverted;
+        assert!(config_problems(&c)[0].contains("reverted"));
+        c.state = GenerationState::Applied;
+        c.resources.clear();
+        assert!(config_problems(&c).is_empty());
+        assert!(config_problems(&ConfigState::default()).is_empty(), "no config, no problem");
     }
 }

@@ -295,6 +295,7 @@ impl Controller {
             m.cert_not_after_ms,
             last_seen,
             now_ms,
+            health::config_problems(&m.config),
             &self.inner.opts.thresholds,
         );
         Derived { state, connected: l.session.is_some(), last_seen_ms: last_seen, heartbeat_ms: hb, health }
@@ -388,6 +389,13 @@ impl Controller {
                     snapshot: l.health.clone(),
                     config_generation: m.config.generation,
                     config_applied: m.config.applied_generation,
+                    config_failed: m
+                        .config
+                        .resources
+                        .iter()
+                        .filter(|r| r.outcome == muster_machinery::Outcome::Failed)
+                        .count()
+                        .max(usize::from(m.config.state == muster_machinery::GenerationState::Failed)),
                     config_drift: m
                         .config
                         .resources

@@ -460,9 +460,10 @@ pub struct Report {
     pub resources: Vec<ResourceRecord>,
 }
 
-/// The current generation for a machine's stream, if it has a config.
+/// The current generation for a machine's stream, if it has a config and is approved: nothing
+/// of a config (a cluster layer's secrets included) reaches a pending machine.
 pub(super) fn config_msg(m: &MachineRecord) -> Option<pb::ControllerMessage> {
-    (m.config.generation > 0).then(|| pb::ControllerMessage {
+    (m.approved && m.config.generation > 0).then(|| pb::ControllerMessage {
         msg: Some(pb::controller_message::Msg::Config(pb::ConfigUpdate {
             generation: m.config.generation,
             yaml: m.config.rendered.clone(),

@@ -92,15 +92,20 @@ fn sanitize_health(mut h: HealthSnapshot) -> HealthSnapshot {
     h
 }
 
+/// The machine's assignment for its stream. A pending machine learns that it waits for approval
+/// and nothing else: no role, cluster or labels (and no config: see `rollout::config_msg`).
 pub(super) fn assignment_msg(m: &MachineRecord) -> pb::ControllerMessage {
-    pb::ControllerMessage {
-        msg: Some(pb::controller_message::Msg::Assignment(pb::Assignment {
+    let a = if m.approved {
+        pb::Assignment {
             role: pb::Role::from(m.role).into(),
             cluster: m.cluster.clone(),
             labels: m.labels.clone().into_iter().collect(),
-            approved: m.approved,
-        })),
-    }
+            approved: true,
+        }
+    } else {
+        pb::Assignment { approved: false, ..Default::default() }
+    };
+    pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Assignment(a)) }
 }
 
 impl Controller {
