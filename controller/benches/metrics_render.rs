@@ -1,10 +1,14 @@
 //! `/metrics` render time and size for a large simulated fleet.
 //!
 //! `cargo bench -p muster-controller --bench metrics_render [-- MACHINES]` (default 10,000). Prints
-//! numbers; asserts nothing.
+//! numbers, with the size of every body it timed. A render that fails (or returns an empty body)
+//! stops the bench with an error and a non-zero exit instead of timing nothing.
 
 use std::io::Write;
+use std::process::ExitCode;
 use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
 
 use muster_controller::fleet::health::HealthStatus;
 use muster_controller::metrics::{FleetSnapshot, MachineSample, Metrics};
@@ -62,45 +66,80 @@ fn machine(i: usize) -> MachineSample {
         snapshot: Some(snapshot.into()),
         config_generation: 0,
         config_applied: 0,
+        config_failed: 0,
         config_drift: Vec::new(),
     }
 }
 
-fn main() {
+/// Renders one body in `format` and times it; a failed or empty render is an error, never a
+/// (fast) time.
+fn timed_render(
+    metrics: &Metrics,
+    fleet: &FleetSnapshot,
+    format: Format,
+    what: &str,
+) -> Result<(String, f64)> {
+    let n = fleet.machines.len();
+    let t = Instant::now();
+    let body = metrics
+        .render(fleet, format)
+        .with_context(|| format!("rendering /metrics as {what} for {n} machines failed; nothing timed"))?;
+    let secs = t.elapsed().as_secs_f64();
+    if body.is_empty() {
+        bail!("rendering /metrics as {what} for {n} machines returned an empty body; nothing timed");
+    }
+    Ok((body, secs))
+}
+
+fn main() -> ExitCode {
+    match bench() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("metrics_render: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench() -> Result<()> {
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10_000);
     let metrics = Metrics::new();
-    let mut best = f64::MAX;
-    let mut sizes = (0, 0, 0);
+    // The best text render: its time and the size of the body it produced.
+    let mut best = (f64::MAX, 0);
+    let mut gz_size = 0;
     for round in 0..5 {
         let fleet = FleetSnapshot { machines: (0..n).map(machine).collect(), connected: n };
-        let t = Instant::now();
-        let om = metrics.render(&fleet, Format::OpenMetrics).unwrap_or_default();
-        let convert = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let text = metrics.render(&fleet, Format::Prometheus).unwrap_or_default();
-        let render = t.elapsed().as_secs_f64();
+        let (om, convert) = timed_render(&metrics, &fleet, Format::OpenMetrics, "OpenMetrics")?;
+        let (text, render) = timed_render(&metrics, &fleet, Format::Prometheus, "text 0.0.4")?;
         let t = Instant::now();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        let _ = gz.write_all(text.as_bytes());
-        let gz = gz.finish().unwrap_or_default();
+        gz.write_all(text.as_bytes()).context("gzip of the text body failed")?;
+        let gz = gz.finish().context("gzip of the text body failed")?;
         let gzip = t.elapsed().as_secs_f64();
         let series = text.lines().filter(|l| !l.starts_with('#')).count();
         println!(
-            "round {round}: {n} machines, {series} series: render text 0.0.4 {:.1} ms ({:.1} MB), OpenMetrics {:.1} ms ({:.1} MB), gzip {:.1} ms ({:.2} MB)",
+            "round {round}: {n} machines, {series} series: render text 0.0.4 {:.1} ms (body {} bytes, {:.1} MB), OpenMetrics {:.1} ms (body {} bytes, {:.1} MB), gzip {:.1} ms ({} bytes, {:.2} MB)",
             render * 1e3,
+            text.len(),
             text.len() as f64 / 1e6,
             convert * 1e3,
+            om.len(),
             om.len() as f64 / 1e6,
             gzip * 1e3,
+            gz.len(),
             gz.len() as f64 / 1e6
         );
-        best = best.min(render);
-        sizes = (om.len(), text.len(), gz.len());
+        if render < best.0 {
+            best = (render, text.len());
+            gz_size = gz.len();
+        }
     }
     println!(
-        "best render (text 0.0.4): {:.1} ms for {n} machines; body {:.1} MB plain, {:.2} MB gzip",
-        best * 1e3,
-        sizes.1 as f64 / 1e6,
-        sizes.2 as f64 / 1e6
+        "best render (text 0.0.4): {:.1} ms for {n} machines, timed body {} bytes ({:.1} MB plain, {:.2} MB gzip)",
+        best.0 * 1e3,
+        best.1,
+        best.1 as f64 / 1e6,
+        gz_size as f64 / 1e6
     );
+    Ok(())
 }

@@ -8,8 +8,10 @@
 //!   agent's report of generation 1).
 //!
 //! Times are when each marker first shows on the serial console or in the controller, polled
-//! every 10 ms. The VM reaches only the controller's loopback ports (user-mode networking,
-//! `restrict=on`).
+//! every 10 ms. A marker that never shows leaves the phases it bounds unmeasured for that run:
+//! they are reported as `missing`, medians are taken over only the runs that measured them (with
+//! how many), and no neighbouring phase takes over the missing one's time. The VM reaches only
+//! the controller's loopback ports (user-mode networking, `restrict=on`).
 //!
 //! A third column runs the same agent binary on this host without a VM (in its own UTS and
 //! mount namespaces, files under a temp root, over loopback): Muster's share with the
@@ -58,15 +60,44 @@ struct Args {
     keep_logs: Option<PathBuf>,
 }
 
-/// One phase's duration, from a run's marker times.
-type PhaseFn = fn(&Phases) -> f64;
+/// One phase's duration, from a run's marker times; `None` when a marker it needs never showed.
+type PhaseFn = fn(&Phases) -> Option<f64>;
 
+/// When each marker first showed, in seconds from power-on; `None` when it never did.
 #[derive(Debug, Default, Clone, Copy)]
 struct Phases {
-    kernel: f64,
-    agent_start: f64,
-    enrolled: f64,
+    kernel: Option<f64>,
+    agent_start: Option<f64>,
+    enrolled: Option<f64>,
     ready: f64,
+}
+
+/// `end - start`, only when both markers were seen.
+fn span(start: Option<f64>, end: Option<f64>) -> Option<f64> {
+    Some(end? - start?)
+}
+
+/// The median of a phase over only the runs that measured it, and how many runs those were.
+fn median(runs: &[Phases], f: PhaseFn) -> (Option<f64>, usize) {
+    let mut x: Vec<f64> = runs.iter().filter_map(f).collect();
+    x.sort_by(f64::total_cmp);
+    (x.get(x.len() / 2).copied(), x.len())
+}
+
+/// A report cell: the median, with `(k/N)` when only k of the N runs measured the phase, or
+/// `missing (0/N)` when none did.
+fn cell(runs: &[Phases], f: PhaseFn, decimals: usize) -> String {
+    let total = runs.len();
+    match median(runs, f) {
+        (Some(v), n) if n == total => format!("{v:.decimals$}"),
+        (Some(v), n) => format!("{v:.decimals$} ({n}/{total})"),
+        (None, _) => format!("missing (0/{total})"),
+    }
+}
+
+/// A marker time for the per-run log line.
+fn secs(t: Option<f64>) -> String {
+    t.map_or_else(|| "missing".to_owned(), |t| format!("{t:.2}s"))
 }
 
 fn main() -> Result<()> {
@@ -104,35 +135,34 @@ fn main() -> Result<()> {
         direct.push(rt.block_on(boot_once(tmp.path(), &bundle, Kind::Direct, n, &args, &agent))?);
         native.push(rt.block_on(boot_once(tmp.path(), &bundle, Kind::Native, n, &args, &agent))?);
     }
-    let med = |v: &[Phases], f: PhaseFn| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
-    };
     println!("\npower-on → ready, median of {} run(s) each (seconds from QEMU start)", args.runs);
-    println!("{:<38} {:>10} {:>14} {:>15}", "phase", "iPXE boot", "direct kernel", "native (no VM)");
+    println!(
+        "(k/N): median over only the k of N runs whose markers bound that phase; missing: no run measured it"
+    );
+    println!("{:<38} {:>16} {:>16} {:>16}", "phase", "iPXE boot", "direct kernel", "native (no VM)");
     let rows: [(&str, PhaseFn, bool); 4] = [
         ("firmware (+ iPXE, downloads)", |p| p.kernel, false),
-        ("kernel + init → agent start", |p| p.agent_start - p.kernel, false),
-        ("agent start → enrolled", |p| p.enrolled - p.agent_start, true),
-        ("enrolled → config applied (ready)", |p| p.ready - p.enrolled, true),
+        ("kernel + init → agent start", |p| span(p.kernel, p.agent_start), false),
+        ("agent start → enrolled", |p| span(p.agent_start, p.enrolled), true),
+        ("enrolled → config applied (ready)", |p| span(p.enrolled, Some(p.ready)), true),
     ];
     for (name, f, on_host) in rows {
-        let host = if on_host { format!("{:.3}", med(&native, f)) } else { "-".into() };
-        println!("{name:<38} {:>10.2} {:>14.2} {host:>15}", med(&net, f), med(&direct, f));
+        let host = if on_host { cell(&native, f, 3) } else { "-".into() };
+        println!("{name:<38} {:>16} {:>16} {host:>16}", cell(&net, f, 2), cell(&direct, f, 2));
     }
     println!(
-        "{:<38} {:>10.2} {:>14.2} {:>15}",
+        "{:<38} {:>16} {:>16} {:>16}",
         "total power-on → ready",
-        med(&net, |p| p.ready),
-        med(&direct, |p| p.ready),
+        cell(&net, |p| Some(p.ready), 2),
+        cell(&direct, |p| Some(p.ready), 2),
         "-"
     );
+    let share: PhaseFn = |p| span(p.agent_start, Some(p.ready));
     println!(
-        "Muster's own share (agent start → ready with config): {:.3} s (iPXE run), {:.3} s (direct run), {:.3} s (same agent, no VM)",
-        med(&net, |p| p.ready - p.agent_start),
-        med(&direct, |p| p.ready - p.agent_start),
-        med(&native, |p| p.ready - p.agent_start)
+        "Muster's own share (agent start → ready with config): {} s (iPXE run), {} s (direct run), {} s (same agent, no VM)",
+        cell(&net, share, 3),
+        cell(&direct, share, 3),
+        cell(&native, share, 3)
     );
     let manifest = std::fs::read_to_string(bundle.join("manifest.json")).unwrap_or_default();
     println!("\nimage sizes:");
@@ -325,13 +355,31 @@ async fn boot_once(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    p.kernel = kernel.unwrap_or(0.0);
-    p.agent_start = agent.unwrap_or(p.kernel);
-    p.enrolled = enrolled.unwrap_or(p.ready);
+    // A marker that never showed stays missing: the phases it bounds are not measured in this
+    // run, rather than filled in with a made-up time that would move theirs into a neighbour.
+    (p.kernel, p.agent_start, p.enrolled) = (kernel, agent, enrolled);
     eprintln!(
-        "{kind} run {run}: kernel {:.2}s, agent {:.2}s, enrolled {:.2}s, ready {:.2}s",
-        p.kernel, p.agent_start, p.enrolled, p.ready
+        "{kind} run {run}: kernel {}, agent {}, enrolled {}, ready {:.2}s",
+        secs(p.kernel),
+        secs(p.agent_start),
+        secs(p.enrolled),
+        p.ready
     );
+    if p.kernel.is_none() {
+        eprintln!(
+            "  warning: {KERNEL_STARTED:?} never showed on the serial console: firmware and kernel + init not measured in this run"
+        );
+    }
+    if p.agent_start.is_none() {
+        eprintln!(
+            "  warning: {AGENT_STARTING:?} never showed on the serial console: kernel + init and agent start → enrolled not measured in this run"
+        );
+    }
+    if p.enrolled.is_none() {
+        eprintln!(
+            "  warning: enrollment was not seen before ready: agent start → enrolled and enrolled → ready not measured in this run"
+        );
+    }
     match &mut node {
         Node::Vm(vm) => {
             vm.kill();
