@@ -24,10 +24,12 @@ ensure_pkgs() {
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }
-# prometheus: promtool checks of /metrics and the alert rules, and the real scraper in the
-# end-to-end test. iproute2 and util-linux: `ip netns`, `unshare` and `nsenter` for the tests
-# that run the agent's real effects (and the lab) inside namespaces they create.
-ensure_pkgs curl prometheus iproute2 util-linux
+# prometheus: promtool checks of /metrics, the alert rules and the README's scrape configs, and
+# the real scraper in an end-to-end test. victoria-metrics: the same scrape configs through its
+# (and vmagent's) strict dry run, and the real single-node scraper in another end-to-end test.
+# iproute2 and util-linux: `ip netns`, `unshare` and `nsenter` for the tests that run the
+# agent's real effects (and the lab) inside namespaces they create.
+ensure_pkgs curl prometheus victoria-metrics iproute2 util-linux
 # Network boot, images and the QEMU lab: QEMU (from bookworm-backports), iPXE, busybox-static,
 # xorriso + isolinux, dnsmasq (the ProxyDHCP test's LAN DHCP server).
 scripts/install-netboot-deps.sh

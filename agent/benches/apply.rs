@@ -205,13 +205,13 @@ fn inner(cfg: &Path, root: &Path, host_ns: &str) {
     let (cfg, _) = muster_machinery::config::parse(&text).expect("valid config");
     let fx = muster_agent::effects::LinuxEffects::new(root);
     let (w, c) = (Instant::now(), cpu_now());
-    let first = muster_agent::reconcile::reconcile(&cfg, &fx, false);
+    let first = muster_agent::reconcile::reconcile(&cfg, &fx, &muster_agent::reconcile::Pass::default());
     let (apply_wall, apply_cpu) = (w.elapsed(), cpu_now() - c);
     assert!(!first.failed(), "first pass failed: {:?}", first.resources);
     let mut noop = Vec::new();
     for _ in 0..200 {
         let (w, c) = (Instant::now(), cpu_now());
-        let r = muster_agent::reconcile::reconcile(&cfg, &fx, false);
+        let r = muster_agent::reconcile::reconcile(&cfg, &fx, &muster_agent::reconcile::Pass::default());
         noop.push((w.elapsed(), cpu_now() - c));
         assert_eq!(
             r.writes,

@@ -191,7 +191,7 @@ impl Agent {
                     self.state.wipe()?;
                     return Err(AgentError::Revoked { id, reason });
                 }
-                SessionEnd::Renewed => {
+                SessionEnd::Renewed | SessionEnd::Reconnect => {
                     backoff.reset();
                     continue;
                 }

@@ -36,6 +36,9 @@ pub struct PendingTry {
     pub timeout_ms: u64,
     /// What to go back to (`None`: the node had no config before).
     pub previous: Option<SavedConfig>,
+    /// Confirmed by the controller once the agent has reconnected over it.
+    #[serde(default)]
+    pub auto_confirm: bool,
 }
 
 /// A generation to apply on the next boot.
@@ -147,7 +150,13 @@ mod tests {
         let c = SavedConfig { generation: 3, yaml: "hostname: a\n".into(), reverted_generation: 2 };
         g.set_current(&c).unwrap();
         assert_eq!(g.current(), Some(c.clone()));
-        let t = PendingTry { generation: 4, deadline_unix_ms: 9, timeout_ms: 60_000, previous: Some(c) };
+        let t = PendingTry {
+            generation: 4,
+            deadline_unix_ms: 9,
+            timeout_ms: 60_000,
+            previous: Some(c),
+            auto_confirm: true,
+        };
         g.set_pending_try(&t).unwrap();
         assert_eq!(g.pending_try(), Some(t));
         g.clear_try().unwrap();

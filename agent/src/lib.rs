@@ -21,6 +21,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod baseline;
 pub mod client;
 pub mod discovery;
 pub mod effects;

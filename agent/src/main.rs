@@ -55,7 +55,7 @@ fn apply_once(file: &std::path::Path, root: &std::path::Path, report_only: bool)
     let report = muster_agent::reconcile::reconcile(
         &cfg,
         &muster_agent::effects::LinuxEffects::new(root),
-        report_only,
+        &muster_agent::reconcile::Pass { report_only, baseline: None },
     );
     match serde_json::to_string_pretty(&report) {
         Ok(j) => println!("{j}"),

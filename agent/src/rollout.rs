@@ -16,13 +16,14 @@ use std::time::Duration;
 
 use muster_machinery::config::{self, DriftPolicy};
 use muster_machinery::rollout::DEFAULT_TRY_TIMEOUT;
-use muster_machinery::{ApplyMode, GenerationState, Outcome};
+use muster_machinery::{ApplyMode, ConfirmPolicy, GenerationState, Outcome};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::agent::AgentStatus;
+use crate::baseline::{Baseline, Recording};
 use crate::effects::Effects;
 use crate::generations::{boot_id, Generations, PendingTry, SavedConfig, StagedConfig};
-use crate::reconcile::{reconcile, Report, ResourceStatus};
+use crate::reconcile::{claimed, reconcile, Pass, Report, ResourceStatus};
 use crate::renewal::now_unix_ms;
 
 /// A generation as the controller sends it.
@@ -34,8 +35,10 @@ pub struct Update {
     pub mode: ApplyMode,
     /// For a try: how long to wait for confirmation (`None`: the default).
     pub try_timeout: Option<Duration>,
-    /// The operator confirmed this (try) generation.
+    /// The operator (or the controller, automatically) confirmed this (try) generation.
     pub confirmed: bool,
+    /// How a try is confirmed.
+    pub confirm: ConfirmPolicy,
 }
 
 /// What the agent tells the controller about a generation.
@@ -48,11 +51,21 @@ pub struct GenerationReport {
     /// Why it was not applied at all (invalid, cannot be saved, ...); empty otherwise.
     pub error: String,
     pub resources: Vec<ResourceStatus>,
+    /// Sent over a connection opened after the try was applied (proof for automatic
+    /// confirmation).
+    pub reconnected: bool,
 }
 
 impl GenerationReport {
     fn refused(generation: u64, state: GenerationState, running: u64, error: String) -> Self {
-        Self { generation, state, current_generation: running, error, resources: Vec::new() }
+        Self {
+            generation,
+            state,
+            current_generation: running,
+            error,
+            resources: Vec::new(),
+            reconnected: false,
+        }
     }
 
     /// Whether the hostname was changed by this pass (the controller then hears the new name).
@@ -61,11 +74,16 @@ impl GenerationReport {
     }
 }
 
+/// The config that manages nothing: applying it puts everything back as before Muster.
+pub const EMPTY_CONFIG: &str = "apiVersion: muster/v1alpha1\nkind: MachineConfig\n";
+
 /// The rollout state machine of one node.
 pub struct Rollout {
     /// How configs reach the node; `None`: configs are recorded and reported, not applied.
     effects: Option<Arc<dyn Effects>>,
     generations: Generations,
+    /// What the node had before Muster changed it, restored when a config lets go of it.
+    baseline: Baseline,
     boot_id_file: PathBuf,
     status: watch::Sender<AgentStatus>,
     /// The hostname the applied config set (reported instead of a hint).
@@ -74,6 +92,8 @@ pub struct Rollout {
     last_drift: Mutex<Vec<(String, Outcome)>>,
     /// Wakes the try watcher when a try starts or ends.
     try_wake: Notify,
+    /// The report of the try being applied, resent as proof after reconnecting.
+    last_try_report: Mutex<Option<GenerationReport>>,
     outbox_tx: mpsc::UnboundedSender<GenerationReport>,
     outbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<GenerationReport>>,
 }
@@ -89,11 +109,13 @@ impl Rollout {
         Self {
             effects,
             generations: Generations::new(state_dir),
+            baseline: Baseline::load(state_dir),
             boot_id_file,
             status,
             config_hostname: Mutex::new(None),
             last_drift: Mutex::new(Vec::new()),
             try_wake: Notify::new(),
+            last_try_report: Mutex::new(None),
             outbox_tx,
             outbox_rx: tokio::sync::Mutex::new(outbox_rx),
         }
@@ -178,30 +200,25 @@ impl Rollout {
 
     fn revert(&self, t: &PendingTry) -> GenerationReport {
         let secs = t.timeout_ms / 1000;
-        let (current, resources) = match &t.previous {
-            Some(prev) => {
-                tracing::warn!(
-                    generation = t.generation,
-                    back_to = prev.generation,
-                    "try not confirmed within {secs}s: reverting"
-                );
-                let prev = SavedConfig { reverted_generation: t.generation, ..prev.clone() };
-                let report = self.apply_and_save(&prev, GenerationState::Applied);
-                (prev.generation, report.resources)
-            }
+        // Back to the generation before, or with none, to the node as it was before Muster.
+        let prev = match &t.previous {
+            Some(prev) => SavedConfig { reverted_generation: t.generation, ..prev.clone() },
             None => {
-                tracing::warn!(
-                    generation = t.generation,
-                    "try not confirmed within {secs}s and there is no earlier config to go back to"
-                );
-                (0, Vec::new())
+                SavedConfig { generation: 0, yaml: EMPTY_CONFIG.into(), reverted_generation: t.generation }
             }
         };
+        tracing::warn!(
+            generation = t.generation,
+            back_to = prev.generation,
+            "try not confirmed within {secs}s: reverting"
+        );
+        let report = self.apply_and_save(&prev, GenerationState::Applied);
+        let (current, resources) = (prev.generation, report.resources);
         if let Err(e) = self.generations.clear_try() {
             tracing::warn!(error = %e, "could not clear the try");
         }
         self.try_changed();
-        if t.previous.is_none() {
+        if current == 0 {
             self.status.send_modify(|s| s.config_generation = 0);
         }
         GenerationReport {
@@ -210,6 +227,7 @@ impl Rollout {
             current_generation: current,
             error: format!("not confirmed within {secs}s: reverted to generation {current}"),
             resources,
+            reconnected: false,
         }
     }
 
@@ -314,6 +332,7 @@ impl Rollout {
             deadline_unix_ms: now_unix_ms().saturating_add(i64::try_from(timeout_ms).unwrap_or(i64::MAX)),
             timeout_ms,
             previous: current.filter(|s| s.generation > 0),
+            auto_confirm: u.confirm == ConfirmPolicy::Auto,
         };
         if let Err(e) = self.generations.set_pending_try(&t) {
             tracing::warn!(error = %e, "could not save the try; applying it would risk no revert");
@@ -326,7 +345,30 @@ impl Rollout {
         }
         tracing::info!(generation = u.generation, timeout_ms, "trying a config: reverts unless confirmed");
         self.try_changed();
-        self.apply_and_save(&new, GenerationState::Trying)
+        let r = self.apply_and_save(&new, GenerationState::Trying);
+        if let Ok(mut last) = self.last_try_report.lock() {
+            *last = Some(r.clone());
+        }
+        r
+    }
+
+    /// A try waiting for automatic confirmation: the report to send, marked as coming over a
+    /// new connection, once the agent has reconnected.
+    pub fn proof_of_reach(&self) -> Option<GenerationReport> {
+        let t = self.generations.pending_try().filter(|t| t.auto_confirm)?;
+        let last =
+            self.last_try_report.lock().ok().and_then(|l| l.clone()).filter(|r| r.generation == t.generation);
+        let mut r = last.unwrap_or_else(|| GenerationReport {
+            generation: t.generation,
+            state: GenerationState::Trying,
+            current_generation: t.generation,
+            error: String::new(),
+            resources: Vec::new(),
+            reconnected: false,
+        });
+        r.state = GenerationState::Trying;
+        r.reconnected = true;
+        Some(r)
     }
 
     /// Checks the node against the running config: corrects drift, or with `drift: report`
@@ -339,7 +381,8 @@ impl Rollout {
         }
         let (cfg, _) = config::parse(&saved.yaml).ok()?;
         let report_only = cfg.drift == Some(DriftPolicy::Report);
-        let mut report = reconcile(&cfg, fx.as_ref(), report_only);
+        let rec = Recording { fx: fx.as_ref(), baseline: &self.baseline };
+        let mut report = reconcile(&cfg, &rec, &Pass { report_only, baseline: Some(&self.baseline) });
         for r in &mut report.resources {
             if r.outcome == Outcome::Applied {
                 r.outcome = Outcome::Corrected;
@@ -377,6 +420,7 @@ impl Rollout {
             current_generation: generation,
             error: String::new(),
             resources: report.resources,
+            reconnected: false,
         }
     }
 
@@ -406,8 +450,13 @@ impl Rollout {
             return fail("this agent does not apply configs (started with --no-apply-config)".into());
         };
         // A new generation is applied whatever its drift policy; `drift: report` governs the
-        // periodic drift passes, not this.
-        let report = reconcile(&cfg, fx.as_ref(), false);
+        // periodic drift passes, not this. Then whatever it no longer manages goes back to how
+        // it was before Muster.
+        let rec = Recording { fx: fx.as_ref(), baseline: &self.baseline };
+        let mut report = reconcile(&cfg, &rec, &Pass { report_only: false, baseline: Some(&self.baseline) });
+        for (key, r) in self.baseline.restore_unclaimed(fx.as_ref(), &claimed(&cfg, fx.as_ref())) {
+            report.restored(key, r);
+        }
         let applied = !report.failed();
         if applied {
             self.status.send_modify(|s| s.config_generation = saved.generation);
@@ -452,7 +501,14 @@ mod tests {
     }
 
     fn update(generation: u64, hostname: &str, mode: ApplyMode) -> Update {
-        Update { generation, yaml: cfg(hostname), mode, try_timeout: None, confirmed: false }
+        Update {
+            generation,
+            yaml: cfg(hostname),
+            mode,
+            try_timeout: None,
+            confirmed: false,
+            confirm: ConfirmPolicy::Manual,
+        }
     }
 
     impl Node {
@@ -573,5 +629,149 @@ mod tests {
         let rep = r.on_update(update(1, "a", ApplyMode::Auto));
         assert_eq!(rep.state, GenerationState::Failed);
         assert!(rep.error.contains("--no-apply-config"), "{}", rep.error);
+    }
+
+    fn net_node() -> Node {
+        use crate::effects::{Addr, LinkState, NetState, RouteState, PROTO_BOOT, PROTO_KERNEL};
+        let n = node();
+        let a = |s: &str| {
+            let (ip, p) = s.split_once('/').unwrap();
+            Addr { ip: ip.parse().unwrap(), prefix: p.parse().unwrap() }
+        };
+        *n.fx.net.lock().unwrap() = NetState {
+            links: vec![LinkState {
+                index: 2,
+                name: "eth0".into(),
+                mac: Some("52:54:00:12:34:56".into()),
+                mtu: 1500,
+                up: true,
+                addresses: vec![a("10.0.0.5/24")],
+                routes: vec![
+                    RouteState { to: a("10.0.0.0/24"), via: None, metric: None, protocol: PROTO_KERNEL },
+                    RouteState {
+                        to: a("0.0.0.0/0"),
+                        via: Some("10.0.0.1".parse().unwrap()),
+                        metric: None,
+                        protocol: PROTO_BOOT,
+                    },
+                ],
+            }],
+        };
+        n.fx.files.lock().unwrap().insert(
+            "/etc/resolv.conf".into(),
+            crate::effects::FileState {
+                content: b"nameserver 10.0.0.1\n".to_vec(),
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            },
+        );
+        *n.fx.hostname.lock().unwrap() = "before-muster".into();
+        n
+    }
+
+    fn snapshot(
+        n: &Node,
+    ) -> (
+        String,
+        String,
+        crate::effects::NetState,
+        std::collections::BTreeMap<String, crate::effects::FileState>,
+    ) {
+        (
+            n.fx.hostname.lock().unwrap().clone(),
+            n.fx.sysctls.lock().unwrap().get("net.ipv4.ip_forward").cloned().unwrap_or_default(),
+            n.fx.net.lock().unwrap().clone(),
+            n.fx.files.lock().unwrap().clone(),
+        )
+    }
+
+    const EVERYTHING: &str = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: managed\nfiles:\n  - path: /etc/motd\n    content: \"hi\\n\"\nsysctls:\n  net.ipv4.ip_forward: \"1\"\nnetwork:\n  interfaces:\n    - name: eth0\n      mtu: 9000\n      addresses: [\"10.0.0.9/24\"]\n      routes: [{to: \"10.8.0.0/16\", via: \"10.0.0.254\"}]\n  nameservers: [\"10.0.0.53\"]\n";
+
+    #[test]
+    fn the_empty_config_puts_back_everything_as_before_muster_routes_included() {
+        let n = net_node();
+        n.fx.sysctls.lock().unwrap().insert("net.ipv4.ip_forward".into(), "0".into());
+        let before = snapshot(&n);
+        let r = n.rollout.on_update(Update { yaml: EVERYTHING.into(), ..update(1, "x", ApplyMode::Auto) });
+        assert_eq!(r.state, GenerationState::Applied, "{r:?}");
+        assert_ne!(snapshot(&n), before);
+        // The address change took the boot default route with it (as the kernel does); it fits
+        // the new address, so it is put back at once.
+        let routes: Vec<String> =
+            n.fx.net.lock().unwrap().links[0].routes.iter().map(|r| r.to.to_string()).collect();
+        assert!(routes.contains(&"0.0.0.0/0".to_string()), "{routes:?}");
+        // "Before Muster" brings back every file, value, address and route.
+        let r = n.rollout.on_update(Update { yaml: EMPTY_CONFIG.into(), ..update(2, "x", ApplyMode::Auto) });
+        assert_eq!(r.state, GenerationState::Applied, "{r:?}");
+        assert!(r.resources.iter().all(|x| x.outcome == Outcome::Restored), "{r:?}");
+        let (h, sysctl, net, files) = snapshot(&n);
+        assert_eq!((h, sysctl), (before.0.clone(), before.1.clone()));
+        assert_eq!(files, before.3, "motd gone, resolv.conf back");
+        let (have, want) = (&net.links[0], &before.2.links[0]);
+        assert_eq!((have.mtu, &have.addresses), (want.mtu, &want.addresses));
+        let mut hr: Vec<String> =
+            have.routes.iter().map(|r| format!("{} {:?} {}", r.to, r.via, r.protocol)).collect();
+        let mut wr: Vec<String> =
+            want.routes.iter().map(|r| format!("{} {:?} {}", r.to, r.via, r.protocol)).collect();
+        hr.sort();
+        wr.sort();
+        assert_eq!(hr, wr, "routes as before Muster, the boot default route included");
+        assert!(n.rollout.baseline.entries().is_empty(), "all restored, nothing left to restore");
+    }
+
+    #[test]
+    fn a_resource_dropped_from_the_config_goes_back_the_rest_stays() {
+        let n = net_node();
+        n.rollout.on_update(Update { yaml: EVERYTHING.into(), ..update(1, "x", ApplyMode::Auto) });
+        let without_motd = EVERYTHING.replace("files:\n  - path: /etc/motd\n    content: \"hi\\n\"\n", "");
+        let r = n.rollout.on_update(Update { yaml: without_motd, ..update(2, "x", ApplyMode::Auto) });
+        assert!(!n.fx.files.lock().unwrap().contains_key("/etc/motd"), "dropped: gone as before");
+        assert!(
+            r.resources.iter().any(|x| x.resource == "file:/etc/motd" && x.outcome == Outcome::Restored),
+            "{r:?}"
+        );
+        assert_eq!(n.hostname(), "managed", "still managed, still as the config says");
+    }
+
+    #[test]
+    fn an_address_change_keeps_the_links_original_routes_and_a_revert_restores_them() {
+        let n = net_node();
+        let cfg = |addr: &str| {
+            format!("apiVersion: muster/v1alpha1\nkind: MachineConfig\nnetwork:\n  interfaces:\n    - name: eth0\n      addresses: [\"{addr}\"]\n")
+        };
+        n.rollout.on_update(Update { yaml: cfg("10.0.0.9/24"), ..update(1, "x", ApplyMode::Auto) });
+        let has_default = || n.fx.net.lock().unwrap().links[0].routes.iter().any(|r| r.to.prefix == 0);
+        assert!(has_default(), "the default route fits the new address: kept (put back)");
+        // A try onto another subnet: the default route cannot work there ...
+        n.rollout.on_update(Update { yaml: cfg("192.168.9.9/24"), ..update(2, "x", ApplyMode::Try) });
+        assert!(!has_default());
+        // ... and the revert brings it back with the old address.
+        let r = n.rollout.revert_if_due(now_unix_ms() + 61_000).unwrap();
+        assert_eq!(r.state, GenerationState::Reverted);
+        assert!(has_default(), "{:?}", n.fx.net.lock().unwrap());
+    }
+
+    #[test]
+    fn an_unconfirmed_first_try_goes_back_to_before_muster() {
+        let n = net_node();
+        let before = snapshot(&n);
+        n.rollout.on_update(Update { yaml: EVERYTHING.into(), ..update(1, "x", ApplyMode::Try) });
+        assert_ne!(snapshot(&n), before);
+        let r = n.rollout.revert_if_due(now_unix_ms() + 61_000).unwrap();
+        assert_eq!((r.state, r.current_generation), (GenerationState::Reverted, 0));
+        assert_eq!(snapshot(&n).0, before.0);
+        assert_eq!(snapshot(&n).3, before.3);
+        assert_eq!(n.running(), 0);
+    }
+
+    #[test]
+    fn the_baseline_survives_a_restart() {
+        let mut n = net_node();
+        n.rollout.on_update(Update { yaml: EVERYTHING.into(), ..update(1, "x", ApplyMode::Auto) });
+        n.restart();
+        let r = n.rollout.on_update(Update { yaml: EMPTY_CONFIG.into(), ..update(2, "x", ApplyMode::Auto) });
+        assert_eq!(r.state, GenerationState::Applied);
+        assert_eq!(n.hostname(), "before-muster");
     }
 }

@@ -21,6 +21,8 @@ use crate::rollout::{GenerationReport, Update};
 /// How a session ended.
 pub(crate) enum SessionEnd {
     Shutdown,
+    /// The agent ended it to reconnect at once (proof for a try's automatic confirmation).
+    Reconnect,
     Lost(String),
     Revoked(String),
     Renewed,
@@ -56,6 +58,7 @@ fn to_pb(r: GenerationReport) -> pb::AgentMessage {
             error: r.error,
             state: pb::GenerationState::from(r.state).into(),
             current_generation: r.current_generation,
+            reconnected: r.reconnected,
         })),
     }
 }
@@ -69,6 +72,7 @@ fn update_of(c: pb::ConfigUpdate) -> Result<Update, muster_proto::WireError> {
         mode: muster_proto::convert::apply_mode(c.mode)?,
         try_timeout: (c.try_timeout_ms > 0).then(|| Duration::from_millis(c.try_timeout_ms)),
         confirmed: c.confirmed,
+        confirm: muster_proto::convert::confirm_policy(c.confirm)?,
     })
 }
 
@@ -93,6 +97,16 @@ impl Agent {
         self.status.send_modify(|s| s.connected = true);
         tracing::info!("connected to the controller");
         let mut outbox = self.rollout.outbox().await;
+        // A try waiting for automatic confirmation: this new connection is the proof.
+        if let Some(proof) = self.rollout.proof_of_reach() {
+            tracing::info!(
+                generation = proof.generation,
+                "reconnected while trying a config: asking the controller to confirm it"
+            );
+            if tx.send(to_pb(proof)).await.is_err() {
+                return SessionEnd::Lost("stream closed".into());
+            }
+        }
 
         let mut ticker = tokio::time::interval(self.cfg.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,7 +179,14 @@ impl Agent {
                     Ok(Some(m)) => {
                         if let Some(report) = self.handle(m, &mut sent, &mut offset_ms, ident) {
                             let hostname_changed = report.changed_hostname();
+                            // A try just applied that confirms itself: reconnect over it.
+                            let reconnect = report.state == muster_machinery::GenerationState::Trying
+                                && self.rollout.proof_of_reach().is_some_and(|p| p.generation == report.generation);
                             send!(to_pb(report));
+                            if reconnect {
+                                tracing::info!("applied a config to try: reconnecting over it to prove the controller is still reachable");
+                                return SessionEnd::Reconnect;
+                            }
                             if hostname_changed {
                                 // The controller shows the node's new name at once.
                                 inventory = crate::inventory::collect(&self.cfg.hints);
@@ -198,6 +219,7 @@ impl Agent {
                         current_generation: self.status.borrow().config_generation,
                         error: format!("this agent cannot read the update: {e}"),
                         resources: Vec::new(),
+                        reconnected: false,
                     },
                 };
                 self.status.send_modify(|s| s.config_updates += 1);

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Subcommand;
 use muster_machinery::config::{self, ConfigError};
 use muster_machinery::rollout;
-use muster_machinery::{ApplyMode, Role};
+use muster_machinery::{ApplyMode, ConfirmPolicy, Role};
 use muster_proto::pb;
 
 use crate::output::{render, rfc3339, Output};
@@ -47,22 +47,34 @@ fn parse_try_timeout(s: &str) -> Result<Duration, String> {
     rollout::try_timeout(Some(d))
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Default)]
 pub struct ModeArgs {
     /// How the new generation is applied: auto (now), try (now; the agent reverts it unless
     /// `muster config confirm` reaches it within --timeout) or staged (on the node's next boot)
     /// [default: try when the network section changes, else auto]
     #[arg(long, value_parser = parse_mode, value_name = "auto|try|staged")]
     mode: Option<ApplyMode>,
-    /// How long a try waits for `muster config confirm` before the agent reverts (1s..1h)
+    /// How long a try waits for its confirmation before the agent reverts it (1s..1h)
     /// [default: 60s]
     #[arg(long, value_parser = parse_try_timeout, value_name = "DURATION")]
     timeout: Option<Duration>,
+    /// How a try is confirmed: auto (by the controller, once the agent has reconnected over the
+    /// new config: proof the node still reaches it) or manual (only `muster config confirm`)
+    #[arg(long, value_parser = parse_confirm, value_name = "auto|manual", default_value = "auto")]
+    confirm: ConfirmPolicy,
+}
+
+fn parse_confirm(s: &str) -> Result<ConfirmPolicy, String> {
+    s.parse()
 }
 
 impl ModeArgs {
     fn mode(&self) -> Option<i32> {
         self.mode.map(|m| pb::ApplyMode::from(m).into())
+    }
+
+    fn confirm(&self) -> Option<i32> {
+        Some(pb::ConfirmPolicy::from(self.confirm).into())
     }
 
     fn timeout_ms(&self) -> u64 {
@@ -115,11 +127,13 @@ pub enum ConfigCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Restore a machine's own layer as of an earlier generation (as a new generation).
+    /// Restore a machine's own layer as of an earlier generation (as a new generation), or with
+    /// --to 0 the node as it was before Muster: every file, value, address and route Muster
+    /// changed goes back, until a config is applied to it again.
     Rollback {
         /// Machine id, unique id prefix, hostname or MAC.
         id: String,
-        /// Generation to return to [default: the one before the current]
+        /// Generation to return to; 0 is before Muster [default: the one before the current]
         #[arg(long)]
         to: Option<u64>,
         #[command(flatten)]
@@ -137,12 +151,15 @@ pub enum ConfigCmd {
 }
 
 /// How a new generation is applied, for the apply/rollback summary line.
-fn mode_note(m: &pb::MachineConfigResult) -> String {
+fn mode_note(m: &pb::MachineConfigResult, confirm: ConfirmPolicy) -> String {
+    let window = humantime::format_duration(Duration::from_millis(m.try_timeout_ms));
     match m.mode.map(muster_proto::convert::apply_mode) {
+        Some(Ok(ApplyMode::Try)) if confirm == ConfirmPolicy::Auto => format!(
+            " (try: confirmed once the agent reconnects over it; reverted by the agent if that does not happen within {window})"
+        ),
         Some(Ok(ApplyMode::Try)) => format!(
-            " (try: the agent reverts it unless `muster config confirm {}` within {})",
-            m.machine_id,
-            humantime::format_duration(Duration::from_millis(m.try_timeout_ms))
+            " (try: the agent reverts it unless `muster config confirm {}` within {window})",
+            m.machine_id
         ),
         Some(Ok(ApplyMode::Staged)) => " (staged: applies on the node's next boot)".into(),
         Some(Ok(ApplyMode::Auto) | Err(_)) | None => String::new(),
@@ -158,9 +175,9 @@ impl ConfigCmd {
             }
             ConfigCmd::Validate { file } => validate(&file),
             ConfigCmd::Apply { target, file, dry_run, mode } => {
-                apply(ctx, &target, &file, dry_run, mode.mode(), mode.timeout_ms()).await
+                apply(ctx, &target, &file, dry_run, &mode).await
             }
-            ConfigCmd::Diff { target, file } => apply(ctx, &target, &file, true, None, 0).await,
+            ConfigCmd::Diff { target, file } => apply(ctx, &target, &file, true, &ModeArgs::default()).await,
             ConfigCmd::Get { id, rendered } => get(ctx, id, rendered).await,
             ConfigCmd::History { id, output } => {
                 let mut a = ctx.admin().await?;
@@ -182,9 +199,10 @@ impl ConfigCmd {
                 let mut a = ctx.admin().await?;
                 let req = pb::RollbackConfigRequest {
                     query: id,
-                    to_generation: to.unwrap_or(0),
+                    to_generation: to,
                     mode: mode.mode(),
                     try_timeout_ms: mode.timeout_ms(),
+                    confirm: mode.confirm(),
                 };
                 let r = a.client.rollback_config(req).await.map_err(|s| a.explain(s))?.into_inner();
                 for m in &r.results {
@@ -193,7 +211,7 @@ impl ConfigCmd {
                         m.machine_id,
                         m.hostname,
                         m.generation,
-                        if m.changed { mode_note(m) } else { " (unchanged)".into() }
+                        if m.changed { mode_note(m, mode.confirm) } else { " (unchanged)".into() }
                     );
                 }
                 Ok(())
@@ -213,18 +231,19 @@ impl ConfigCmd {
     }
 }
 
-async fn apply(
-    ctx: &Ctx,
-    target: &ConfigTarget,
-    file: &Path,
-    dry_run: bool,
-    mode: Option<i32>,
-    try_timeout_ms: u64,
-) -> Result<()> {
+async fn apply(ctx: &Ctx, target: &ConfigTarget, file: &Path, dry_run: bool, how: &ModeArgs) -> Result<()> {
     let (scope, target) = target.scope()?;
     let yaml = read_input(file)?;
     let mut a = ctx.admin().await?;
-    let req = pb::ApplyConfigRequest { scope: scope.into(), target, yaml, dry_run, mode, try_timeout_ms };
+    let req = pb::ApplyConfigRequest {
+        scope: scope.into(),
+        target,
+        yaml,
+        dry_run,
+        mode: how.mode(),
+        try_timeout_ms: how.timeout_ms(),
+        confirm: how.confirm(),
+    };
     let r = a.client.apply_config(req).await.map_err(|s| a.explain(s))?.into_inner();
     for w in &r.warnings {
         eprintln!("warning: {w}");
@@ -245,7 +264,7 @@ async fn apply(
                     m.machine_id,
                     m.hostname,
                     m.generation,
-                    mode_note(m)
+                    mode_note(m, how.confirm)
                 )
             }
             (false, false) => {

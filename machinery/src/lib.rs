@@ -29,4 +29,4 @@ pub mod token;
 
 pub use kernel_args::KernelArgs;
 pub use model::{LabelError, Labels, MachineId, Role, State};
-pub use rollout::{ApplyMode, GenerationState, Outcome};
+pub use rollout::{ApplyMode, ConfirmPolicy, GenerationState, Outcome};

@@ -91,6 +91,18 @@ words! {
 }
 
 words! {
+    /// How a try is confirmed.
+    ConfirmPolicy, "confirm policy" {
+        /// When the agent has reconnected over the new configuration (proof that the node still
+        /// reaches the controller).
+        #[default]
+        Auto => "auto",
+        /// Only by `muster config confirm`.
+        Manual => "manual",
+    }
+}
+
+words! {
     /// Where a generation stands on its node.
     GenerationState, "generation state" {
         /// Made, not reported by the agent yet.
@@ -125,6 +137,8 @@ words! {
         Skipped => "skipped",
         /// Could not be applied (with the error).
         Failed => "failed",
+        /// No longer in the config: put back as it was before Muster changed it.
+        Restored => "restored",
     }
 }
 

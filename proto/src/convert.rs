@@ -3,7 +3,7 @@
 //! field, never a guess.
 
 use muster_machinery::health as h;
-use muster_machinery::{ApplyMode, GenerationState, Outcome, Role, State};
+use muster_machinery::{ApplyMode, ConfirmPolicy, GenerationState, Outcome, Role, State};
 
 use crate::pb;
 
@@ -97,6 +97,25 @@ pub fn opt_apply_mode(v: Option<i32>) -> Result<Option<ApplyMode>, WireError> {
     v.map(apply_mode).transpose()
 }
 
+impl From<ConfirmPolicy> for pb::ConfirmPolicy {
+    fn from(c: ConfirmPolicy) -> Self {
+        match c {
+            ConfirmPolicy::Auto => pb::ConfirmPolicy::Auto,
+            ConfirmPolicy::Manual => pb::ConfirmPolicy::Manual,
+        }
+    }
+}
+
+/// A confirm policy from its wire value.
+pub fn confirm_policy(v: i32) -> Result<ConfirmPolicy, WireError> {
+    let c = match pb::ConfirmPolicy::try_from(v).ok() {
+        Some(pb::ConfirmPolicy::Auto) => Some(ConfirmPolicy::Auto),
+        Some(pb::ConfirmPolicy::Manual) => Some(ConfirmPolicy::Manual),
+        None => None,
+    };
+    known("confirm", v, c)
+}
+
 impl From<GenerationState> for pb::GenerationState {
     fn from(s: GenerationState) -> Self {
         match s {
@@ -133,6 +152,7 @@ impl From<Outcome> for pb::Outcome {
             Outcome::Corrected => pb::Outcome::Corrected,
             Outcome::Skipped => pb::Outcome::Skipped,
             Outcome::Failed => pb::Outcome::Failed,
+            Outcome::Restored => pb::Outcome::Restored,
         }
     }
 }
@@ -146,6 +166,7 @@ pub fn outcome(v: i32) -> Result<Outcome, WireError> {
         Some(pb::Outcome::Corrected) => Some(Outcome::Corrected),
         Some(pb::Outcome::Skipped) => Some(Outcome::Skipped),
         Some(pb::Outcome::Failed) => Some(Outcome::Failed),
+        Some(pb::Outcome::Restored) => Some(Outcome::Restored),
         Some(pb::Outcome::Unspecified) | None => None,
     };
     known("outcome", v, o)
@@ -273,6 +294,9 @@ mod tests {
         }
         for o in Outcome::ALL {
             assert_eq!(outcome(pb::Outcome::from(*o) as i32), Ok(*o));
+        }
+        for c in ConfirmPolicy::ALL {
+            assert_eq!(confirm_policy(pb::ConfirmPolicy::from(*c) as i32), Ok(*c));
         }
     }
 

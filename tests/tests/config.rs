@@ -141,7 +141,7 @@ async fn dry_run_apply_push_status_history_and_rollback() {
     let rb = admin
         .rollback_config(pb::RollbackConfigRequest {
             query: m.id.clone(),
-            to_generation: 0,
+            to_generation: None,
             ..Default::default()
         })
         .await
@@ -156,7 +156,7 @@ async fn dry_run_apply_push_status_history_and_rollback() {
     let err = admin
         .rollback_config(pb::RollbackConfigRequest {
             query: m.id.clone(),
-            to_generation: 99,
+            to_generation: Some(99),
             ..Default::default()
         })
         .await

@@ -535,7 +535,10 @@ fn users_groups_keys_and_named_owners_under_a_temp_root_keep_modes_then_nothing_
     let (ops_uid, ops_gid): (u32, u32) = (f[2].parse().unwrap(), f[3].parse().unwrap());
     assert!(ops_uid >= 1000 && ![0, 1000].contains(&ops_uid), "a free uid: {passwd}");
     assert!(ops_gid >= 1000 && ![0, 4, 27, 42, 1000, 1001].contains(&ops_gid), "a free gid: {passwd}");
-    assert_eq!(passwd, format!("{passwd_seed}ops:x:{ops_uid}:{ops_gid}::/home/ops:/bin/sh\n"));
+    assert_eq!(
+        passwd,
+        format!("{passwd_seed}ops:x:{ops_uid}:{ops_gid}:managed by muster:/home/ops:/bin/sh\n")
+    );
 
     // group: membership in the extra groups, the primary group added, the rest as it was.
     let (group, mode, uid, gid) = file_state(&etc.join("group"));

@@ -517,6 +517,18 @@ impl muster_agent::effects::Effects for FilesOnly {
     ) -> Result<(u32, u32), muster_agent::effects::EffectError> {
         self.0.resolve_owner(user, group)
     }
+    fn remove_file(&self, path: &str) -> Result<(), muster_agent::effects::EffectError> {
+        self.0.remove_file(path)
+    }
+    fn exists(&self, path: &str) -> Result<bool, muster_agent::effects::EffectError> {
+        self.0.exists(path)
+    }
+    fn remove_empty_dir(&self, path: &str) -> Result<(), muster_agent::effects::EffectError> {
+        self.0.remove_empty_dir(path)
+    }
+    fn unload_module(&self, _: &str) -> Result<(), muster_agent::effects::EffectError> {
+        Err(refused("unload_module"))
+    }
     fn sysctl(&self, _: &str) -> Result<Option<String>, muster_agent::effects::EffectError> {
         Err(refused("sysctl"))
     }
@@ -615,6 +627,8 @@ async fn apply_mode(
             yaml: yaml.into(),
             mode: Some(pb::ApplyMode::from(mode).into()),
             try_timeout_ms: timeout_ms,
+            // These tests confirm (or not) by hand.
+            confirm: Some(pb::ConfirmPolicy::Manual.into()),
             ..Default::default()
         })
         .await

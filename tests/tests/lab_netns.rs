@@ -2,8 +2,11 @@
 //! (veth on a lab bridge), UTS and mount namespace with its own file root. `muster config apply`
 //! shows a diff with --dry-run, then applies hostname, file and sysctl inside the node;
 //! `muster machines` shows the new hostname; history and rollback work; a sysctl that is not per
-//! namespace is refused; this machine's hostname, sysctls and /etc stay untouched; `lab down`
-//! removes every namespace. Needs root (as in CI).
+//! namespace is refused; a network try that cuts a node off reverts by itself with its route
+//! back, one that keeps it reachable confirms itself (history: applied, running); a rollback to
+//! before Muster leaves no trace (addresses, MTU, routes, files, hostname as they were); this
+//! machine's hostname, sysctls and /etc stay untouched; `lab down` removes every namespace.
+//! Needs root (as in CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,6 +28,28 @@ fn read(p: &str) -> String {
 
 fn machine_json(mc: &Path, id: &str) -> serde_json::Value {
     serde_json::from_str(&muster(mc, &["machine", "get", id, "-o", "json"])).unwrap()
+}
+
+/// Every file under `root` (relative), with its content.
+fn files_under(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.push((p.strip_prefix(root).unwrap().display().to_string() + "/", Vec::new()));
+                todo.push(p);
+            } else {
+                out.push((
+                    p.strip_prefix(root).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 #[test]
@@ -64,6 +89,45 @@ fn lab_nodes_apply_config_in_their_own_namespaces() {
             String::from_utf8_lossy(&up.stderr)
         );
         let mc = lab.join("controller/musterconfig");
+        // lab-node-2 as it is before Muster changes anything: to compare after "before Muster".
+        let pid2 = lab_json["agent_pids"][1].as_u64().unwrap().to_string();
+        let in_node2 = |args: &[&str]| {
+            let o = Command::new("nsenter").args(["-t", &pid2, "-n", "-u"]).args(args).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let mtu = || {
+            let link = in_node2(&["ip", "-o", "link", "show", "eth0"]);
+            link.split_whitespace().skip_while(|w| *w != "mtu").nth(1).unwrap_or_default().to_owned()
+        };
+        let node2_state = || {
+            // The broadcast address follows from address and prefix (netlink adds it), and IPv6
+            // duplicate detection may still be running: neither is state Muster keeps.
+            let addrs: String = in_node2(&["ip", "-o", "addr", "show", "eth0"])
+                .lines()
+                .map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    let mut out = Vec::new();
+                    let mut i = 0;
+                    while i < w.len() {
+                        match w[i] {
+                            "brd" => i += 1,
+                            "tentative" => {}
+                            x => out.push(x),
+                        }
+                        i += 1;
+                    }
+                    out.join(" ") + "\n"
+                })
+                .collect();
+            (
+                addrs,
+                in_node2(&["ip", "route", "show", "table", "main"]),
+                mtu(),
+                in_node2(&["cat", "/proc/sys/kernel/hostname"]),
+                files_under(&lab.join("lab-node-2/root")),
+            )
+        };
+        let node2_before = node2_state();
         let cfg = tmp.path().join("node-a.yaml");
         std::fs::write(
             &cfg,
@@ -132,7 +196,6 @@ fn lab_nodes_apply_config_in_their_own_namespaces() {
 
         // Try mode: a network change that cuts the node off the controller is reverted by the
         // agent within the timeout, and reported once it is back.
-        let pid2 = lab_json["agent_pids"][1].as_u64().unwrap().to_string();
         let addrs = || {
             let o = Command::new("nsenter")
                 .args(["-t", &pid2, "-n", "ip", "-4", "-o", "addr", "show", "eth0"])
@@ -166,7 +229,10 @@ fn lab_nodes_apply_config_in_their_own_namespaces() {
         std::fs::write(&bad, net("10.99.0.11")).unwrap();
         let out =
             muster(&mc, &["config", "apply", "lab-node-2", "-f", bad.to_str().unwrap(), "--timeout", "4s"]);
-        assert!(out.contains("(try: the agent reverts it"), "network changes default to try: {out}");
+        assert!(
+            out.contains("(try: confirmed once the agent reconnects over it"),
+            "network changes default to a try: {out}"
+        );
         wait_for("the node cut off by its own config", Duration::from_secs(30), || {
             addrs().contains("10.99.0.11").then_some(())
         })
@@ -182,6 +248,53 @@ fn lab_nodes_apply_config_in_their_own_namespaces() {
         wait_for("lab-node-2 connected again", Duration::from_secs(60), || {
             let m = machine_json(&mc, "lab-node-2");
             (m["connected"] == true && m["state"] == "ready").then_some(())
+        })
+        .unwrap();
+        let routes = in_node2(&["ip", "route", "show", "default"]);
+        assert!(routes.contains("default via 10.77.0.1"), "its route back to the controller: {routes}");
+
+        // A network change that keeps the node reachable confirms itself: the agent reconnects
+        // over it and the controller takes that as proof. History says so.
+        let moved = tmp.path().join("net-moved.yaml");
+        std::fs::write(&moved, net("10.77.0.21").replace("addresses:", "mtu: 1400\n      addresses:"))
+            .unwrap();
+        let out = muster(
+            &mc,
+            &["config", "apply", "lab-node-2", "-f", moved.to_str().unwrap(), "--timeout", "30s"],
+        );
+        let g_moved: u64 = out
+            .split("generation ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let got = wait_for("the try confirmed by itself", Duration::from_secs(60), || {
+            let r = muster(&mc, &["config", "get", "lab-node-2", "--rendered"]);
+            r.contains(&format!("generation {g_moved} (try, applied), running {g_moved}")).then_some(r)
+        })
+        .unwrap();
+        assert!(!got.contains("trying: reverts at"), "{got}");
+        let history = muster(&mc, &["config", "history", "lab-node-2", "-o", "json"]);
+        let h: serde_json::Value = serde_json::from_str(&history).unwrap();
+        assert_eq!(h[0]["generation"], g_moved, "{history}");
+        assert_eq!(
+            (h[0]["state"].as_str(), h[0]["running"].as_bool()),
+            (Some("applied"), Some(true)),
+            "{history}"
+        );
+        assert!(addrs().contains("10.77.0.21/24"), "{}", addrs());
+        assert_eq!(mtu(), "1400");
+
+        // Back to before Muster: addresses, MTU, routes, files and hostname as they were.
+        muster(&mc, &["config", "rollback", "lab-node-2", "--to", "0"]);
+        wait_for("lab-node-2 as before Muster", Duration::from_secs(60), || {
+            (node2_state() == node2_before).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: now {:?}\nbefore {:?}", node2_state(), node2_before));
+        wait_for("the release reported applied", Duration::from_secs(60), || {
+            let r = muster(&mc, &["config", "get", "lab-node-2", "--rendered"]);
+            (r.contains("applied), running") && !r.contains("failed")).then_some(())
         })
         .unwrap();
     });

@@ -62,10 +62,7 @@ impl Effects for LinuxEffects {
                 source: io::Error::last_os_error(),
             });
         }
-        let etc = self.under_root("/etc");
-        fs::create_dir_all(&etc).map_err(fail(format!("creating {}", etc.display())))?;
-        muster_util::write_atomic(&etc.join("hostname"), format!("{name}\n").as_bytes(), 0o644)
-            .map_err(fail("writing /etc/hostname"))
+        Ok(())
     }
 
     fn read_file(&self, path: &str) -> Result<Option<FileState>, EffectError> {
@@ -112,6 +109,35 @@ impl Effects for LinuxEffects {
         muster_util::write_atomic(&p, content, mode).map_err(fail(format!("writing {path}")))?;
         std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(fail(format!("chown {path}")))?;
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(fail(format!("chmod {path}")))
+    }
+
+    fn remove_file(&self, path: &str) -> Result<(), EffectError> {
+        match fs::remove_file(self.under_root(path)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(fail(format!("removing {path}"))(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn exists(&self, path: &str) -> Result<bool, EffectError> {
+        match fs::symlink_metadata(self.under_root(path)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(fail(format!("looking at {path}"))(e)),
+        }
+    }
+
+    fn remove_empty_dir(&self, path: &str) -> Result<(), EffectError> {
+        match fs::remove_dir(self.under_root(path)) {
+            Ok(()) => Ok(()),
+            // Not empty (someone else's files are in it), or gone already: it stays as it is.
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty)
+                    || e.raw_os_error() == Some(libc::ENOTEMPTY) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(fail(format!("removing the directory {path}"))(e)),
+        }
     }
 
     fn resolve_owner(&self, user: &str, group: Option<&str>) -> Result<(u32, u32), EffectError> {
@@ -176,6 +202,14 @@ impl Effects for LinuxEffects {
             source: io::Error::other(e),
         })?;
         run("modprobe", &[&[name], &parameters.iter().map(String::as_str).collect::<Vec<_>>()[..]].concat())
+    }
+
+    fn unload_module(&self, name: &str) -> Result<(), EffectError> {
+        self.kernel_owned().map_err(|e| EffectError {
+            what: format!("unloading module {name}"),
+            source: io::Error::other(e),
+        })?;
+        run("modprobe", &["-r", name])
     }
 
     fn systemd(&self) -> Result<(), String> {

@@ -2,7 +2,10 @@
 
 use std::io;
 
-use super::{EffectError, Effects, FileState, LinkState, NetChange, NetState, RouteState, UnitState};
+use super::{
+    Addr, EffectError, Effects, FileState, LinkState, NetChange, NetState, RouteState, UnitState,
+    PROTO_KERNEL,
+};
 
 /// A node held in memory: for tests of everything above the effects, and for dry runs. It never
 /// touches the machine it runs on. Unknown sysctls read as "0" (or as absent, with
@@ -47,6 +50,18 @@ impl Effects for MemoryEffects {
         locked(&self.files).insert(path.into(), FileState { content: content.into(), mode, uid, gid });
         Ok(())
     }
+    fn remove_file(&self, path: &str) -> Result<(), EffectError> {
+        locked(&self.files).remove(path);
+        Ok(())
+    }
+    fn exists(&self, path: &str) -> Result<bool, EffectError> {
+        let dir = format!("{}/", path.trim_end_matches('/'));
+        Ok(locked(&self.files).keys().any(|k| k == path || k.starts_with(&dir)))
+    }
+    fn remove_empty_dir(&self, _: &str) -> Result<(), EffectError> {
+        // Directories exist here only as the prefixes of files.
+        Ok(())
+    }
     fn resolve_owner(&self, user: &str, group: Option<&str>) -> Result<(u32, u32), EffectError> {
         let id = |s: &str| s.parse().unwrap_or(0);
         Ok((id(user), group.map_or(id(user), id)))
@@ -70,6 +85,7 @@ impl Effects for MemoryEffects {
         };
         let idx = match change {
             NetChange::SetLink { index, .. }
+            | NetChange::DelLink { index }
             | NetChange::AddAddress { index, .. }
             | NetChange::DelAddress { index, .. }
             | NetChange::AddRoute { index, .. }
@@ -97,9 +113,25 @@ impl Effects for MemoryEffects {
                     link.mtu = *m;
                 }
             }
-            NetChange::AddAddress { addr, .. } => link.addresses.push(*addr),
-            NetChange::DelAddress { addr, .. } => link.addresses.retain(|a| a != addr),
-            NetChange::AddRoute { route, .. } => link.routes.push(RouteState { ours: true, ..route.clone() }),
+            NetChange::DelLink { .. } => {
+                net.links.retain(|l| l.index != idx);
+            }
+            // As the kernel does: an address brings its subnet's route, and takes it (and the
+            // routes through a gateway in it) along when it goes.
+            NetChange::AddAddress { addr, .. } => {
+                link.addresses.push(*addr);
+                let net = subnet(addr);
+                if !link.routes.iter().any(|r| r.to == net) {
+                    link.routes.push(RouteState { to: net, via: None, metric: None, protocol: PROTO_KERNEL });
+                }
+            }
+            NetChange::DelAddress { addr, .. } => {
+                link.addresses.retain(|a| a != addr);
+                let net = subnet(addr);
+                let inside = |ip: &std::net::IpAddr| subnet(&Addr { ip: *ip, prefix: addr.prefix }) == net;
+                link.routes.retain(|r| r.to != net && !r.via.as_ref().is_some_and(inside));
+            }
+            NetChange::AddRoute { route, .. } => link.routes.push(route.clone()),
             NetChange::DelRoute { route, .. } => {
                 link.routes.retain(|r| r.to != route.to || r.via != route.via)
             }
@@ -115,6 +147,10 @@ impl Effects for MemoryEffects {
     }
     fn load_module(&self, name: &str, _: &[String]) -> Result<(), EffectError> {
         locked(&self.modules).insert(name.into());
+        Ok(())
+    }
+    fn unload_module(&self, name: &str) -> Result<(), EffectError> {
+        locked(&self.modules).remove(name);
         Ok(())
     }
     fn systemd(&self) -> Result<(), String> {
@@ -138,4 +174,19 @@ impl Effects for MemoryEffects {
         }
         Ok(())
     }
+}
+
+/// The network of an address (host bits cleared).
+fn subnet(a: &Addr) -> Addr {
+    let ip = match a.ip {
+        std::net::IpAddr::V4(v) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(a.prefix)).unwrap_or(0);
+            std::net::IpAddr::V4((u32::from(v) & mask).into())
+        }
+        std::net::IpAddr::V6(v) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(a.prefix)).unwrap_or(0);
+            std::net::IpAddr::V6((u128::from(v) & mask).into())
+        }
+    };
+    Addr { ip, prefix: a.prefix }
 }

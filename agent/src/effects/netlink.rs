@@ -119,7 +119,7 @@ fn route_state(m: &RouteMessage) -> Option<(u32, RouteState)> {
             to: Addr { ip: to, prefix: m.header.destination_prefix_length },
             via,
             metric,
-            ours: m.header.protocol == RouteProtocol::Static,
+            protocol: u8::from(m.header.protocol),
         },
     ))
 }
@@ -161,7 +161,7 @@ fn route_message(index: u32, r: &RouteState) -> io::Result<RouteMessage> {
         .destination_prefix(r.to.ip, r.to.prefix)
         .map_err(bad)?
         .output_interface(index)
-        .protocol(RouteProtocol::Static)
+        .protocol(RouteProtocol::from(r.protocol))
         .table_id(u32::from(RouteHeader::RT_TABLE_MAIN));
     b = match r.via {
         Some(g) => b.gateway(g).map_err(bad)?,
@@ -199,9 +199,7 @@ fn apply_inner(change: &NetChange) -> io::Result<()> {
                 if let Some(m) = mtu {
                     b = b.mtu(m);
                 }
-                if up {
-                    b = b.up();
-                }
+                b = if up { b.up() } else { b.down() };
                 h.link().set(b.build()).execute().await
             }
             NetChange::AddAddress { index, addr } => {
@@ -230,6 +228,7 @@ fn apply_inner(change: &NetChange) -> io::Result<()> {
                 }
                 None => Ok(()),
             },
+            NetChange::DelLink { index } => h.link().del(index).execute().await,
             NetChange::AddVlan { parent, name, id } => {
                 h.link().add(LinkVlan::new(&name, parent, id).up().build()).execute().await
             }

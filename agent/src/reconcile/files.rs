@@ -4,7 +4,7 @@
 use base64::Engine;
 use muster_machinery::config::{FileMode, MachineConfig, Owner};
 
-use super::{text, Found, Resource};
+use super::{text, Found, Pass, Resource};
 use crate::effects::{Effects, FileState};
 
 /// A file as a reconciler wants it.
@@ -52,10 +52,15 @@ impl Resource for Files {
         fx: &dyn Effects,
         want: &WantFile,
         have: Option<FileState>,
-        report_only: bool,
+        pass: &Pass<'_>,
     ) -> Result<Found, String> {
+        let report_only = pass.report_only;
         let ids = fx.resolve_owner(&want.owner.user, want.owner.group.as_deref()).map_err(text)?;
         write_if_differs(fx, &want.path, have, &want.content, want.mode, ids, report_only)
+    }
+
+    fn claims(_: &dyn Effects, want: &WantFile) -> Vec<String> {
+        vec![format!("file:{}", want.path)]
     }
 }
 

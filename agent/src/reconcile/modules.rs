@@ -2,7 +2,7 @@
 
 use muster_machinery::config::{KernelModule, MachineConfig};
 
-use super::{text, Found, Resource};
+use super::{text, Found, Pass, Resource};
 use crate::effects::Effects;
 
 pub(crate) struct Modules;
@@ -20,12 +20,8 @@ impl Resource for Modules {
         fx.module_loaded(&m.name).map_err(text)
     }
 
-    fn converge(
-        fx: &dyn Effects,
-        m: &KernelModule,
-        loaded: bool,
-        report_only: bool,
-    ) -> Result<Found, String> {
+    fn converge(fx: &dyn Effects, m: &KernelModule, loaded: bool, pass: &Pass<'_>) -> Result<Found, String> {
+        let report_only = pass.report_only;
         if loaded {
             return Ok(Found::Same);
         }
@@ -36,5 +32,9 @@ impl Resource for Modules {
             fx.load_module(&m.name, &m.parameters).map_err(text)?;
         }
         Ok(Found::Differs)
+    }
+
+    fn claims(_: &dyn Effects, m: &KernelModule) -> Vec<String> {
+        vec![format!("module:{}", m.name)]
     }
 }

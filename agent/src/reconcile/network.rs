@@ -5,8 +5,11 @@
 use muster_machinery::config::{Interface, IpCidr, MachineConfig, Route, Vlan};
 
 use super::files::write_if_differs;
-use super::{text, Found, Resource};
-use crate::effects::{Addr, Effects, FileState, LinkState, NetChange, NetState, RouteState};
+use super::{text, Found, Pass, Resource};
+use crate::baseline::{kernel_managed, Prior};
+use crate::effects::{
+    Addr, Effects, FileState, LinkState, NetChange, NetState, RouteState, PROTO_KERNEL, PROTO_STATIC,
+};
 
 /// Interfaces, by name or MAC.
 pub(crate) struct Interfaces;
@@ -34,14 +37,30 @@ impl Resource for Interfaces {
         fx.network().map_err(text)
     }
 
-    fn converge(
-        fx: &dyn Effects,
-        itf: &Interface,
-        have: NetState,
-        report_only: bool,
-    ) -> Result<Found, String> {
+    fn converge(fx: &dyn Effects, itf: &Interface, have: NetState, pass: &Pass<'_>) -> Result<Found, String> {
+        let report_only = pass.report_only;
         let link = find_link(&have, itf)?;
-        apply_changes(fx, link_changes(link, itf.mtu, itf.dhcp, &itf.addresses, &itf.routes)?, report_only)
+        let kept = original_routes(pass, link, itf.dhcp, &itf.addresses)?;
+        let changes = link_changes(link, itf.mtu, itf.dhcp, &itf.addresses, &itf.routes)?;
+        let mut found = apply_changes(fx, changes, report_only)?;
+        // The link's original routes that fit its addresses, back where an address change made
+        // the kernel drop them (looked at after the changes).
+        let now = if found.differs() && !report_only { fx.network().map_err(text)? } else { have.clone() };
+        let link = now.links.iter().find(|l| l.index == link.index).ok_or("the link went away")?;
+        let missing: Vec<NetChange> = kept
+            .into_iter()
+            .filter(|k| !link.routes.iter().any(|h| h.to == k.to && h.via == k.via))
+            .map(|route| NetChange::AddRoute { index: link.index, route })
+            .collect();
+        if apply_changes(fx, missing, report_only)?.differs() {
+            found = Found::Differs;
+        }
+        Ok(found)
+    }
+
+    fn claims(fx: &dyn Effects, itf: &Interface) -> Vec<String> {
+        let Ok(net) = fx.network() else { return Vec::new() };
+        find_link(&net, itf).map(|l| vec![format!("link:{}", l.name)]).unwrap_or_default()
     }
 }
 
@@ -69,8 +88,9 @@ impl Resource for Vlans {
         fx: &dyn Effects,
         (itf, v): &(Interface, Vlan),
         mut state: NetState,
-        report_only: bool,
+        pass: &Pass<'_>,
     ) -> Result<Found, String> {
+        let report_only = pass.report_only;
         let parent = find_link(&state, itf)?;
         let name = format!("{}.{}", parent.name, v.id);
         let mut created = false;
@@ -91,6 +111,11 @@ impl Resource for Vlans {
         let found =
             apply_changes(fx, link_changes(link, None, v.dhcp, &v.addresses, &v.routes)?, report_only)?;
         Ok(if created { Found::Differs } else { found })
+    }
+
+    fn claims(fx: &dyn Effects, (itf, v): &(Interface, Vlan)) -> Vec<String> {
+        let Ok(net) = fx.network() else { return Vec::new() };
+        find_link(&net, itf).map(|l| vec![format!("link:{}.{}", l.name, v.id)]).unwrap_or_default()
     }
 }
 
@@ -124,10 +149,46 @@ impl Resource for Resolv {
         fx: &dyn Effects,
         want: &String,
         have: Option<FileState>,
-        report_only: bool,
+        pass: &Pass<'_>,
     ) -> Result<Found, String> {
+        let report_only = pass.report_only;
         write_if_differs(fx, RESOLV_CONF, have, want.as_bytes(), 0o644, (0, 0), report_only)
     }
+
+    fn claims(_: &dyn Effects, _: &String) -> Vec<String> {
+        vec![format!("file:{RESOLV_CONF}")]
+    }
+}
+
+/// The routes a link had before Muster first changed it that are not the kernel's or Muster's
+/// own (the default route from boot or DHCP, routes added by hand), and that still fit the
+/// addresses the config gives it: they are kept, and put back if an address change made the
+/// kernel drop them. Only for links whose addresses Muster manages.
+fn original_routes(
+    pass: &Pass<'_>,
+    link: &LinkState,
+    dhcp: Option<bool>,
+    addresses: &[String],
+) -> Result<Vec<RouteState>, String> {
+    // Not recorded yet: Muster has not changed this link, so as it is now is how it was.
+    let before = match pass.baseline.map(|b| b.get(&format!("link:{}", link.name))) {
+        None | Some(Some(Prior::Link { state: None })) => return Ok(Vec::new()),
+        Some(Some(Prior::Link { state: Some(before) })) => before,
+        Some(_) => link.clone(),
+    };
+    if dhcp == Some(true) || addresses.is_empty() {
+        return Ok(Vec::new());
+    }
+    let nets: Vec<IpCidr> = addresses.iter().map(|a| a.parse::<IpCidr>()).collect::<Result<_, _>>()?;
+    let reachable = |via: &std::net::IpAddr| {
+        nets.iter().any(|n| network_of(*n) == network_of(IpCidr { addr: *via, prefix: n.prefix }))
+    };
+    Ok(before
+        .routes
+        .into_iter()
+        .filter(|r| r.protocol != PROTO_KERNEL && !r.ours())
+        .filter(|r| r.via.as_ref().is_some_and(reachable))
+        .collect())
 }
 
 pub(crate) fn addr(c: IpCidr) -> Addr {
@@ -156,18 +217,9 @@ fn wanted_routes(routes: &[Route]) -> Result<Vec<RouteState>, String> {
             let to = network_of(r.to.parse::<IpCidr>()?);
             let via =
                 r.via.as_deref().map(str::parse).transpose().map_err(|_| "bad via address".to_owned())?;
-            Ok(RouteState { to, via, metric: r.metric, ours: true })
+            Ok(RouteState { to, via, metric: r.metric, protocol: PROTO_STATIC })
         })
         .collect()
-}
-
-/// IPv6 link-local and loopback addresses belong to the kernel (bringing `lo` up adds
-/// 127.0.0.1/8 and ::1/128 by itself): never removed, added only when declared.
-fn kernel_managed(a: &Addr) -> bool {
-    match a.ip {
-        std::net::IpAddr::V6(v) => v.segments()[0] & 0xffc0 == 0xfe80 || v.is_loopback(),
-        std::net::IpAddr::V4(v) => v.is_loopback(),
-    }
 }
 
 /// The changes that make `link` carry exactly these addresses (when managed) and routes.
@@ -206,7 +258,7 @@ fn link_changes(
         }
     }
     if manage_addresses {
-        for h in link.routes.iter().filter(|h| h.ours && !want_routes.iter().any(|w| same(h, w))) {
+        for h in link.routes.iter().filter(|h| h.ours() && !want_routes.iter().any(|w| same(h, w))) {
             out.push(NetChange::DelRoute { index, route: h.clone() });
         }
     }

@@ -2,7 +2,7 @@
 
 use muster_machinery::config::MachineConfig;
 
-use super::{text, Found, Resource};
+use super::{text, Found, Pass, Resource};
 use crate::effects::Effects;
 
 pub(crate) struct Sysctls;
@@ -24,8 +24,9 @@ impl Resource for Sysctls {
         fx: &dyn Effects,
         (key, want): &(String, String),
         have: String,
-        report_only: bool,
+        pass: &Pass<'_>,
     ) -> Result<Found, String> {
+        let report_only = pass.report_only;
         // The kernel prints multi-value sysctls with tabs; compare by words.
         if have.split_whitespace().eq(want.split_whitespace()) {
             return Ok(Found::Same);
@@ -34,5 +35,9 @@ impl Resource for Sysctls {
             fx.set_sysctl(key, want).map_err(text)?;
         }
         Ok(Found::Differs)
+    }
+
+    fn claims(_: &dyn Effects, (key, _): &(String, String)) -> Vec<String> {
+        vec![format!("sysctl:{key}")]
     }
 }

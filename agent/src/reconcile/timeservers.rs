@@ -3,7 +3,7 @@
 use muster_machinery::config::MachineConfig;
 
 use super::files::write_if_differs;
-use super::{text, Found, Resource};
+use super::{text, Found, Pass, Resource};
 use crate::effects::{Effects, FileState};
 
 const DROP_IN: &str = "/etc/systemd/timesyncd.conf.d/muster.conf";
@@ -34,12 +34,17 @@ impl Resource for TimeServers {
         fx: &dyn Effects,
         want: &String,
         have: Option<FileState>,
-        report_only: bool,
+        pass: &Pass<'_>,
     ) -> Result<Found, String> {
+        let report_only = pass.report_only;
         let found = write_if_differs(fx, DROP_IN, have, want.as_bytes(), 0o644, (0, 0), report_only)?;
         if found.differs() && !report_only && fx.systemd().is_ok() {
             fx.systemctl("try-restart", Some("systemd-timesyncd.service")).map_err(text)?;
         }
         Ok(found)
+    }
+
+    fn claims(_: &dyn Effects, _: &String) -> Vec<String> {
+        vec![format!("file:{DROP_IN}")]
     }
 }

@@ -4,7 +4,7 @@
 use muster_machinery::config::{MachineConfig, Unit};
 
 use super::files::write_if_differs;
-use super::{text, Found, Resource};
+use super::{text, Found, Pass, Resource};
 use crate::effects::{Effects, FileState, UnitState};
 
 pub(crate) struct Units;
@@ -41,7 +41,8 @@ impl Resource for Units {
         Ok(UnitHave { file, state })
     }
 
-    fn converge(fx: &dyn Effects, u: &Unit, have: UnitHave, report_only: bool) -> Result<Found, String> {
+    fn converge(fx: &dyn Effects, u: &Unit, have: UnitHave, pass: &Pass<'_>) -> Result<Found, String> {
+        let report_only = pass.report_only;
         let mut found = Found::Same;
         if let Some(content) = &u.content {
             found =
@@ -75,5 +76,13 @@ impl Resource for Units {
             }
         }
         Ok(Found::from(file_changed || !verbs.is_empty()))
+    }
+
+    fn claims(_: &dyn Effects, u: &Unit) -> Vec<String> {
+        let mut v = vec![format!("unit:{}", u.name)];
+        if u.content.is_some() {
+            v.push(format!("file:{}", path(u)));
+        }
+        v
     }
 }

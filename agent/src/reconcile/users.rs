@@ -1,13 +1,23 @@
 //! Local users: `/etc/passwd`, `/etc/group`, `/etc/shadow` (password locked) and SSH
 //! authorized keys, all under the effects' root.
+//!
+//! Users Muster creates carry [`GECOS`] in their passwd entry; one of those no longer in the
+//! config is removed again ([`prune`]), with its primary group, its group memberships, its
+//! shadow entry and its keys. Users that existed before Muster are never removed.
 
 use muster_machinery::config::{MachineConfig, User};
 
 use super::files::ensure_file;
-use super::{text, Found, Resource};
+use super::{text, Found, Pass, Resource};
 use crate::effects::Effects;
 
 pub(crate) struct Users;
+
+/// The account files.
+const ACCOUNT_FILES: [&str; 3] = ["/etc/passwd", "/etc/group", "/etc/shadow"];
+
+/// The passwd comment (GECOS) of the users Muster creates.
+pub(crate) const GECOS: &str = "managed by muster";
 
 impl Resource for Users {
     type Want = User;
@@ -22,8 +32,17 @@ impl Resource for Users {
         Ok(())
     }
 
-    fn converge(fx: &dyn Effects, u: &User, (): (), report_only: bool) -> Result<Found, String> {
+    fn converge(fx: &dyn Effects, u: &User, (): (), pass: &Pass<'_>) -> Result<Found, String> {
+        let report_only = pass.report_only;
         user(fx, u, report_only)
+    }
+
+    fn claims(_: &dyn Effects, u: &User) -> Vec<String> {
+        let mut v: Vec<String> = ACCOUNT_FILES.iter().map(|f| format!("file:{f}")).collect();
+        if !u.ssh_authorized_keys.is_empty() {
+            v.push(format!("file:/home/{}/.ssh/authorized_keys", u.name));
+        }
+        v
     }
 }
 
@@ -93,7 +112,7 @@ fn user(fx: &dyn Effects, u: &User, report_only: bool) -> Result<Found, String> 
                 return Err(format!("uid {id} is already taken in /etc/passwd"));
             }
             let uid = u.uid.unwrap_or_else(|| next_free(&taken));
-            p_lines.push(format!("{}:x:{uid}:{gid}::{home}:{shell}", u.name));
+            p_lines.push(format!("{}:x:{uid}:{gid}:{GECOS}:{home}:{shell}", u.name));
             uid
         }
     };
@@ -135,4 +154,73 @@ fn user(fx: &dyn Effects, u: &User, report_only: bool) -> Result<Found, String> 
         differs |= found.differs();
     }
     Ok(Found::from(differs))
+}
+
+/// Removes the users Muster created (their passwd comment is [`GECOS`]) that `cfg` no longer
+/// declares: passwd, shadow, their primary group (named after them, when no one else's),
+/// their memberships, and their authorized keys. Each is reported as `user:NAME` restored.
+pub(crate) fn prune(cfg: &MachineConfig, fx: &dyn Effects, pass: &Pass<'_>, report: &mut super::Report) {
+    let r = (|| -> Result<Vec<String>, String> {
+        let Some(passwd) = fx.read_file("/etc/passwd").map_err(text)? else { return Ok(Vec::new()) };
+        let passwd = String::from_utf8_lossy(&passwd.content).into_owned();
+        let gone: Vec<(String, String)> = passwd
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() >= 5 && f[4] == GECOS && !cfg.users.iter().any(|u| u.name == f[0]))
+                    .then(|| (f[0].to_owned(), f[3].to_owned()))
+            })
+            .collect();
+        if gone.is_empty() || pass.report_only {
+            return Ok(gone.into_iter().map(|(n, _)| n).collect());
+        }
+        let names: Vec<&str> = gone.iter().map(|(n, _)| n.as_str()).collect();
+        let keep_line = |l: &&str| !names.contains(&l.split(':').next().unwrap_or_default());
+        // Primary groups named after a removed user, unless someone else still has them.
+        let still_used: Vec<String> =
+            passwd.lines().filter(keep_line).filter_map(|l| l.split(':').nth(3).map(str::to_owned)).collect();
+        let rewrite = |path: &str, edit: &dyn Fn(&str) -> Option<String>| -> Result<(), String> {
+            let Some(f) = fx.read_file(path).map_err(text)? else { return Ok(()) };
+            let text_in = String::from_utf8_lossy(&f.content).into_owned();
+            let mut out: Vec<String> = text_in.lines().filter_map(edit).collect();
+            let mut body = out.join("\n");
+            if !out.is_empty() {
+                body.push('\n');
+            }
+            out.clear();
+            ensure_file(fx, path, body.as_bytes(), f.mode, (f.uid, f.gid), false).map(|_| ())
+        };
+        rewrite("/etc/passwd", &|l| keep_line(&l).then(|| l.to_owned()))?;
+        rewrite("/etc/shadow", &|l| keep_line(&l).then(|| l.to_owned()))?;
+        rewrite("/etc/group", &|l| {
+            let mut f: Vec<String> = l.split(':').map(str::to_owned).collect();
+            if f.len() >= 3 && names.contains(&f[0].as_str()) && !still_used.contains(&f[2]) {
+                return None;
+            }
+            if f.len() >= 4 {
+                let members: Vec<&str> =
+                    f[3].split(',').filter(|m| !m.is_empty() && !names.contains(m)).collect();
+                f[3] = members.join(",");
+            }
+            Some(f.join(":"))
+        })?;
+        for n in &names {
+            fx.remove_file(&format!("/home/{n}/.ssh/authorized_keys")).map_err(text)?;
+        }
+        Ok(names.iter().map(|n| (*n).to_owned()).collect())
+    })();
+    match r {
+        Ok(names) => {
+            for n in names {
+                let outcome =
+                    if pass.report_only { Ok(super::Found::Differs) } else { Ok(super::Found::Same) };
+                if pass.report_only {
+                    report.record(format!("user:{n}"), outcome, true);
+                } else {
+                    report.restored(format!("user:{n}"), Ok(true));
+                }
+            }
+        }
+        Err(e) => report.record("users".into(), Err(e), pass.report_only),
+    }
 }

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{auth, views, ApiError};
 use crate::fleet::registration::NewRegistration;
-use crate::fleet::rollout::Scope;
+use crate::fleet::rollout::{Delivery, Scope};
 use crate::fleet::tokens::TokenSpec;
 use crate::fleet::Controller;
 
@@ -29,6 +29,15 @@ impl AdminApi {
 
 fn ms(v: u64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v))
+}
+
+/// How a new generation is delivered, from the request's fields.
+fn delivery(mode: Option<i32>, try_timeout_ms: u64, confirm: Option<i32>) -> Result<Delivery, ApiError> {
+    Ok(Delivery {
+        mode: convert::opt_apply_mode(mode)?,
+        try_window: ms(try_timeout_ms),
+        confirm: confirm.map(convert::confirm_policy).transpose()?.unwrap_or_default(),
+    })
 }
 
 #[tonic::async_trait]
@@ -134,8 +143,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             Ok(pb::ConfigScope::Role) => Scope::role(&r.target)?,
             Err(_) => return Err(ApiError::malformed("scope", format!("unknown scope {}", r.scope)).into()),
         };
-        let mode = convert::opt_apply_mode(r.mode).map_err(ApiError::from)?;
-        let out = self.c.apply_config(scope, &r.yaml, r.dry_run, mode, ms(r.try_timeout_ms)).await?;
+        let how = delivery(r.mode, r.try_timeout_ms, r.confirm)?;
+        let out = self.c.apply_config(scope, &r.yaml, r.dry_run, how).await?;
         if !r.dry_run {
             tracing::info!(machines = out.results.len(), by = %admin, "config applied");
         }
@@ -167,8 +176,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
         let admin = auth::require_admin(&req)?;
         let r = req.into_inner();
-        let mode = convert::opt_apply_mode(r.mode).map_err(ApiError::from)?;
-        let out = self.c.rollback_config(&r.query, r.to_generation, mode, ms(r.try_timeout_ms)).await?;
+        let how = delivery(r.mode, r.try_timeout_ms, r.confirm)?;
+        let out = self.c.rollback_config(&r.query, r.to_generation, how).await?;
         tracing::info!(machine = %r.query, by = %admin, "config rolled back");
         Ok(Response::new(views::applied(&out)))
     }

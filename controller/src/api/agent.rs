@@ -31,6 +31,7 @@ fn report(s: pb::ConfigStatus) -> Result<Report, ApiError> {
     Ok(Report {
         generation: s.generation,
         state: muster_proto::convert::generation_state(s.state)?,
+        reconnected: s.reconnected,
         current_generation: s.current_generation,
         error: s.error,
         resources: s

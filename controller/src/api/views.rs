@@ -131,6 +131,7 @@ pub fn config(m: &MachineRecord, rendered: bool) -> Result<pb::GetConfigResponse
         mode: pb::ApplyMode::from(m.config.mode).into(),
         state: pb::GenerationState::from(m.config.state).into(),
         confirmed: m.config.confirmed,
+        confirm: pb::ConfirmPolicy::from(m.config.confirm).into(),
         try_deadline_unix_ms: if trying {
             m.config.trying_since_ms + i64::try_from(m.config.try_timeout_ms).unwrap_or(0)
         } else {

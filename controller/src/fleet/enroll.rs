@@ -100,8 +100,10 @@ impl Controller {
                     layer,
                     false,
                     "registration".into(),
-                    Some(muster_machinery::ApplyMode::Auto),
-                    None,
+                    super::rollout::Delivery {
+                        mode: Some(muster_machinery::ApplyMode::Auto),
+                        ..Default::default()
+                    },
                 )
                 .await
             {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use muster_machinery::config::{parse_value, render, ConfigError, RenderError};
 use muster_machinery::model::{MachineId, Role};
 use muster_machinery::rollout::try_timeout;
-use muster_machinery::{ApplyMode, GenerationState};
+use muster_machinery::{ApplyMode, ConfirmPolicy, GenerationState};
 use muster_proto::pb;
 use serde_json::Value;
 
@@ -80,6 +80,25 @@ pub struct ConfigChange {
     pub try_timeout: Option<Duration>,
 }
 
+/// How a new generation is delivered: its mode (`None`: try when the network section changes,
+/// else auto), the try window (`None`: the default) and how a try is confirmed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivery {
+    pub mode: Option<ApplyMode>,
+    pub try_window: Option<Duration>,
+    pub confirm: ConfirmPolicy,
+}
+
+/// The rendered config of a machine Muster lets go of: nothing managed.
+fn empty_config() -> Result<String, FleetError> {
+    let cfg = muster_machinery::config::MachineConfig {
+        api_version: muster_machinery::config::API_VERSION.into(),
+        kind: muster_machinery::config::KIND.into(),
+        ..Default::default()
+    };
+    cfg.to_yaml().map_err(|e| FleetError::Internal(format!("rendering the empty config: {e}")))
+}
+
 /// What applying a layer did, with the warnings of the configs involved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -130,11 +149,13 @@ impl Controller {
         m: &MachineRecord,
         change: Option<(&Scope, &Value)>,
     ) -> Result<Result<Option<(String, Vec<String>)>, Vec<String>>, FleetError> {
-        let (cluster, role) = self.shared_layers(m, change).await?;
         let own = match change {
             Some((Scope::Machine(id), v)) if *id == m.id => Some(v.clone()),
+            // Let go of (`rollback --to 0`): nothing, until its own layer is set again.
+            _ if m.config.released => return Ok(Ok(Some((empty_config()?, Vec::new())))),
             _ => m.config.layer.clone(),
         };
+        let (cluster, role) = self.shared_layers(m, change).await?;
         let layers: Vec<(&'static str, &Value)> =
             [("cluster", cluster.as_ref()), ("role", role.as_ref()), ("machine", own.as_ref())]
                 .into_iter()
@@ -160,9 +181,9 @@ impl Controller {
         layer: Value,
         dry_run: bool,
         source: String,
-        mode: Option<ApplyMode>,
-        try_window: Option<Duration>,
+        how: Delivery,
     ) -> Result<Applied, FleetError> {
+        let Delivery { mode, try_window, confirm } = how;
         let try_window = try_timeout(try_window).map_err(|e| FleetError::invalid("timeout", e))?;
         let try_timeout_ms = u64::try_from(try_window.as_millis()).unwrap_or(u64::MAX);
         if !layer.is_object() {
@@ -258,6 +279,7 @@ impl Controller {
                         if !(empty && m.config.layer.is_none()) {
                             m.config.layer = Some(l);
                         }
+                        m.config.released = false;
                     }
                     if changed {
                         m.config.generation += 1;
@@ -265,6 +287,7 @@ impl Controller {
                         m.config.error.clear();
                         m.config.mode = mode;
                         m.config.try_timeout_ms = if mode == ApplyMode::Try { try_timeout_ms } else { 0 };
+                        m.config.confirm = confirm;
                         m.config.confirmed = false;
                         m.config.state = GenerationState::Pending;
                         m.config.trying_since_ms = 0;
@@ -296,9 +319,20 @@ impl Controller {
     }
 
     /// Renders a machine again after its role or cluster changed (their layers now apply).
+    /// A machine let go of (`rollback --to 0`) stays so.
     pub async fn rerender(&self, m: &MachineRecord) -> Result<(), FleetError> {
+        if m.config.released {
+            return Ok(());
+        }
         let layer = m.config.layer.clone().unwrap_or_else(|| Value::Object(Default::default()));
-        self.apply_layer(Scope::Machine(m.id.clone()), layer, false, "assignment".into(), None, None).await?;
+        self.apply_layer(
+            Scope::Machine(m.id.clone()),
+            layer,
+            false,
+            "assignment".into(),
+            Delivery::default(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -308,28 +342,31 @@ impl Controller {
         scope: Scope,
         yaml: &str,
         dry_run: bool,
-        mode: Option<ApplyMode>,
-        try_window: Option<Duration>,
+        how: Delivery,
     ) -> Result<Applied, FleetError> {
         if yaml.len() > 1024 * 1024 {
             return Err(FleetError::invalid("yaml", "larger than 1 MiB"));
         }
         let layer = parse_value(yaml).map_err(|e| FleetError::invalid("yaml", e.to_string()))?;
         let source = scope.describe();
-        self.apply_layer(scope, layer, dry_run, source, mode, try_window).await
+        self.apply_layer(scope, layer, dry_run, source, how).await
     }
 
-    /// `RollbackConfig`: restores the machine's own layer as of `to` (default: the generation
-    /// before the current one) as a new generation.
+    /// `RollbackConfig`: restores the machine's own layer as of generation `to` (default: the
+    /// one before the current) as a new generation. Generation 0 is the node as it was before
+    /// Muster: the machine gets the empty config (its agent puts back everything Muster changed)
+    /// and keeps it, whatever its layers say, until a config is applied to it again.
     pub async fn rollback_config(
         &self,
         query: &str,
-        to: u64,
-        mode: Option<ApplyMode>,
-        try_window: Option<Duration>,
+        to: Option<u64>,
+        how: Delivery,
     ) -> Result<Applied, FleetError> {
         let m = self.resolve(query)?;
-        let to = if to == 0 { m.config.generation.saturating_sub(1) } else { to };
+        let to = to.unwrap_or(m.config.generation.saturating_sub(1));
+        if to == 0 {
+            return self.release(m, how).await;
+        }
         let rev = m.config.revisions.iter().find(|r| r.generation == to).ok_or_else(|| {
             FleetError::NotFound(format!(
                 "machine {} has no config generation {to} (history keeps the last {MAX_REVISIONS})",
@@ -337,15 +374,72 @@ impl Controller {
             ))
         })?;
         let layer = rev.layer.clone().unwrap_or_else(|| Value::Object(Default::default()));
-        self.apply_layer(
-            Scope::Machine(m.id.clone()),
-            layer,
-            false,
-            format!("rollback to {to}"),
-            mode,
-            try_window,
-        )
-        .await
+        self.apply_layer(Scope::Machine(m.id.clone()), layer, false, format!("rollback to {to}"), how).await
+    }
+
+    /// Lets go of a machine: a new generation with the empty config.
+    async fn release(&self, m: MachineRecord, how: Delivery) -> Result<Applied, FleetError> {
+        let empty = empty_config()?;
+        let g = m.config.generation;
+        let changed = m.config.rendered != empty || !m.config.released;
+        let mode = how.mode.unwrap_or(if network_changed(&m.config.rendered, &empty) {
+            ApplyMode::Try
+        } else {
+            ApplyMode::Auto
+        });
+        let try_window = try_timeout(how.try_window).map_err(|e| FleetError::invalid("timeout", e))?;
+        let diff = unified_diff(
+            &m.config.rendered,
+            &empty,
+            &format!("generation {g}"),
+            &format!("generation {}", g + 1),
+        );
+        let mut result = ConfigChange {
+            machine_id: m.id.clone(),
+            hostname: m.hostname.clone(),
+            generation: g,
+            changed,
+            diff,
+            mode: changed.then_some(mode),
+            try_timeout: (changed && mode == ApplyMode::Try).then_some(try_window),
+        };
+        if !changed {
+            return Ok(Applied { results: vec![result], warnings: Vec::new() });
+        }
+        let now = muster_util::now_ms();
+        let try_timeout_ms = u64::try_from(try_window.as_millis()).unwrap_or(u64::MAX);
+        let updated = self
+            .update_machine(&m.id, move |m| {
+                m.config.released = true;
+                m.config.generation += 1;
+                m.config.rendered = empty.clone();
+                m.config.error.clear();
+                m.config.mode = mode;
+                m.config.try_timeout_ms = if mode == ApplyMode::Try { try_timeout_ms } else { 0 };
+                m.config.confirm = how.confirm;
+                m.config.confirmed = false;
+                m.config.state = GenerationState::Pending;
+                m.config.trying_since_ms = 0;
+                m.config.revisions.push(ConfigRevision {
+                    generation: m.config.generation,
+                    created_ms: now,
+                    source: "rollback to before Muster".into(),
+                    rendered: empty,
+                    layer: m.config.layer.clone(),
+                    mode,
+                    state: GenerationState::Pending,
+                });
+                let excess = m.config.revisions.len().saturating_sub(MAX_REVISIONS);
+                m.config.revisions.drain(..excess);
+                Ok(())
+            })
+            .await?;
+        result.generation = updated.config.generation;
+        tracing::info!(machine = %updated.id, generation = updated.config.generation, "released: back to before Muster");
+        if let Some(msg) = config_msg(&updated) {
+            self.push(&updated.id, msg);
+        }
+        Ok(Applied { results: vec![result], warnings: Vec::new() })
     }
 
     /// `ConfirmConfig`: the operator keeps the generation the agent is trying. The agent hears it
@@ -408,11 +502,22 @@ impl Controller {
     }
 
     /// Records what an agent reported about a generation.
+    /// A try with automatic confirmation is confirmed here, when its report comes over a
+    /// connection the agent opened after applying it: the node still reaches the controller.
     pub async fn record_config_status(&self, id: &MachineId, s: Report) {
+        let proof = s.reconnected && s.state == GenerationState::Trying;
         let r = self
             .update_machine(id, move |m| {
                 if s.generation > m.config.generation {
                     return Ok(());
+                }
+                if proof
+                    && s.generation == m.config.generation
+                    && m.config.mode == ApplyMode::Try
+                    && m.config.confirm == ConfirmPolicy::Auto
+                    && !m.config.confirmed
+                {
+                    m.config.confirmed = true;
                 }
                 match s.state {
                     GenerationState::Reverted => m.config.applied_generation = s.current_generation,
@@ -444,8 +549,15 @@ impl Controller {
                 Ok(())
             })
             .await;
-        if let Err(e) = r {
-            tracing::warn!(machine = %id, error = %e, "could not record config status");
+        match r {
+            Ok(m) if proof && m.config.confirmed && m.config.state == GenerationState::Trying => {
+                tracing::info!(machine = %id, generation = m.config.generation, "try confirmed: the agent reconnected over it");
+                if let Some(msg) = config_msg(&m) {
+                    self.push(id, msg);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(machine = %id, error = %e, "could not record config status"),
         }
     }
 }
@@ -455,6 +567,9 @@ impl Controller {
 pub struct Report {
     pub generation: u64,
     pub state: GenerationState,
+    /// Sent over a connection the agent opened after applying the try (see
+    /// [`ConfirmPolicy::Auto`]).
+    pub reconnected: bool,
     pub current_generation: u64,
     pub error: String,
     pub resources: Vec<ResourceRecord>,
@@ -470,6 +585,7 @@ pub(super) fn config_msg(m: &MachineRecord) -> Option<pb::ControllerMessage> {
             mode: pb::ApplyMode::from(m.config.mode).into(),
             try_timeout_ms: m.config.try_timeout_ms,
             confirmed: m.config.confirmed,
+            confirm: pb::ConfirmPolicy::from(m.config.confirm).into(),
         })),
     })
 }

@@ -9,7 +9,7 @@ mod sqlite;
 use async_trait::async_trait;
 use muster_machinery::model::{Labels, MachineId, Role};
 use muster_machinery::token::JoinToken;
-use muster_machinery::{ApplyMode, GenerationState, Outcome};
+use muster_machinery::{ApplyMode, ConfirmPolicy, GenerationState, Outcome};
 use muster_proto::pb;
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +86,11 @@ pub struct ConfigState {
     pub mode: ApplyMode,
     /// Try mode's confirmation timeout.
     pub try_timeout_ms: u64,
+    /// How the current (try) generation is confirmed.
+    pub confirm: ConfirmPolicy,
+    /// The operator returned the node to how it was before Muster (`rollback --to 0`): it gets
+    /// the empty config, whatever its layers say, until a config is applied to it again.
+    pub released: bool,
     /// The operator confirmed the current (try) generation.
     pub confirmed: bool,
     /// Where the current generation stands on the node, as the agent last said (`pending`
