@@ -11,30 +11,49 @@ use muster_machinery::{ApplyMode, ConfirmPolicy, Role};
 use muster_proto::pb;
 
 use crate::output::{render, rfc3339, Output};
-use crate::views::{generation_state_name, history_table, mode_name, outcome_name, RevisionView};
+use crate::views::{
+    generation_state_name, history_table, layer_history_table, mode_name, outcome_name, LayerRevisionView,
+    RevisionView,
+};
 use crate::{parse_cluster, parse_role, read_input, Ctx};
 
+/// Which layer: a machine's own, a cluster's, a role's, or a role's in one cluster. A machine's
+/// config merges them in the order cluster, role, role in its cluster, machine.
 #[derive(clap::Args, Debug)]
-#[group(required = false, multiple = false)]
 pub struct ConfigTarget {
-    /// Machine id, unique id prefix, hostname or MAC: sets that machine's own layer.
+    /// Machine id, unique id prefix, hostname or MAC: that machine's own layer.
     id: Option<String>,
-    /// Set the layer of every machine in this cluster instead.
+    /// The layer of every machine in this cluster (with --role: of that role in this cluster).
     #[arg(long, value_parser = parse_cluster)]
     cluster: Option<String>,
-    /// Set the layer of every machine with this role instead.
+    /// The layer of every machine with this role (with --cluster: only in that cluster).
     #[arg(long, value_parser = parse_role)]
     role: Option<Role>,
 }
 
+/// A layer as the API names it: scope, target, cluster (for a role's layer in one cluster).
+struct Layer {
+    scope: pb::ConfigScope,
+    target: String,
+    cluster: String,
+}
+
 impl ConfigTarget {
-    fn scope(&self) -> Result<(pb::ConfigScope, String)> {
-        match (&self.id, &self.cluster, &self.role) {
-            (Some(id), None, None) => Ok((pb::ConfigScope::Machine, id.clone())),
-            (None, Some(c), None) => Ok((pb::ConfigScope::Cluster, c.clone())),
-            (None, None, Some(r)) => Ok((pb::ConfigScope::Role, r.to_string())),
-            _ => bail!("name one target: a machine ID, --cluster NAME or --role ROLE"),
-        }
+    fn layer(&self) -> Result<Layer> {
+        let (scope, target, cluster) = match (&self.id, &self.cluster, &self.role) {
+            (Some(id), None, None) => (pb::ConfigScope::Machine, id.clone(), String::new()),
+            (None, Some(c), None) => (pb::ConfigScope::Cluster, c.clone(), String::new()),
+            (None, None, Some(r)) => (pb::ConfigScope::Role, r.to_string(), String::new()),
+            (None, Some(c), Some(r)) => (pb::ConfigScope::Role, r.to_string(), c.clone()),
+            _ => bail!(
+                "name one layer: a machine ID, --cluster NAME, --role ROLE, or --role ROLE --cluster NAME"
+            ),
+        };
+        Ok(Layer { scope, target, cluster })
+    }
+
+    fn machine(&self) -> Option<&str> {
+        self.id.as_deref().filter(|_| self.cluster.is_none() && self.role.is_none())
     }
 }
 
@@ -85,7 +104,10 @@ impl ModeArgs {
 #[derive(Subcommand, Debug)]
 pub enum ConfigCmd {
     /// Set a config layer and push the result to the machines it affects. Layers merge as
-    /// cluster, then role, then machine (RFC 7386: maps merge, lists replace, null deletes).
+    /// cluster, role, role in cluster, machine: maps merge key by key and `null` deletes a key
+    /// (RFC 7386); lists of named things merge by their key (files by path, users, units and
+    /// kernelModules by name, interfaces by name or mac, vlans by id) and an item with
+    /// `$patch: delete` removes its namesake; other lists replace.
     Apply {
         #[command(flatten)]
         target: ConfigTarget,
@@ -95,6 +117,17 @@ pub enum ConfigCmd {
         /// Show what would change (a unified diff per machine) and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Save a cluster or role layer even though no machine has it yet.
+        #[arg(long)]
+        allow_empty: bool,
+        #[command(flatten)]
+        mode: ModeArgs,
+    },
+    /// Delete a layer (a machine's own, a cluster's or a role's) and push the result to the
+    /// machines it was part of. Its history stays.
+    Delete {
+        #[command(flatten)]
+        target: ConfigTarget,
         #[command(flatten)]
         mode: ModeArgs,
     },
@@ -104,6 +137,7 @@ pub enum ConfigCmd {
         id: String,
     },
     /// Show the unified diff of the rendered config a file would produce; changes nothing.
+    /// Exits 1 when something would change (as `kubectl diff` does), 0 when nothing would.
     Diff {
         #[command(flatten)]
         target: ConfigTarget,
@@ -111,18 +145,19 @@ pub enum ConfigCmd {
         #[arg(short, long, value_name = "FILE")]
         file: PathBuf,
     },
-    /// Show a machine's own layer, or with --rendered the merged config and what its agent reported.
+    /// Show a layer: a machine's own (with --rendered, the merged config and what its agent
+    /// reported), a cluster's or a role's (with the machines it is part of).
     Get {
-        /// Machine id, unique id prefix, hostname or MAC.
-        id: String,
-        /// Show the merged config (cluster, role and machine layers) and the agent's report.
+        #[command(flatten)]
+        target: ConfigTarget,
+        /// A machine's merged config (all its layers) and its agent's report.
         #[arg(long)]
         rendered: bool,
     },
-    /// A machine's config generations, newest first.
+    /// A machine's config generations, or a cluster's or role's layer revisions; newest first.
     History {
-        /// Machine id, unique id prefix, hostname or MAC.
-        id: String,
+        #[command(flatten)]
+        target: ConfigTarget,
         /// Output format: a table for people, json or yaml for scripts.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -174,27 +209,27 @@ impl ConfigCmd {
                 Ok(())
             }
             ConfigCmd::Validate { file } => validate(&file),
-            ConfigCmd::Apply { target, file, dry_run, mode } => {
-                apply(ctx, &target, &file, dry_run, &mode).await
+            ConfigCmd::Apply { target, file, dry_run, allow_empty, mode } => {
+                apply(ctx, &target, &file, dry_run, allow_empty, &mode).await.map(|_| ())
             }
-            ConfigCmd::Diff { target, file } => apply(ctx, &target, &file, true, &ModeArgs::default()).await,
-            ConfigCmd::Get { id, rendered } => get(ctx, id, rendered).await,
-            ConfigCmd::History { id, output } => {
-                let mut a = ctx.admin().await?;
-                let r = a
-                    .client
-                    .config_history(pb::MachineRef { query: id })
-                    .await
-                    .map_err(|s| a.explain(s))?
-                    .into_inner();
-                let revs: Vec<RevisionView<'_>> =
-                    r.revisions.iter().map(|v| RevisionView::new(v, r.applied_generation)).collect();
-                match output {
-                    Output::Table => out!("{}", history_table(&revs)),
-                    o => out!("{}", render(&revs, o)?),
+            ConfigCmd::Diff { target, file } => {
+                if apply(ctx, &target, &file, true, true, &ModeArgs::default()).await? {
+                    return Err(crate::Exit(1).into());
                 }
                 Ok(())
             }
+            ConfigCmd::Delete { target, mode } => delete(ctx, &target, &mode).await,
+            ConfigCmd::Get { target, rendered } => match target.machine() {
+                Some(id) => get(ctx, id.to_owned(), rendered).await,
+                None if rendered => {
+                    bail!("--rendered is for a machine: a cluster or role layer is one part of it")
+                }
+                None => get_layer(ctx, &target).await,
+            },
+            ConfigCmd::History { target, output } => match target.machine() {
+                Some(id) => history(ctx, id.to_owned(), output).await,
+                None => layer_history(ctx, &target, output).await,
+            },
             ConfigCmd::Rollback { id, to, mode } => {
                 let mut a = ctx.admin().await?;
                 let req = pb::RollbackConfigRequest {
@@ -231,8 +266,16 @@ impl ConfigCmd {
     }
 }
 
-async fn apply(ctx: &Ctx, target: &ConfigTarget, file: &Path, dry_run: bool, how: &ModeArgs) -> Result<()> {
-    let (scope, target) = target.scope()?;
+/// Applies (or with `dry_run` diffs) a layer; whether any machine's config changed (would change).
+async fn apply(
+    ctx: &Ctx,
+    target: &ConfigTarget,
+    file: &Path,
+    dry_run: bool,
+    allow_empty: bool,
+    how: &ModeArgs,
+) -> Result<bool> {
+    let Layer { scope, target, cluster } = target.layer()?;
     let yaml = read_input(file)?;
     let mut a = ctx.admin().await?;
     let req = pb::ApplyConfigRequest {
@@ -243,8 +286,15 @@ async fn apply(ctx: &Ctx, target: &ConfigTarget, file: &Path, dry_run: bool, how
         mode: how.mode(),
         try_timeout_ms: how.timeout_ms(),
         confirm: how.confirm(),
+        cluster,
+        allow_empty,
     };
     let r = a.client.apply_config(req).await.map_err(|s| a.explain(s))?.into_inner();
+    print_results(&r, dry_run, how)?;
+    Ok(r.results.iter().any(|m| m.changed))
+}
+
+fn print_results(r: &pb::ApplyConfigResponse, dry_run: bool, how: &ModeArgs) -> Result<()> {
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }
@@ -271,6 +321,70 @@ async fn apply(ctx: &Ctx, target: &ConfigTarget, file: &Path, dry_run: bool, how
                 outln!("machine {} ({}): unchanged at generation {}", m.machine_id, m.hostname, m.generation)
             }
         }
+    }
+    Ok(())
+}
+
+async fn delete(ctx: &Ctx, target: &ConfigTarget, how: &ModeArgs) -> Result<()> {
+    let Layer { scope, target, cluster } = target.layer()?;
+    let mut a = ctx.admin().await?;
+    let req = pb::LayerRef {
+        scope: scope.into(),
+        target: target.clone(),
+        cluster,
+        mode: how.mode(),
+        try_timeout_ms: how.timeout_ms(),
+        confirm: how.confirm(),
+    };
+    let r = a.client.delete_layer(req).await.map_err(|s| a.explain(s))?.into_inner();
+    outln!("layer {target} deleted");
+    print_results(&r, false, how)
+}
+
+async fn history(ctx: &Ctx, id: String, output: Output) -> Result<()> {
+    let mut a = ctx.admin().await?;
+    let r =
+        a.client.config_history(pb::MachineRef { query: id }).await.map_err(|s| a.explain(s))?.into_inner();
+    let revs: Vec<RevisionView<'_>> =
+        r.revisions.iter().map(|v| RevisionView::new(v, r.applied_generation)).collect();
+    match output {
+        Output::Table => out!("{}", history_table(&revs)),
+        o => out!("{}", render(&revs, o)?),
+    }
+    Ok(())
+}
+
+async fn fetch_layer(ctx: &Ctx, target: &ConfigTarget) -> Result<pb::LayerResponse> {
+    let Layer { scope, target, cluster } = target.layer()?;
+    let mut a = ctx.admin().await?;
+    let req = pb::LayerRef { scope: scope.into(), target, cluster, ..Default::default() };
+    Ok(a.client.get_layer(req).await.map_err(|s| a.explain(s))?.into_inner())
+}
+
+async fn get_layer(ctx: &Ctx, target: &ConfigTarget) -> Result<()> {
+    let l = fetch_layer(ctx, target).await?;
+    outln!(
+        "# layer {}: revision {}, part of {} machine(s){}",
+        l.key,
+        l.revision,
+        l.machines.len(),
+        if l.machines.is_empty() { String::new() } else { format!(": {}", l.machines.join(", ")) }
+    );
+    if l.yaml.is_empty() {
+        eprintln!("(layer {} is not set)", l.key);
+    } else {
+        out!("{}", l.yaml);
+    }
+    Ok(())
+}
+
+async fn layer_history(ctx: &Ctx, target: &ConfigTarget, output: Output) -> Result<()> {
+    let l = fetch_layer(ctx, target).await?;
+    let revs: Vec<LayerRevisionView<'_>> = l.revisions.iter().map(LayerRevisionView::new).collect();
+    match output {
+        Output::Table if revs.is_empty() => eprintln!("layer {} has no history", l.key),
+        Output::Table => out!("{}", layer_history_table(&revs)),
+        o => out!("{}", render(&revs, o)?),
     }
     Ok(())
 }

@@ -118,6 +118,19 @@ enum Cmd {
     Image(muster_images::ImageCommand),
 }
 
+/// Ends the command with this exit status and nothing more to say (e.g. `config diff` found
+/// differences: exit 1, as `kubectl diff`).
+#[derive(Debug)]
+pub(crate) struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
 /// What every command may need: where the controller is.
 #[derive(Debug)]
 pub(crate) struct Ctx {
@@ -186,6 +199,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): nothing more to say to anyone.
         Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Exit>().is_some() => {
+            ExitCode::from(e.downcast_ref::<Exit>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -438,6 +438,36 @@ pub fn history_table(revs: &[RevisionView<'_>]) -> String {
     table(&["GENERATION", "CREATED", "SOURCE", "MODE", "STATE", "RUNNING"], &rows)
 }
 
+/// A layer revision as `config history --cluster|--role -o json|yaml` shows it.
+#[derive(Debug, Serialize)]
+pub struct LayerRevisionView<'a> {
+    pub revision: u64,
+    pub created: Option<String>,
+    pub deleted: bool,
+    pub yaml: &'a str,
+}
+
+impl<'a> LayerRevisionView<'a> {
+    pub fn new(r: &'a pb::LayerRevision) -> Self {
+        Self { revision: r.revision, created: rfc3339(r.created_unix_ms), deleted: r.deleted, yaml: &r.yaml }
+    }
+}
+
+/// The layer history table.
+pub fn layer_history_table(revs: &[LayerRevisionView<'_>]) -> String {
+    let rows: Vec<Vec<String>> = revs
+        .iter()
+        .map(|r| {
+            vec![
+                r.revision.to_string(),
+                r.created.clone().unwrap_or_default(),
+                if r.deleted { "deleted".into() } else { format!("{} lines", r.yaml.lines().count()) },
+            ]
+        })
+        .collect();
+    table(&["REVISION", "CREATED", "CHANGE"], &rows)
+}
+
 /// A machine's health as `health -o json|yaml` shows it.
 #[derive(Debug, Serialize)]
 pub struct HealthView<'a> {

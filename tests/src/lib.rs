@@ -102,7 +102,7 @@ pub struct Enrolled {
     pub key: String,
 }
 
-type AdminClient = muster_proto::pb::admin_service_client::AdminServiceClient<Channel>;
+pub type AdminClient = muster_proto::pb::admin_service_client::AdminServiceClient<Channel>;
 type AgentClient = muster_proto::pb::agent_service_client::AgentServiceClient<Channel>;
 
 impl TestController {

@@ -285,3 +285,129 @@ async fn network_changes_default_to_try_mode_and_others_to_auto() {
     let e = admin.apply_config(bad).await.unwrap_err();
     assert!(e.message().starts_with("timeout: "), "{e:?}");
 }
+
+fn layer_ref(scope: pb::ConfigScope, target: &str, cluster: &str) -> pb::LayerRef {
+    pb::LayerRef { scope: scope.into(), target: target.into(), cluster: cluster.into(), ..Default::default() }
+}
+
+#[tokio::test]
+async fn shared_layers_merge_lists_by_key_keep_history_and_can_be_deleted() {
+    let f = TestController::start().await.unwrap();
+    let t = f.token(0, 2).await.unwrap();
+    let a = f.enroll(&t).await.unwrap();
+    let b = f.enroll(&t).await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    for (m, cluster) in [(&a, "lab"), (&b, "prod")] {
+        admin
+            .assign(pb::AssignRequest {
+                query: m.id.clone(),
+                role: pb::Role::Worker.into(),
+                cluster: cluster.into(),
+                force: false,
+            })
+            .await
+            .unwrap();
+    }
+    let head = "apiVersion: muster/v1alpha1\nkind: MachineConfig\n";
+    // A layer for a cluster no machine is in is refused unless asked for.
+    let empty = format!("{head}sysctls:\n  vm.swappiness: \"5\"\n");
+    let err = admin.apply_config(req(pb::ConfigScope::Cluster, "staging", &empty, false)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("--allow-empty"), "{}", err.message());
+    let mut allowed = req(pb::ConfigScope::Cluster, "staging", &empty, false);
+    allowed.allow_empty = true;
+    assert!(admin.apply_config(allowed).await.unwrap().into_inner().results.is_empty());
+
+    // The worker role everywhere, then the worker role in lab only; files merge by path.
+    let role = format!("{head}files:\n  - path: /etc/a\n    content: a\n  - path: /etc/b\n    content: b\n");
+    let r =
+        admin.apply_config(req(pb::ConfigScope::Role, "worker", &role, false)).await.unwrap().into_inner();
+    assert_eq!(r.results.len(), 2);
+    let in_lab =
+        format!("{head}files:\n  - path: /etc/b\n    $patch: delete\n  - path: /etc/c\n    content: c\n");
+    let mut lab_req = req(pb::ConfigScope::Role, "worker", &in_lab, false);
+    lab_req.cluster = "lab".into();
+    let r = admin.apply_config(lab_req).await.unwrap().into_inner();
+    assert_eq!(r.results.iter().map(|m| m.machine_id.as_str()).collect::<Vec<_>>(), [a.id.as_str()]);
+    assert_eq!(paths(&f, a.id.clone()).await, ["/etc/a", "/etc/c"], "lab's worker layer drops b, adds c");
+    assert_eq!(paths(&f, b.id.clone()).await, ["/etc/a", "/etc/b"], "prod has only the role layer");
+
+    // The layer, who it is part of, and its history.
+    let l = admin.get_layer(layer_ref(pb::ConfigScope::Role, "worker", "lab")).await.unwrap().into_inner();
+    assert_eq!((l.key.as_str(), l.revision, l.machines.clone()), ("role/worker@lab", 1, vec![a.id.clone()]));
+    assert!(l.yaml.contains("/etc/c"), "{}", l.yaml);
+    let v2 = role.replace("content: a", "content: A");
+    admin.apply_config(req(pb::ConfigScope::Role, "worker", &v2, false)).await.unwrap();
+    let l = admin.get_layer(layer_ref(pb::ConfigScope::Role, "worker", "")).await.unwrap().into_inner();
+    assert_eq!(l.revisions.iter().map(|r| r.revision).collect::<Vec<_>>(), [2, 1], "newest first");
+    assert!(l.revisions[1].yaml.contains("content: a"), "{}", l.revisions[1].yaml);
+    assert_eq!(l.machines.len(), 2);
+
+    // Deleting the lab layer brings b back to a; its history remains.
+    let d = admin.delete_layer(layer_ref(pb::ConfigScope::Role, "worker", "lab")).await.unwrap().into_inner();
+    assert!(d.results.iter().any(|m| m.machine_id == a.id && m.changed), "{d:?}");
+    assert_eq!(paths(&f, a.id.clone()).await, ["/etc/a", "/etc/b"]);
+    let l = admin.get_layer(layer_ref(pb::ConfigScope::Role, "worker", "lab")).await.unwrap().into_inner();
+    assert!(l.yaml.is_empty(), "{}", l.yaml);
+    assert_eq!(
+        l.revisions.iter().map(|r| (r.revision, r.deleted)).collect::<Vec<_>>(),
+        [(2, true), (1, false)]
+    );
+    let err = admin.delete_layer(layer_ref(pb::ConfigScope::Role, "worker", "lab")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    f.still_serving().await.unwrap();
+}
+
+/// The file paths in a machine's rendered config, in order.
+async fn paths(f: &TestController, id: String) -> Vec<String> {
+    let y = f
+        .admin()
+        .await
+        .unwrap()
+        .get_config(pb::GetConfigRequest { query: id, rendered: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .yaml;
+    muster_machinery::config::parse(&y).unwrap().0.files.into_iter().map(|f| f.path).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_updates_leave_the_controller_agreeing_with_its_store() {
+    let f = TestController::start().await.unwrap();
+    let m = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
+    let admin = f.admin().await.unwrap();
+    // Applies and stream opens (each Hello writes the record) racing on one machine: each
+    // update finishes in its own order, and the controller's view must be the newest.
+    let get = |mut admin: muster_tests::AdminClient| {
+        let id = m.id.clone();
+        async move {
+            let c = admin
+                .get_config(pb::GetConfigRequest { query: id, rendered: true })
+                .await
+                .unwrap()
+                .into_inner();
+            (c.generation, c.yaml)
+        }
+    };
+    for round in 1..=5u64 {
+        let applies =
+            (0..20).map(|i| {
+                let mut admin = admin.clone();
+                let yaml = CONFIG.replace("node-a", &format!("node-{round}-{i}"));
+                let id = m.id.clone();
+                async move {
+                    admin.apply_config(req(pb::ConfigScope::Machine, &id, &yaml, false)).await.map(|_| ())
+                }
+            });
+        let hellos = (0..8).map(|_| async { drop(Stream::open(&f, &m).await) });
+        let (applied, _) =
+            tokio::join!(futures::future::join_all(applies), futures::future::join_all(hellos));
+        assert!(applied.iter().all(Result::is_ok), "{applied:?}");
+        assert_eq!(get(admin.clone()).await.0, round * 20, "every apply made a generation, and shows");
+    }
+    let before = get(admin).await;
+    let f = f.restart().await.unwrap();
+    let after = get(f.admin().await.unwrap()).await;
+    assert_eq!(before, after, "what the controller served is what it had stored");
+}

@@ -179,6 +179,47 @@ fn lab_nodes_apply_config_in_their_own_namespaces() {
         .unwrap();
         assert_eq!(ns("-u", "/proc/sys/kernel/hostname"), "node-a");
 
+        // Shared layers: a role's layer in one cluster reaches its machines, diff says whether
+        // it would change anything (exit 1 when it would), and deleting the layer takes its file
+        // away again.
+        muster(&mc, &["assign", "node-a", "--role", "worker", "--cluster", "lab"]);
+        let layer = tmp.path().join("worker-lab.yaml");
+        std::fs::write(
+            &layer,
+            "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/worker-note\n    content: \"workers in lab\\n\"\n",
+        )
+        .unwrap();
+        let typo = cli(&mc, &["config", "apply", "--cluster", "lba", "-f", layer.to_str().unwrap()]).unwrap();
+        assert!(!typo.status.success(), "a layer for a cluster nobody is in is refused");
+        assert!(String::from_utf8_lossy(&typo.stderr).contains("--allow-empty"), "{typo:?}");
+        let l = layer.to_str().unwrap();
+        let diff = cli(&mc, &["config", "diff", "--role", "worker", "--cluster", "lab", "-f", l]).unwrap();
+        assert_eq!(diff.status.code(), Some(1), "a diff that would change something exits 1: {diff:?}");
+        assert!(String::from_utf8_lossy(&diff.stdout).contains("+- path: /etc/worker-note"), "{diff:?}");
+        muster(&mc, &["config", "apply", "--role", "worker", "--cluster", "lab", "-f", l]);
+        let note = lab.join("lab-node-1/root/etc/worker-note");
+        wait_for("the layer's file on node-a", Duration::from_secs(30), || {
+            (std::fs::read_to_string(&note).ok()? == "workers in lab\n").then_some(())
+        })
+        .unwrap();
+        let same = cli(&mc, &["config", "diff", "--role", "worker", "--cluster", "lab", "-f", l]).unwrap();
+        assert_eq!(same.status.code(), Some(0), "nothing would change: {same:?}");
+        let shown = muster(&mc, &["config", "get", "--role", "worker", "--cluster", "lab"]);
+        assert!(
+            shown.starts_with(&format!("# layer role/worker@lab: revision 1, part of 1 machine(s): {id}")),
+            "{shown}"
+        );
+        assert!(shown.contains("/etc/worker-note"), "{shown}");
+        muster(&mc, &["config", "delete", "--role", "worker", "--cluster", "lab"]);
+        wait_for("the layer's file gone again", Duration::from_secs(30), || (!note.exists()).then_some(()))
+            .unwrap();
+        let h: serde_json::Value = serde_json::from_str(&muster(
+            &mc,
+            &["config", "history", "--role", "worker", "--cluster", "lab", "-o", "json"],
+        ))
+        .unwrap();
+        assert_eq!((h[0]["revision"].as_u64(), h[0]["deleted"].as_bool()), (Some(2), Some(true)), "{h}");
+
         // A sysctl that is not per network namespace is refused in the lab.
         let sw = tmp.path().join("sw.yaml");
         std::fs::write(

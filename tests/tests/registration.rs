@@ -175,6 +175,8 @@ async fn assigning_a_role_applies_that_roles_config_layer() {
             scope: pb::ConfigScope::Role.into(),
             target: "worker".into(),
             yaml: CONFIG.into(),
+            // No machine is a worker yet: saved for those that will be.
+            allow_empty: true,
             ..Default::default()
         })
         .await

@@ -25,6 +25,16 @@ impl AdminApi {
     fn machine(&self, id: &muster_machinery::MachineId) -> Result<pb::Machine, ApiError> {
         Ok(views::machine(&self.c.view_one(id)?))
     }
+
+    /// The layer a request names.
+    fn scope(&self, scope: i32, target: &str, cluster: &str) -> Result<Scope, ApiError> {
+        Ok(match pb::ConfigScope::try_from(scope) {
+            Ok(pb::ConfigScope::Machine) => Scope::Machine(self.c.resolve(target)?.id),
+            Ok(pb::ConfigScope::Cluster) => Scope::cluster(target)?,
+            Ok(pb::ConfigScope::Role) => Scope::role(target, cluster)?,
+            Err(_) => return Err(ApiError::malformed("scope", format!("unknown scope {scope}"))),
+        })
+    }
 }
 
 fn ms(v: u64) -> Option<Duration> {
@@ -137,14 +147,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
         let admin = auth::require_admin(&req)?;
         let r = req.into_inner();
-        let scope = match pb::ConfigScope::try_from(r.scope) {
-            Ok(pb::ConfigScope::Machine) => Scope::Machine(self.c.resolve(&r.target)?.id),
-            Ok(pb::ConfigScope::Cluster) => Scope::cluster(&r.target)?,
-            Ok(pb::ConfigScope::Role) => Scope::role(&r.target)?,
-            Err(_) => return Err(ApiError::malformed("scope", format!("unknown scope {}", r.scope)).into()),
-        };
+        let scope = self.scope(r.scope, &r.target, &r.cluster)?;
         let how = delivery(r.mode, r.try_timeout_ms, r.confirm)?;
-        let out = self.c.apply_config(scope, &r.yaml, r.dry_run, how).await?;
+        let out = self.c.apply_config(scope, &r.yaml, r.dry_run, how, r.allow_empty).await?;
         if !r.dry_run {
             tracing::info!(machines = out.results.len(), by = %admin, "config applied");
         }
@@ -190,6 +195,26 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let m = self.c.confirm_config(&req.get_ref().query).await?;
         tracing::info!(machine = %m.id, by = %admin, "config confirmed");
         Ok(Response::new(views::config(&m, true)?))
+    }
+
+    async fn get_layer(&self, req: Request<pb::LayerRef>) -> Result<Response<pb::LayerResponse>, Status> {
+        auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let scope = self.scope(r.scope, &r.target, &r.cluster)?;
+        Ok(Response::new(views::layer(&self.c.layer(&scope).await?)?))
+    }
+
+    async fn delete_layer(
+        &self,
+        req: Request<pb::LayerRef>,
+    ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.into_inner();
+        let scope = self.scope(r.scope, &r.target, &r.cluster)?;
+        let how = delivery(r.mode, r.try_timeout_ms, r.confirm)?;
+        let out = self.c.delete_layer(scope, how).await?;
+        tracing::info!(target = %r.target, machines = out.results.len(), by = %admin, "config layer deleted");
+        Ok(Response::new(views::applied(&out)))
     }
 
     async fn register_machine(

@@ -3,7 +3,7 @@
 use muster_machinery::GenerationState;
 use muster_proto::pb;
 
-use crate::fleet::rollout::{Applied, ConfigChange};
+use crate::fleet::rollout::{Applied, ConfigChange, LayerView};
 use crate::fleet::MachineView;
 use crate::store::{MachineRecord, Registration, TokenRecord};
 
@@ -137,6 +137,33 @@ pub fn config(m: &MachineRecord, rendered: bool) -> Result<pb::GetConfigResponse
         } else {
             0
         },
+    })
+}
+
+fn yaml_of(v: &serde_json::Value) -> Result<String, ApiError> {
+    Ok(serde_saphyr::to_string(v)
+        .map_err(|e| crate::fleet::FleetError::Internal(format!("rendering a layer: {e}")))?)
+}
+
+pub fn layer(l: &LayerView) -> Result<pb::LayerResponse, ApiError> {
+    Ok(pb::LayerResponse {
+        key: l.key.clone(),
+        yaml: l.value.as_ref().map(yaml_of).transpose()?.unwrap_or_default(),
+        revision: l.revision,
+        machines: l.machines.iter().map(ToString::to_string).collect(),
+        revisions: l
+            .history
+            .iter()
+            .rev()
+            .map(|r| {
+                Ok(pb::LayerRevision {
+                    revision: r.revision,
+                    created_unix_ms: r.created_ms,
+                    yaml: r.value.as_ref().map(yaml_of).transpose()?.unwrap_or_default(),
+                    deleted: r.value.is_none(),
+                })
+            })
+            .collect::<Result<_, ApiError>>()?,
     })
 }
 

@@ -74,6 +74,7 @@ impl Controller {
                     cert_not_after_ms: muster_util::unix_ms(cert.not_after),
                     config: Default::default(),
                     flag: String::new(),
+                    revision: 0,
                 };
                 super::registration::claim(&mut m, regs, now_ms);
                 m
@@ -91,7 +92,7 @@ impl Controller {
                 });
             }
         };
-        self.cache(&m);
+        self.cache_new(&m);
         if let Some(layer) = m.config.layer.clone() {
             // A registered machine's config: its first generation, sent when it connects.
             if let Err(e) = self

@@ -228,12 +228,17 @@ impl Controller {
         v
     }
 
+    /// Caches a machine just enrolled.
+    fn cache_new(&self, m: &MachineRecord) {
+        self.live().entry(m.id.clone()).or_insert_with(|| Live::new(m.clone()));
+    }
+
+    /// Caches an updated machine. Two updates can finish in either order: the cache keeps the
+    /// newer, and an update that finishes after the machine was deleted does not bring it back.
     fn cache(&self, m: &MachineRecord) {
-        let mut live = self.live();
-        match live.get_mut(&m.id) {
-            Some(l) => l.record = m.clone(),
-            None => {
-                live.insert(m.id.clone(), Live::new(m.clone()));
+        if let Some(l) = self.live().get_mut(&m.id) {
+            if l.record.revision <= m.revision {
+                l.record = m.clone();
             }
         }
     }
@@ -245,6 +250,11 @@ impl Controller {
         id: &MachineId,
         f: impl FnOnce(&mut MachineRecord) -> Result<(), FleetError> + Send + 'static,
     ) -> Result<MachineRecord, FleetError> {
+        let f = move |m: &mut MachineRecord| {
+            f(m)?;
+            m.revision += 1;
+            Ok(())
+        };
         let m: MachineRecord = declinable!(|step| self.inner.store.update_machine(id, step), f)?;
         self.cache(&m);
         Ok(m)

@@ -174,6 +174,7 @@ mod tests {
             cert_not_after_ms: 0,
             config: Default::default(),
             flag: String::new(),
+            revision: 0,
         }
     }
 

@@ -14,12 +14,18 @@ use serde_json::Value;
 use super::{Controller, FleetError};
 use crate::store::{ConfigRevision, MachineRecord, ResourceRecord, MAX_REVISIONS};
 
-/// Which layer a request sets.
+/// Which layer a request sets. A machine's config merges, in order: its cluster's layer, its
+/// role's, its role's in its cluster, its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     Machine(MachineId),
     Cluster(String),
     Role(Role),
+    /// A role's layer for one cluster only.
+    ClusterRole {
+        role: Role,
+        cluster: String,
+    },
 }
 
 impl Scope {
@@ -30,9 +36,18 @@ impl Scope {
         Ok(Scope::Cluster(name.to_owned()))
     }
 
-    /// A role's layer; the role is parsed.
-    pub fn role(name: &str) -> Result<Self, FleetError> {
-        name.parse::<Role>().map(Scope::Role).map_err(|e| FleetError::invalid("target", e.to_string()))
+    /// A role's layer (for one cluster when `cluster` is not empty); role and cluster are checked.
+    pub fn role(name: &str, cluster: &str) -> Result<Self, FleetError> {
+        let role = name.parse::<Role>().map_err(|e| FleetError::invalid("target", e.to_string()))?;
+        if role == Role::None {
+            return Err(FleetError::invalid("target", "a role layer needs a role: controlplane or worker"));
+        }
+        if cluster.is_empty() {
+            return Ok(Scope::Role(role));
+        }
+        muster_machinery::model::validate_cluster_name(cluster)
+            .map_err(|e| FleetError::invalid("cluster", e.to_string()))?;
+        Ok(Scope::ClusterRole { role, cluster: cluster.to_owned() })
     }
 
     fn describe(&self) -> String {
@@ -40,8 +55,41 @@ impl Scope {
             Scope::Machine(_) => "machine layer".into(),
             Scope::Cluster(c) => format!("cluster {c}"),
             Scope::Role(r) => format!("role {r}"),
+            Scope::ClusterRole { role, cluster } => format!("role {role} in cluster {cluster}"),
         }
     }
+
+    /// The store key of a shared layer (`None` for a machine's own).
+    pub fn key(&self) -> Option<String> {
+        match self {
+            Scope::Machine(_) => None,
+            Scope::Cluster(c) => Some(format!("cluster/{c}")),
+            Scope::Role(r) => Some(format!("role/{r}")),
+            Scope::ClusterRole { role, cluster } => Some(format!("role/{role}@{cluster}")),
+        }
+    }
+
+    /// Whether this layer is part of `m`'s config.
+    fn covers(&self, m: &MachineRecord) -> bool {
+        match self {
+            Scope::Machine(id) => m.id == *id,
+            Scope::Cluster(c) => m.cluster == *c,
+            Scope::Role(r) => m.role == *r,
+            Scope::ClusterRole { role, cluster } => m.role == *role && m.cluster == *cluster,
+        }
+    }
+}
+
+/// A shared layer as operators see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerView {
+    pub key: String,
+    /// `None`: not set (never, or deleted).
+    pub value: Option<Value>,
+    pub revision: u64,
+    /// The machines it is part of now.
+    pub machines: Vec<MachineId>,
+    pub history: Vec<crate::store::LayerRevision>,
 }
 
 /// Whether two rendered configs differ in their network section (such changes default to try
@@ -54,10 +102,6 @@ fn network_changed(old: &str, new: &str) -> bool {
         muster_machinery::config::parse(yaml).ok().and_then(|(c, _)| c.network)
     };
     network(old) != network(new)
-}
-
-fn layer_key(kind: &str, name: &str) -> String {
-    format!("{kind}/{name}")
 }
 
 fn invalid(errors: Vec<String>) -> FleetError {
@@ -123,24 +167,38 @@ pub fn unified_diff(old: &str, new: &str, old_name: &str, new_name: &str) -> Str
 }
 
 impl Controller {
-    /// The shared layers for `m` (its cluster's and role's), with `scope`/`layer` standing in for
-    /// the one being changed.
+    /// The shared layers of `m` in merge order (its cluster's, its role's, its role's in its
+    /// cluster), with `change` standing in for the one being changed.
     async fn shared_layers(
         &self,
         m: &MachineRecord,
         change: Option<(&Scope, &Value)>,
-    ) -> Result<(Option<Value>, Option<Value>), FleetError> {
-        let cluster = match change {
-            Some((Scope::Cluster(c), v)) if *c == m.cluster => Some(v.clone()),
-            _ if m.cluster.is_empty() => None,
-            _ => self.store().get_layer(&layer_key("cluster", &m.cluster)).await?,
-        };
-        let role = match change {
-            Some((Scope::Role(r), v)) if *r == m.role => Some(v.clone()),
-            _ if m.role == Role::None => None,
-            _ => self.store().get_layer(&layer_key("role", m.role.as_str())).await?,
-        };
-        Ok((cluster, role))
+    ) -> Result<Vec<(&'static str, Option<Value>)>, FleetError> {
+        let mut scopes = Vec::new();
+        if !m.cluster.is_empty() {
+            scopes.push(("cluster", Scope::Cluster(m.cluster.clone())));
+        }
+        if m.role != Role::None {
+            scopes.push(("role", Scope::Role(m.role)));
+            if !m.cluster.is_empty() {
+                scopes.push((
+                    "role in cluster",
+                    Scope::ClusterRole { role: m.role, cluster: m.cluster.clone() },
+                ));
+            }
+        }
+        let mut out = Vec::new();
+        for (name, scope) in scopes {
+            let value = match change {
+                Some((c, v)) if *c == scope => Some(v.clone()),
+                _ => match scope.key() {
+                    Some(k) => self.store().get_layer(&k).await?.and_then(|r| r.value),
+                    None => None,
+                },
+            };
+            out.push((name, value));
+        }
+        Ok(out)
     }
 
     /// Renders `m` with `change` applied; `Ok(None)` when it has no layers at all.
@@ -155,13 +213,13 @@ impl Controller {
             _ if m.config.released => return Ok(Ok(Some((empty_config()?, Vec::new())))),
             _ => m.config.layer.clone(),
         };
-        let (cluster, role) = self.shared_layers(m, change).await?;
-        let layers: Vec<(&'static str, &Value)> =
-            [("cluster", cluster.as_ref()), ("role", role.as_ref()), ("machine", own.as_ref())]
-                .into_iter()
-                .filter_map(|(n, v)| v.map(|v| (n, v)))
-                .filter(|(_, v)| !v.as_object().is_some_and(|o| o.is_empty()))
-                .collect();
+        let mut all = self.shared_layers(m, change).await?;
+        all.push(("machine", own));
+        let layers: Vec<(&'static str, &Value)> = all
+            .iter()
+            .filter_map(|(n, v)| v.as_ref().map(|v| (*n, v)))
+            .filter(|(_, v)| !v.as_object().is_some_and(|o| o.is_empty()))
+            .collect();
         if layers.is_empty() {
             return Ok(Ok(None));
         }
@@ -183,6 +241,23 @@ impl Controller {
         source: String,
         how: Delivery,
     ) -> Result<Applied, FleetError> {
+        self.set_layer(scope, Some(layer), dry_run, source, how, true).await
+    }
+
+    /// Sets (or with `None` deletes) a layer and re-renders the machines it is part of. A
+    /// shared layer no machine has yet is refused unless `allow_empty` (it is then saved for
+    /// machines that join).
+    pub async fn set_layer(
+        &self,
+        scope: Scope,
+        layer: Option<Value>,
+        dry_run: bool,
+        source: String,
+        how: Delivery,
+        allow_empty: bool,
+    ) -> Result<Applied, FleetError> {
+        let deleting = layer.is_none();
+        let layer = layer.unwrap_or_else(|| Value::Object(Default::default()));
         let Delivery { mode, try_window, confirm } = how;
         let try_window = try_timeout(try_window).map_err(|e| FleetError::invalid("timeout", e))?;
         let try_timeout_ms = u64::try_from(try_window.as_millis()).unwrap_or(u64::MAX);
@@ -198,16 +273,17 @@ impl Controller {
                 Err(e) => return Err(invalid(render_errors("", &e))),
             }
         }
-        let affected: Vec<MachineRecord> = self
-            .machines()
-            .into_iter()
-            .filter(|m| !m.revoked)
-            .filter(|m| match &scope {
-                Scope::Machine(id) => m.id == *id,
-                Scope::Cluster(c) => m.cluster == *c,
-                Scope::Role(r) => m.role == *r,
-            })
-            .collect();
+        let affected: Vec<MachineRecord> =
+            self.machines().into_iter().filter(|m| !m.revoked).filter(|m| scope.covers(m)).collect();
+        if affected.is_empty() && !allow_empty && !deleting && scope.key().is_some() {
+            return Err(FleetError::invalid(
+                "target",
+                format!(
+                    "no machine has the {} layer yet; pass --allow-empty to save it for machines that join",
+                    scope.describe()
+                ),
+            ));
+        }
         let mut planned = Vec::new();
         let mut errors = Vec::new();
         for m in &affected {
@@ -256,16 +332,10 @@ impl Controller {
             warnings.dedup();
             return Ok(Applied { results, warnings });
         }
-        match &scope {
-            Scope::Cluster(c) => {
-                self.store().put_layer(&layer_key("cluster", c), Some(layer.clone())).await?
-            }
-            Scope::Role(r) => {
-                self.store().put_layer(&layer_key("role", r.as_str()), Some(layer.clone())).await?
-            }
-            Scope::Machine(_) => {}
-        }
         let now = muster_util::now_ms();
+        if let Some(key) = scope.key() {
+            self.store().put_layer(&key, (!deleting).then(|| layer.clone()), now).await?;
+        }
         for ((id, changed, rendered, mode), result) in changes.into_iter().zip(results.iter_mut()) {
             let own = matches!(&scope, Scope::Machine(m) if *m == id).then(|| layer.clone());
             if !changed && own.is_none() {
@@ -276,7 +346,9 @@ impl Controller {
                 .update_machine(&id, move |m| {
                     if let Some(l) = own {
                         let empty = l.as_object().is_some_and(|o| o.is_empty());
-                        if !(empty && m.config.layer.is_none()) {
+                        if deleting {
+                            m.config.layer = None;
+                        } else if !(empty && m.config.layer.is_none()) {
                             m.config.layer = Some(l);
                         }
                         m.config.released = false;
@@ -336,20 +408,49 @@ impl Controller {
         Ok(())
     }
 
-    /// Sets the layer `yaml` for `scope` (see [`Controller::apply_layer`]).
+    /// Sets the layer `yaml` for `scope` (see [`Controller::set_layer`]).
     pub async fn apply_config(
         &self,
         scope: Scope,
         yaml: &str,
         dry_run: bool,
         how: Delivery,
+        allow_empty: bool,
     ) -> Result<Applied, FleetError> {
         if yaml.len() > 1024 * 1024 {
             return Err(FleetError::invalid("yaml", "larger than 1 MiB"));
         }
         let layer = parse_value(yaml).map_err(|e| FleetError::invalid("yaml", e.to_string()))?;
         let source = scope.describe();
-        self.apply_layer(scope, layer, dry_run, source, how).await
+        self.set_layer(scope, Some(layer), dry_run, source, how, allow_empty).await
+    }
+
+    /// Deletes a layer (a machine's own, or a shared one) and re-renders its machines.
+    pub async fn delete_layer(&self, scope: Scope, how: Delivery) -> Result<Applied, FleetError> {
+        if let Some(key) = scope.key() {
+            if self.store().get_layer(&key).await?.and_then(|r| r.value).is_none() {
+                return Err(FleetError::NotFound(format!("there is no {} layer", scope.describe())));
+            }
+        }
+        let source = format!("{} deleted", scope.describe());
+        self.set_layer(scope, None, false, source, how, true).await
+    }
+
+    /// A shared layer with its history and the machines it is part of now.
+    pub async fn layer(&self, scope: &Scope) -> Result<LayerView, FleetError> {
+        let key = scope
+            .key()
+            .ok_or_else(|| FleetError::invalid("scope", "a machine's own layer is shown by `config get`"))?;
+        let record = self.store().get_layer(&key).await?.unwrap_or_default();
+        let machines =
+            self.machines().into_iter().filter(|m| !m.revoked && scope.covers(m)).map(|m| m.id).collect();
+        Ok(LayerView {
+            key,
+            revision: record.revisions.last().map_or(0, |r| r.revision),
+            value: record.value,
+            machines,
+            history: record.revisions,
+        })
     }
 
     /// `RollbackConfig`: restores the machine's own layer as of generation `to` (default: the

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use muster_machinery::model::MachineId;
 use muster_machinery::token::JoinToken;
 
-use super::{BuildFn, MachineRecord, Registration, Store, StoreError, TokenRecord, UpdateFn};
+use super::{BuildFn, LayerRecord, MachineRecord, Registration, Store, StoreError, TokenRecord, UpdateFn};
 use crate::metrics::Metrics;
 
 /// A [`Store`] that times every operation of the store it wraps.
@@ -68,11 +68,19 @@ impl Store for MeteredStore {
     async fn record_last_seen(&self, seen: Vec<(MachineId, i64)>) -> Result<(), StoreError> {
         self.timed("record_last_seen", self.inner.record_last_seen(seen)).await
     }
-    async fn get_layer(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    async fn get_layer(&self, key: &str) -> Result<Option<LayerRecord>, StoreError> {
         self.timed("get_layer", self.inner.get_layer(key)).await
     }
-    async fn put_layer(&self, key: &str, layer: Option<serde_json::Value>) -> Result<(), StoreError> {
-        self.timed("put_layer", self.inner.put_layer(key, layer)).await
+    async fn put_layer(
+        &self,
+        key: &str,
+        layer: Option<serde_json::Value>,
+        now_ms: i64,
+    ) -> Result<LayerRecord, StoreError> {
+        self.timed("put_layer", self.inner.put_layer(key, layer, now_ms)).await
+    }
+    async fn list_layers(&self) -> Result<Vec<(String, LayerRecord)>, StoreError> {
+        self.timed("list_layers", self.inner.list_layers()).await
     }
     async fn put_registration(&self, r: Registration) -> Result<(), StoreError> {
         self.timed("put_registration", self.inner.put_registration(r)).await

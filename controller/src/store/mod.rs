@@ -62,6 +62,9 @@ pub struct MachineRecord {
     /// registration another machine had already consumed); empty when nothing is wrong.
     #[serde(default)]
     pub flag: String,
+    /// Counts the record's updates, so a copy can tell which of two is newer.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// A machine's config: its own layer, the current rendered generation, history, and what the
@@ -100,7 +103,40 @@ pub struct ConfigState {
     pub trying_since_ms: i64,
 }
 
-/// How many revisions a machine keeps.
+/// A shared config layer (a cluster's or a role's) with its history.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LayerRecord {
+    /// The layer now; `None` once deleted (the history stays).
+    pub value: Option<serde_json::Value>,
+    /// Oldest first, at most [`MAX_REVISIONS`].
+    pub revisions: Vec<LayerRevision>,
+}
+
+/// One version of a shared layer.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LayerRevision {
+    /// 1, 2, ... per layer.
+    pub revision: u64,
+    pub created_ms: i64,
+    /// `None`: the layer was deleted.
+    pub value: Option<serde_json::Value>,
+}
+
+impl LayerRecord {
+    /// The record after setting (or with `None` deleting) the layer at `now_ms`.
+    pub fn with(mut self, value: Option<serde_json::Value>, now_ms: i64) -> Self {
+        let revision = self.revisions.last().map_or(1, |r| r.revision + 1);
+        self.revisions.push(LayerRevision { revision, created_ms: now_ms, value: value.clone() });
+        let excess = self.revisions.len().saturating_sub(MAX_REVISIONS);
+        self.revisions.drain(..excess);
+        self.value = value;
+        self
+    }
+}
+
+/// How many revisions a machine (or a layer) keeps.
 pub const MAX_REVISIONS: usize = 50;
 
 /// One generation of a machine's config.
@@ -214,10 +250,17 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_machine(&self, id: &MachineId) -> Result<(), StoreError>;
     /// Records heartbeat times in one batch (missing machines are skipped).
     async fn record_last_seen(&self, seen: Vec<(MachineId, i64)>) -> Result<(), StoreError>;
-    /// A shared config layer (`cluster/NAME`, `role/NAME`).
-    async fn get_layer(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError>;
-    /// Sets (or with `None` removes) a shared config layer.
-    async fn put_layer(&self, key: &str, layer: Option<serde_json::Value>) -> Result<(), StoreError>;
+    /// A shared config layer (`cluster/NAME`, `role/NAME`, `role/NAME@CLUSTER`) with its history.
+    async fn get_layer(&self, key: &str) -> Result<Option<LayerRecord>, StoreError>;
+    /// Sets (or with `None` deletes) a shared config layer at `now_ms`, keeping its history.
+    async fn put_layer(
+        &self,
+        key: &str,
+        layer: Option<serde_json::Value>,
+        now_ms: i64,
+    ) -> Result<LayerRecord, StoreError>;
+    /// Every shared layer by key (deleted ones too, for their history).
+    async fn list_layers(&self) -> Result<Vec<(String, LayerRecord)>, StoreError>;
     /// Inserts or replaces the registration for `r.mac`.
     async fn put_registration(&self, r: Registration) -> Result<(), StoreError>;
     async fn list_registrations(&self) -> Result<Vec<Registration>, StoreError>;

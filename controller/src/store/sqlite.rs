@@ -8,7 +8,7 @@ use muster_machinery::model::MachineId;
 use muster_machinery::token::JoinToken;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{check_token, BuildFn, MachineRecord, Store, StoreError, TokenRecord, UpdateFn};
+use super::{check_token, BuildFn, LayerRecord, MachineRecord, Store, StoreError, TokenRecord, UpdateFn};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -287,31 +287,42 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn get_layer(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    async fn get_layer(&self, key: &str) -> Result<Option<LayerRecord>, StoreError> {
+        let key = key.to_owned();
+        self.run(move |c| get_layer_tx(c, &key)).await
+    }
+
+    async fn put_layer(
+        &self,
+        key: &str,
+        layer: Option<serde_json::Value>,
+        now_ms: i64,
+    ) -> Result<LayerRecord, StoreError> {
         let key = key.to_owned();
         self.run(move |c| {
-            let doc: Option<String> = c
-                .query_row("SELECT doc FROM layers WHERE key = ?1", [&key], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            doc.map(|d| serde_json::from_str(&d).map_err(|e| corrupt("layer", &key, e))).transpose()
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let record = get_layer_tx(&tx, &key)?.unwrap_or_default().with(layer, now_ms);
+            let doc = serde_json::json!({ LAYER_RECORD: record });
+            tx.execute(
+                "INSERT INTO layers (key, doc) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET doc = excluded.doc",
+                params![key, to_json(&doc)?],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(record)
         })
         .await
     }
 
-    async fn put_layer(&self, key: &str, layer: Option<serde_json::Value>) -> Result<(), StoreError> {
-        let key = key.to_owned();
+    async fn list_layers(&self) -> Result<Vec<(String, LayerRecord)>, StoreError> {
         self.run(move |c| {
-            match layer {
-                Some(v) => c
-                    .execute(
-                        "INSERT INTO layers (key, doc) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET doc = excluded.doc",
-                        params![key, to_json(&v)?],
-                    )
-                    .map_err(backend)?,
-                None => c.execute("DELETE FROM layers WHERE key = ?1", [&key]).map_err(backend)?,
-            };
-            Ok(())
+            let mut st = c.prepare("SELECT key, doc FROM layers ORDER BY key").map_err(backend)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            rows.into_iter().map(|(k, d)| Ok((k.clone(), layer_record(&k, &d)?))).collect()
         })
         .await
     }
@@ -331,6 +342,26 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// How a layer document with history is wrapped (a bare value is a layer stored before layers
+/// had history: its one revision is the value itself).
+const LAYER_RECORD: &str = "muster.layer/v1";
+
+fn layer_record(key: &str, doc: &str) -> Result<LayerRecord, StoreError> {
+    let mut v: serde_json::Value = serde_json::from_str(doc).map_err(|e| corrupt("layer", key, e))?;
+    match v.get_mut(LAYER_RECORD).map(serde_json::Value::take) {
+        Some(r) => serde_json::from_value(r).map_err(|e| corrupt("layer", key, e)),
+        None => Ok(LayerRecord::default().with(Some(v), 0)),
+    }
+}
+
+fn get_layer_tx(c: &Connection, key: &str) -> Result<Option<LayerRecord>, StoreError> {
+    let doc: Option<String> = c
+        .query_row("SELECT doc FROM layers WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(backend)?;
+    doc.map(|d| layer_record(key, &d)).transpose()
 }
 
 fn list_registrations_tx(c: &Connection) -> Result<Vec<super::Registration>, StoreError> {
@@ -360,15 +391,36 @@ mod layer_tests {
     use super::*;
 
     #[tokio::test]
-    async fn layers_round_trip_and_delete() {
+    async fn layers_keep_their_history_through_a_delete() {
         let s = SqliteStore::in_memory().unwrap();
         assert_eq!(s.get_layer("cluster/lab").await.unwrap(), None);
-        let v = serde_json::json!({"sysctls": {"vm.swappiness": "1"}});
-        s.put_layer("cluster/lab", Some(v.clone())).await.unwrap();
-        s.put_layer("cluster/lab", Some(v.clone())).await.unwrap();
-        assert_eq!(s.get_layer("cluster/lab").await.unwrap(), Some(v));
-        s.put_layer("cluster/lab", None).await.unwrap();
-        assert_eq!(s.get_layer("cluster/lab").await.unwrap(), None);
+        let v1 = serde_json::json!({"sysctls": {"vm.swappiness": "1"}});
+        let v2 = serde_json::json!({"sysctls": {"vm.swappiness": "2"}});
+        s.put_layer("cluster/lab", Some(v1.clone()), 10).await.unwrap();
+        s.put_layer("cluster/lab", Some(v2.clone()), 20).await.unwrap();
+        let r = s.get_layer("cluster/lab").await.unwrap().unwrap();
+        assert_eq!(r.value, Some(v2));
+        s.put_layer("cluster/lab", None, 30).await.unwrap();
+        let r = s.get_layer("cluster/lab").await.unwrap().unwrap();
+        assert_eq!(r.value, None);
+        let revs: Vec<(u64, i64, bool)> =
+            r.revisions.iter().map(|x| (x.revision, x.created_ms, x.value.is_some())).collect();
+        assert_eq!(revs, [(1, 10, true), (2, 20, true), (3, 30, false)]);
+        assert_eq!(r.revisions[0].value, Some(v1));
+        assert_eq!(s.list_layers().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_layer_stored_before_history_reads_as_its_one_revision() {
+        let s = SqliteStore::in_memory().unwrap();
+        let v = serde_json::json!({"hostname": "x"});
+        s.conn
+            .lock()
+            .unwrap()
+            .execute("INSERT INTO layers (key, doc) VALUES ('role/worker', ?1)", [v.to_string()])
+            .unwrap();
+        let r = s.get_layer("role/worker").await.unwrap().unwrap();
+        assert_eq!((r.value, r.revisions.len()), (Some(v), 1));
     }
 }
 
@@ -417,6 +469,7 @@ mod tests {
             cert_not_after_ms: 0,
             config: Default::default(),
             flag: String::new(),
+            revision: 0,
         }
     }
 

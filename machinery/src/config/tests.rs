@@ -155,6 +155,39 @@ fn layers_merge_by_rfc7386() {
 }
 
 #[test]
+fn named_lists_merge_by_their_key_and_patch_delete_removes() {
+    let cluster = json!({
+        "files": [{"path": "/etc/a", "content": "a\n"}, {"path": "/etc/b", "content": "b\n", "mode": "0644"}],
+        "users": [{"name": "ops", "groups": ["sudo"]}],
+        "kernelModules": [{"name": "br_netfilter"}],
+        "network": {"interfaces": [{"name": "eth0", "mtu": 9000, "vlans": [{"id": 10, "dhcp": true}]}]},
+    });
+    let machine = json!({
+        "files": [{"path": "/etc/b", "mode": "0600"}, {"path": "/etc/c", "content": "c\n"}, {"path": "/etc/a", "$patch": "delete"}],
+        "users": [{"name": "dev"}],
+        "network": {"interfaces": [{"name": "eth0", "addresses": ["10.0.0.5/24"], "vlans": [{"id": 20, "dhcp": true}]}]},
+    });
+    let (c, _) = render(&[("cluster", &cluster), ("machine", &machine)]).unwrap();
+    let files: Vec<(&str, Option<&str>, Option<&str>)> =
+        c.files.iter().map(|f| (f.path.as_str(), f.content.as_deref(), f.mode.as_deref())).collect();
+    assert_eq!(
+        files,
+        [("/etc/b", Some("b\n"), Some("0600")), ("/etc/c", Some("c\n"), None)],
+        "b merged (its content kept, its mode overridden), c added, a deleted"
+    );
+    let users: Vec<&str> = c.users.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(users, ["ops", "dev"], "the cluster's user is not dropped by the machine's");
+    assert_eq!(c.kernel_modules.len(), 1);
+    let eth0 = &c.network.as_ref().unwrap().interfaces[0];
+    assert_eq!((eth0.mtu, eth0.addresses.clone()), (Some(9000), vec!["10.0.0.5/24".to_string()]));
+    let vlans: Vec<u16> = eth0.vlans.iter().map(|v| v.id).collect();
+    assert_eq!(vlans, [10, 20]);
+    // Lists that are not named things still replace (RFC 7386).
+    let (c, _) = render(&[("a", &json!({"timeServers": ["a"]})), ("b", &json!({"timeServers": ["b"]}))]).unwrap();
+    assert_eq!(c.time_servers, ["b"]);
+}
+
+#[test]
 fn render_applies_cluster_then_role_then_machine() {
     let cluster = json!({"sysctls": {"net.ipv4.ip_forward": "1", "vm.swappiness": "10"}, "timeServers": ["pool.ntp.org"]});
     let role =
