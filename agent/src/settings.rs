@@ -65,9 +65,13 @@ pub struct Flags {
     /// Controller gRPC endpoint, https://HOST:PORT [kernel: muster.controller=]
     #[arg(long, value_name = "URL")]
     pub controller: Option<String>,
-    /// Join token ID.SECRET; needed only for the first enrollment [kernel: muster.token=]
-    #[arg(long, value_name = "TOKEN")]
+    /// Join token ID.SECRET; needed only for the first enrollment. A flag's value is visible
+    /// to every user in `ps`: prefer --token-file or the environment [kernel: muster.token=]
+    #[arg(long, value_name = "TOKEN", env = "MUSTER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the join token from this file (its first line).
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Pin of the controller's CA, sha256:<64 hex>, as printed by `muster-controller init`
     /// [kernel: muster.ca_hash=]
     #[arg(long, value_name = "sha256:HEX")]
@@ -163,8 +167,24 @@ impl Flags {
                 format!("{controller:?} must look like https://HOST:PORT"),
             ));
         }
+        let from_file = match &self.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| err("token-file", "token", format!("{}: {e}", p.display())))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            )
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| err("token-file", "token", format!("{} is empty", p.display())))
+            .map(Some)?,
+            None => None,
+        };
         let token = self
             .token
+            .or(from_file)
             .or_else(|| k("token"))
             .filter(|t| !t.is_empty())
             .map(|t| JoinToken::parse(&t).map_err(|e| err("token", "token", e.to_string())))
@@ -299,5 +319,25 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(flags.resolve("").unwrap().1.metrics_listen, None);
+    }
+
+    #[test]
+    fn the_token_can_come_from_a_file_kept_out_of_ps() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+        let flags = Flags {
+            controller: Some("https://x:1".into()),
+            token_file: Some(file.clone()),
+            ..Default::default()
+        };
+        let (cfg, _) = flags.resolve("muster.token=other.0123456789abcdefghijklmnopqrstuv").unwrap();
+        assert_eq!(cfg.token.map(|t| t.to_string()).as_deref(), Some(TOKEN), "the file wins over the kernel");
+        std::fs::write(&file, "\n").unwrap();
+        let flags =
+            Flags { controller: Some("https://x:1".into()), token_file: Some(file), ..Default::default() };
+        assert!(flags.resolve("").unwrap_err().to_string().starts_with("--token-file"));
+        let both = Flags::try_parse_from(["muster-agent", "--token", TOKEN, "--token-file", "/x"]);
+        assert!(both.is_err(), "one or the other");
     }
 }

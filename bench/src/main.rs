@@ -145,7 +145,8 @@ async fn run(args: &Args) -> Result<Report> {
     let data_dir = tmp.path().join("controller");
     // The harness polls for the controller's ports.json with blocking sleeps.
     let ctl = tokio::task::spawn_blocking(move || {
-        ControllerProc::start(&data_dir, "127.0.0.1:0", "127.0.0.1:0", &[])
+        // Every simulated agent enrolls from 127.0.0.1: lift the per-address enrollment limit.
+        ControllerProc::start(&data_dir, "127.0.0.1:0", "127.0.0.1:0", &["--enroll-rate", "1000000"])
     })
     .await?
     .with_context(|| format!("starting {}", binary.display()))?;
@@ -359,12 +360,7 @@ async fn bench(args: &Args, ctl: &ControllerProc, binary: &Path) -> Result<Repor
 
     // The fleet as the controller sees it, while every stream is still open.
     let t = Instant::now();
-    let machines = admin
-        .list_machines(pb::ListMachinesRequest {})
-        .await
-        .context("listing machines")?
-        .into_inner()
-        .machines;
+    let machines = muster_cli::list::all_machines(&mut admin).await.context("listing machines")?;
     let m = &mut report.machines;
     m.list_ms = t.elapsed().as_secs_f64() * 1e3;
     m.total = machines.len();

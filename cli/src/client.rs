@@ -11,7 +11,7 @@
 //! let path = client::musterconfig_path(None)?;
 //! let cfg = client::load_musterconfig(&path)?;
 //! let mut admin = client::admin_client(&cfg).await?;
-//! let machines = admin.list_machines(pb::ListMachinesRequest {}).await;
+//! let machines = admin.list_machines(pb::ListMachinesRequest::default()).await;
 //! # let _ = machines;
 //! # Ok(()) }
 //! ```

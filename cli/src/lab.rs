@@ -485,13 +485,7 @@ async fn wait_ready(admin: &mut Admin, n: usize, logs: &Path) -> Result<Vec<pb::
     let start = Instant::now();
     let mut last = usize::MAX;
     loop {
-        let ms = admin
-            .client
-            .list_machines(pb::ListMachinesRequest {})
-            .await
-            .map_err(|s| admin.explain(s))?
-            .into_inner()
-            .machines;
+        let ms = muster_cli::list::all_machines(&mut admin.client).await.map_err(|s| admin.explain(s))?;
         let ready = ms.iter().filter(|m| m.state == pb::MachineState::Ready as i32 && m.connected).count();
         if ready != last {
             eprintln!("waiting for agents: {ready}/{n} ready");

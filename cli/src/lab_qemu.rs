@@ -129,6 +129,10 @@ pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
         format!("https://{GUEST_ADDR}:{GUEST_GRPC}"),
         s("--boot-kernel-args"),
         s("console=ttyS0 panic=-1"),
+        // QEMU's user networking connects every VM from 127.0.0.1, where the controller cannot
+        // see a MAC: the lab trusts the MACs its own VMs report (a LAN needs no such flag).
+        s("--trust-reported-macs"),
+        s("127.0.0.1/32"),
     ];
     let mut children: Vec<Child> = vec![spawn(&controller_bin, &ctl_args, &ctl_log)?];
     let result = async {
@@ -191,13 +195,7 @@ pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
                     bail!("lab-vm-{i}: QEMU exited ({st}):\n{}", tail(&dir.join(format!("{}.qemu.log", vm_name(i)))));
                 }
             }
-            let ms = admin
-                .client
-                .list_machines(pb::ListMachinesRequest {})
-                .await
-                .map_err(|st| admin.explain(st))?
-                .into_inner()
-                .machines;
+            let ms = muster_cli::list::all_machines(&mut admin.client).await.map_err(|st| admin.explain(st))?;
             for m in &ms {
                 let state = format!(
                     "{}{}",

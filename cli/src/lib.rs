@@ -6,3 +6,4 @@
 //! `muster-controller` only) `muster-controller`.
 
 pub mod client;
+pub mod list;

@@ -94,13 +94,7 @@ pub enum Verb {
 pub async fn list(ctx: &Ctx, args: ListArgs) -> Result<()> {
     let mut a = ctx.admin().await?;
     loop {
-        let ms = a
-            .client
-            .list_machines(pb::ListMachinesRequest {})
-            .await
-            .map_err(|s| a.explain(s))?
-            .into_inner()
-            .machines;
+        let ms = muster_cli::list::all_machines(&mut a.client).await.map_err(|s| a.explain(s))?;
         match args.output {
             Output::Table => {
                 if args.watch {
@@ -257,14 +251,7 @@ pub async fn health(ctx: &Ctx, id: Option<String>, output: Output) -> Result<()>
             .await
             .map_err(|s| a.explain(s))?
             .into_inner()],
-        None => {
-            a.client
-                .list_machines(pb::ListMachinesRequest {})
-                .await
-                .map_err(|s| a.explain(s))?
-                .into_inner()
-                .machines
-        }
+        None => muster_cli::list::all_machines(&mut a.client).await.map_err(|s| a.explain(s))?,
     };
     match output {
         Output::Table if ms.is_empty() => eprintln!("{NO_MACHINES}"),

@@ -76,7 +76,8 @@ impl Metrics {
         Self { registry, enrollments, rpc_requests, rpc_duration, store_duration }
     }
 
-    /// Counts an enrollment attempt: `accepted`, `pending`, `rejected_token`, `rejected_csr`, `error`.
+    /// Counts an enrollment attempt: `accepted`, `pending`, `repeated` (the same key again),
+    /// `rejected_token`, `rejected_csr`, `rate_limited`, `rejected_pending_cap`, `error`.
     pub fn enrollment(&self, result: &'static str) {
         self.enrollments.get_or_create(&vec![("result", result.to_owned())]).inc();
     }

@@ -132,6 +132,9 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let ports = Ports { grpc: grpc_addr, http: http_addr, pid: std::process::id() };
 
     let dir = DataDir::new(&opts.data_dir);
+    // Keys, the state database and the boot token live here: only the controller reads it.
+    muster_util::create_dir_private(dir.root())
+        .map_err(|source| ServeError::Write { path: dir.root().to_owned(), source })?;
     if !dir.has_ca() {
         let out = pki::init(&dir, &opts.sans, &local_endpoint(grpc_addr))?;
         tracing::info!(dir = %dir.root().display(), pin = %out.pin, "initialised a new controller data dir");
@@ -141,7 +144,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let store = Arc::new(SqliteStore::open(&dir.state_db())?);
     let tls = tls::server_config(&pki)?;
     let ports_json = serde_json::to_vec_pretty(&ports).map_err(|e| ServeError::Runtime(e.to_string()))?;
-    muster_util::write_atomic(&dir.ports(), &ports_json, 0o644)
+    muster_util::write_atomic(&dir.ports(), &ports_json, 0o600)
         .map_err(|source| ServeError::Write { path: dir.ports(), source })?;
 
     let controller = Controller::new(store, pki, opts.controller.clone(), Arc::new(Metrics::new())).await?;

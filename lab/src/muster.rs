@@ -180,8 +180,11 @@ pub fn start_agent(
         // Test agents run in this machine's namespaces: never apply configs to it.
         .arg("--no-apply-config")
         .args(extra);
-    if !token.is_empty() {
-        cmd.args(["--token", token]);
+    // In the environment, not on the command line, where every user's `ps` would show it.
+    if token.is_empty() {
+        cmd.env_remove("MUSTER_TOKEN");
+    } else {
+        cmd.env("MUSTER_TOKEN", token);
     }
     cmd.env("RUST_LOG", "info");
     Proc::spawn(&mut cmd, state_dir.with_extension(format!("log.{}", now_nanos())))

@@ -95,6 +95,13 @@ mod tests {
     }
 
     #[test]
+    fn debug_is_the_pin_itself() {
+        let s = format!("sha256:{}", "0f".repeat(32));
+        let p: CaPin = s.parse().unwrap();
+        assert_eq!(format!("{p:?}"), s);
+    }
+
+    #[test]
     fn garbage_certificate_is_an_error() {
         assert!(matches!(CaPin::of_cert_der(b"nope"), Err(PinError::Certificate(_))));
         assert!(matches!(CaPin::of_cert_pem("nope"), Err(PinError::Certificate(_))));

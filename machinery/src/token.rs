@@ -159,4 +159,47 @@ mod tests {
         assert_eq!(JoinToken::parse(&t.to_string()).unwrap(), t);
         assert!(JoinToken::from_random(&bytes[..10]).is_none());
     }
+
+    #[test]
+    fn random_bytes_map_onto_the_whole_alphabet() {
+        // Byte i picks ALPHABET[i % 36]: all 36 characters can appear, so a secret keeps its
+        // ~165 bits (a mapping onto fewer characters would still parse, with less entropy).
+        let bytes: Vec<u8> = (0u8..38).collect();
+        let t = JoinToken::from_random(&bytes).unwrap();
+        assert_eq!(t.to_string(), "abcdef.ghijklmnopqrstuvwxyz0123456789ab");
+        let high: Vec<u8> = (218u8..=255).collect();
+        assert_eq!(
+            JoinToken::from_random(&high).unwrap().to_string(),
+            "cdefgh.ijklmnopqrstuvwxyz0123456789abcd"
+        );
+        // Exactly ID_LEN + SECRET_LEN bytes are enough; one fewer is not; extra ones are unused.
+        assert!(JoinToken::from_random(&bytes[..ID_LEN + SECRET_LEN - 1]).is_none());
+        let mut more = bytes.clone();
+        more.extend([1, 2, 3]);
+        assert_eq!(JoinToken::from_random(&more).unwrap(), t);
+    }
+
+    #[test]
+    fn redact_keeps_only_a_well_formed_id() {
+        assert_eq!(redact(GOOD), "abc123.<redacted>");
+        assert_eq!(redact("abc123.anything at all"), "abc123.<redacted>");
+        for bad in [
+            "",
+            "abc123",
+            "0123456789abcdefghijklmnopqrstuv",
+            "abc12.0123456789abcdefghijklmnopqrstuv",
+            "abc1234.0123456789abcdefghijklmnopqrstuv",
+            "ABC123.0123456789abcdefghijklmnopqrstuv",
+            "abc!23.0123456789abcdefghijklmnopqrstuv",
+            "hunter2-password.x",
+        ] {
+            assert_eq!(redact(bad), "<redacted>", "{bad}");
+        }
+    }
+
+    #[test]
+    fn debug_shows_the_id_only() {
+        let t = JoinToken::parse(GOOD).unwrap();
+        assert_eq!(format!("{t:?}"), "JoinToken(abc123.<redacted>)");
+    }
 }

@@ -96,6 +96,7 @@ pub struct TestController {
 }
 
 /// A machine enrolled by a test: its id, certificate and key.
+#[derive(Debug, Clone)]
 pub struct Enrolled {
     pub id: String,
     pub cert: String,
@@ -111,10 +112,36 @@ impl TestController {
     }
 
     pub async fn start_with(opts: ControllerOptions) -> Result<Self> {
+        Self::start_full(opts, false).await
+    }
+
+    /// A controller that also serves network boot (`/boot/...`), with stand-in kernel and
+    /// initramfs files (the boot scripts only name them).
+    pub async fn start_with_boot(opts: ControllerOptions) -> Result<Self> {
+        Self::start_full(opts, true).await
+    }
+
+    async fn start_full(opts: ControllerOptions, boot: bool) -> Result<Self> {
         init_crypto();
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("ctl");
-        let running = Self::serve(&data_dir, "127.0.0.1:0".parse()?, opts).await?;
+        let boot = if boot {
+            let assets = dir.path().join("assets");
+            std::fs::create_dir_all(&assets)?;
+            for f in [muster_machinery::boot::KERNEL, muster_machinery::boot::INITRD] {
+                std::fs::write(assets.join(f), b"stand-in")?;
+            }
+            Some(muster_controller::fleet::boot::BootOptions {
+                assets,
+                controller_url: None,
+                kernel_args: String::new(),
+                proxy_dhcp: None,
+                tftp_root: None,
+            })
+        } else {
+            None
+        };
+        let running = Self::serve_with(&data_dir, "127.0.0.1:0".parse()?, opts, boot).await?;
         let endpoint = format!("https://127.0.0.1:{}", running.ports.grpc.port());
         let mc = muster_machinery::musterconfig::MusterConfig::from_yaml(&std::fs::read_to_string(
             data_dir.join("musterconfig"),
@@ -127,13 +154,22 @@ impl TestController {
         grpc: std::net::SocketAddr,
         controller: ControllerOptions,
     ) -> Result<Running> {
+        Self::serve_with(data_dir, grpc, controller, None).await
+    }
+
+    async fn serve_with(
+        data_dir: &Path,
+        grpc: std::net::SocketAddr,
+        controller: ControllerOptions,
+        boot: Option<muster_controller::fleet::boot::BootOptions>,
+    ) -> Result<Running> {
         Ok(serve::start(ServeOptions {
             data_dir: data_dir.to_owned(),
             grpc_listen: grpc,
             http_listen: "127.0.0.1:0".parse()?,
             sans: vec![],
             controller,
-            boot: None,
+            boot,
         })
         .await?)
     }
@@ -183,7 +219,17 @@ impl TestController {
         inventory: muster_proto::pb::Inventory,
     ) -> Result<std::result::Result<Enrolled, tonic::Status>> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let csr = rcgen::CertificateParams::new(vec![])?.serialize_request(&key)?.pem()?;
+        self.enroll_key(token, &key, inventory).await
+    }
+
+    /// Enrolls `key` with `token` and `inventory`.
+    pub async fn enroll_key(
+        &self,
+        token: &str,
+        key: &rcgen::KeyPair,
+        inventory: muster_proto::pb::Inventory,
+    ) -> Result<std::result::Result<Enrolled, tonic::Status>> {
+        let csr = rcgen::CertificateParams::new(vec![])?.serialize_request(key)?.pem()?;
         let r = self
             .anon_agent()
             .await?
@@ -211,7 +257,7 @@ impl TestController {
         Ok(self
             .admin()
             .await?
-            .list_machines(muster_proto::pb::ListMachinesRequest {})
+            .list_machines(muster_proto::pb::ListMachinesRequest { page_size: 1000, ..Default::default() })
             .await?
             .into_inner()
             .machines

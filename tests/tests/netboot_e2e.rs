@@ -5,7 +5,11 @@
 //! serial log on failure (the temp dir is persisted then).
 //!
 //! The VMs use QEMU user-mode networking with `restrict=on`: they reach only the controller's
-//! loopback ports, forwarded at 10.0.2.100. Nothing leaves this machine.
+//! loopback ports, forwarded at 10.0.2.100. Nothing leaves this machine. User-mode networking
+//! connects every guest to the controller from 127.0.0.1, so the controller cannot see a
+//! guest's MAC: these controllers trust MACs reported from loopback (`--trust-reported-macs`),
+//! as an operator behind NAT would. The ProxyDHCP test puts a VM on a real bridged LAN with the
+//! controller, which confirms the VM's MAC from its own neighbour table.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -69,6 +73,9 @@ fn boot_controller(dir: &Path, bundle: &Path, ports: Option<(u16, u16)>) -> Resu
             &url,
             "--boot-kernel-args",
             "console=ttyS0 panic=-1",
+            // QEMU's user networking: every guest connects from loopback (see the top).
+            "--trust-reported-macs",
+            "127.0.0.1/32",
         ],
     )?)
 }
@@ -267,7 +274,8 @@ fn ip(args: &[&str]) {
 
 /// A LAN in namespaces: a bridge (in `lan`), the home router's DHCP server (dnsmasq, addresses
 /// only, in `rtr`), the controller with ProxyDHCP and TFTP (in `ctl`), and a VM on a tap in the
-/// bridge. The VM gets its address from dnsmasq and its boot information from Muster.
+/// bridge. The VM gets its address from dnsmasq and its boot information from Muster, and takes
+/// its registration because the controller sees its MAC on the LAN.
 #[test]
 fn proxy_dhcp_beside_a_real_dhcp_server_boots_a_vm_and_tftp_serves_ipxe() {
     let tmp = Keep::new();
@@ -385,8 +393,21 @@ fn proxy_dhcp_beside_a_real_dhcp_server_boots_a_vm_and_tftp_serves_ipxe() {
     assert!(out.status.success(), "tftp: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(&got).unwrap(), std::fs::read("/usr/lib/ipxe/undionly.kkpxe").unwrap());
 
-    // A VM on the LAN boots through Muster and lands pending (not registered).
+    // A VM registered by its MAC boots on the LAN through Muster and takes its registration:
+    // the controller confirms the MAC from its own neighbour table (it trusts no network here).
     let m = mac(4, 1);
+    cli(&[
+        "machine",
+        "register",
+        "--mac",
+        &m,
+        "--hostname",
+        "vm-lan",
+        "--role",
+        "worker",
+        "--cluster",
+        "lan",
+    ]);
     let mut spec = VmSpec::new("vm-proxy", &m, Boot::Network, Net::Tap { ifname: "tap0".into() });
     spec.netns = Some(lan.clone());
     let mut vm = Vm::start(&spec, tmp.path()).unwrap();
@@ -395,12 +416,15 @@ fn proxy_dhcp_beside_a_real_dhcp_server_boots_a_vm_and_tftp_serves_ipxe() {
         vm.check().unwrap();
         assert!(ctl.alive(), "controller exited: {}", ctl.log_text());
         let v: serde_json::Value = serde_json::from_str(&cli(&["machines", "-o", "json"])).unwrap();
-        let found = v.as_array().unwrap().iter().any(|x| {
-            x["macs"].as_array().is_some_and(|a| a.iter().any(|y| y.as_str() == Some(m.as_str())))
-                && x["state"] == "pending"
-        });
-        if found {
-            break;
+        let found =
+            v.as_array().unwrap().iter().find(|x| {
+                x["macs"].as_array().is_some_and(|a| a.iter().any(|y| y.as_str() == Some(m.as_str())))
+            });
+        if let Some(x) = found {
+            assert_ne!(x["state"], "pending", "the registration was not given: {x}\n{}", ctl.log_text());
+            if x["state"] == "ready" && x["hostname"] == "vm-lan" && x["role"] == "worker" {
+                break;
+            }
         }
         assert!(
             start.elapsed() < BOOT_TIMEOUT,
@@ -410,6 +434,7 @@ fn proxy_dhcp_beside_a_real_dhcp_server_boots_a_vm_and_tftp_serves_ipxe() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    assert!(ctl.log_text().contains("evidence=\"neighbour table\""), "{}", ctl.log_text());
     // Its address came from the LAN's DHCP server, not from Muster.
     assert!(
         std::fs::read_to_string(&leases).unwrap_or_default().contains(&m),

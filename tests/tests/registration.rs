@@ -1,12 +1,29 @@
 //! Boot tokens and pre-registered machines: a boot token (public in boot scripts) only creates
-//! `pending` machines, except a registered MAC's first claimant, which is accepted with the
-//! registered hostname, role, cluster and config; a second claimant is flagged and left pending.
+//! `pending` machines, except a registered MAC's first claimant that the controller can confirm
+//! has that MAC (its neighbour table, or a network trusted with `--trust-reported-macs`), which
+//! is accepted with the registered hostname, role, cluster and config; a claimant without that
+//! evidence waits for an operator's approval; a second claimant is flagged and left pending.
+//! The boot script answers every MAC the same unless the requester is confirmed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use muster_controller::fleet::admission::AdmissionOptions;
+use muster_controller::fleet::ControllerOptions;
 use muster_proto::pb;
 use muster_tests::TestController;
 use tonic::Code;
+
+/// A controller that takes MACs reported from loopback as evidence (as `--trust-reported-macs
+/// 127.0.0.1/32` does): the tests' clients all connect from there.
+fn trusting_loopback() -> ControllerOptions {
+    ControllerOptions {
+        admission: AdmissionOptions {
+            trust_reported_macs: vec!["127.0.0.1/32".parse().unwrap()],
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
 
 fn inventory(hostname: &str, mac: &str) -> pb::Inventory {
     pb::Inventory {
@@ -59,7 +76,7 @@ async fn a_boot_token_alone_only_makes_pending_machines() {
 
 #[tokio::test]
 async fn a_registered_machine_is_accepted_with_its_role_hostname_and_config_once() {
-    let f = TestController::start().await.unwrap();
+    let f = TestController::start_with(trusting_loopback()).await.unwrap();
     let mut admin = f.admin().await.unwrap();
     let reg = admin
         .register_machine(pb::RegisterMachineRequest {
@@ -211,7 +228,7 @@ async fn assigning_a_role_applies_that_roles_config_layer() {
 #[tokio::test]
 async fn boot_policy_decides_per_machine() {
     use muster_controller::fleet::boot::BootDecision;
-    let f = TestController::start().await.unwrap();
+    let f = TestController::start_with(trusting_loopback()).await.unwrap();
     let c = &f.running.controller;
     let mut admin = f.admin().await.unwrap();
     let register = |mac: &str, uuid: &str, boot_local: bool| pb::RegisterMachineRequest {
@@ -229,7 +246,7 @@ async fn boot_policy_decides_per_machine() {
     admin.register_machine(register("52:54:00:00:01:02", "", true)).await.unwrap();
     admin.register_machine(register("52:54:00:00:01:03", uuid, false)).await.unwrap();
     let decide = |mac: &'static str, uuid: Option<&'static str>| async move {
-        c.boot_decision(Some(mac), uuid, "CMDLINE").await.unwrap()
+        c.boot_decision(Some(mac), uuid, "CMDLINE", Some("127.0.0.1".parse().unwrap())).await.unwrap()
     };
     let profile = |d: BootDecision| match d {
         BootDecision::Boot { profile, cmdline } => {
@@ -255,5 +272,128 @@ async fn boot_policy_decides_per_machine() {
     admin.revoke(pb::MachineRef { query: m.id.clone() }).await.unwrap();
     let d = profile(decide("52:54:00:00:01:01", None).await);
     assert!(d.starts_with("exit: ") && d.contains("revoked"), "{d}");
+    f.still_serving().await.unwrap();
+}
+
+/// The attack: a client anywhere reports a registered MAC in its inventory. Without evidence
+/// that it has that MAC it gets nothing of the registration (no role, cluster, hostname or
+/// config, so no cluster secrets); the registration stays for the real machine; an operator's
+/// approval gives it the registration.
+#[tokio::test]
+async fn a_reported_mac_alone_never_claims_a_registration() {
+    let f = TestController::start().await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    admin
+        .register_machine(pb::RegisterMachineRequest {
+            registration: Some(pb::Registration {
+                mac: "52:54:00:aa:00:20".into(),
+                hostname: "db-1".into(),
+                role: pb::Role::Worker.into(),
+                cluster: "prod".into(),
+                yaml: CONFIG.into(),
+                ..Default::default()
+            }),
+            force: false,
+        })
+        .await
+        .unwrap();
+    let token = boot_token(&f).await;
+    let m = f.enroll_with(&token, inventory("attacker", "52:54:00:aa:00:20")).await.unwrap().unwrap();
+    let got = machine(&f, &m.id).await;
+    assert_eq!(got.state, pb::MachineState::Pending as i32, "{got:?}");
+    assert_eq!((got.role, got.cluster.as_str(), got.hostname.as_str()), (0, "", "attacker"));
+    assert!(got.warnings.iter().any(|w| w.contains("muster approve")), "{:?}", got.warnings);
+    let cfg = admin
+        .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((cfg.generation, cfg.yaml.as_str()), (0, ""), "no config");
+    let regs = admin.list_registrations(pb::ListRegistrationsRequest {}).await.unwrap().into_inner();
+    assert_eq!(regs.registrations[0].claimed_by, "", "still there for the real machine");
+
+    // The operator vouches for it: approval gives it the registration.
+    let approved = admin.approve(pb::MachineRef { query: m.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(approved.state, pb::MachineState::Ready as i32);
+    assert_eq!((approved.role, approved.cluster.as_str()), (pb::Role::Worker as i32, "prod"));
+    assert_eq!(approved.hostname, "db-1");
+    let cfg = admin
+        .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cfg.generation >= 1 && cfg.yaml.contains("registered"), "{}", cfg.yaml);
+    let regs = admin.list_registrations(pb::ListRegistrationsRequest {}).await.unwrap().into_inner();
+    assert_eq!(regs.registrations[0].claimed_by, m.id);
+    f.still_serving().await.unwrap();
+}
+
+/// `/boot/machine.ipxe?mac=X` says the same for a registered MAC, a boot-local one, a revoked
+/// machine's and an unknown one when the requester is not confirmed to have that MAC: the
+/// script tells nobody which MACs the controller knows.
+#[tokio::test]
+async fn the_boot_script_answers_every_unconfirmed_mac_the_same() {
+    let f = TestController::start_with_boot(ControllerOptions::default()).await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    for (mac, boot_local) in [("52:54:00:00:02:01", false), ("52:54:00:00:02:02", true)] {
+        admin
+            .register_machine(pb::RegisterMachineRequest {
+                registration: Some(pb::Registration {
+                    mac: mac.into(),
+                    hostname: "n".into(),
+                    boot_local,
+                    ..Default::default()
+                }),
+                force: false,
+            })
+            .await
+            .unwrap();
+    }
+    let token = f.token(0, 1).await.unwrap();
+    let m = f.enroll_with(&token, inventory("gone", "52:54:00:00:02:03")).await.unwrap().unwrap();
+    admin.revoke(pb::MachineRef { query: m.id.clone() }).await.unwrap();
+    let http = f.running.ports.http;
+    let script = |mac: &'static str| async move {
+        let r = muster_tests::http_get(http, &format!("/boot/machine.ipxe?mac={mac}"), &[]).await.unwrap();
+        assert_eq!(r.status, 200);
+        r.text()
+    };
+    let unknown = script("52-54-00-00-02-09").await;
+    assert!(unknown.contains("kernel /boot/assets/"), "{unknown}");
+    for mac in ["52-54-00-00-02-01", "52-54-00-00-02-02", "52-54-00-00-02-03"] {
+        assert_eq!(script(mac).await, unknown, "{mac} is answered like an unknown MAC");
+    }
+    f.still_serving().await.unwrap();
+}
+
+/// A hostname is what the node says: it is validated, and it never wins a lookup by MAC; a
+/// name that matches two machines in different ways is refused, not guessed.
+#[tokio::test]
+async fn lookups_cannot_be_hijacked_by_a_hostname() {
+    let f = TestController::start().await.unwrap();
+    let token = f.token(0, 10).await.unwrap();
+    let victim = f.enroll_with(&token, inventory("victim", "02:00:00:00:13:89")).await.unwrap().unwrap();
+    let mut admin = f.admin().await.unwrap();
+    // A MAC-shaped hostname is not a valid hostname: it is dropped.
+    let hijack =
+        f.enroll_with(&token, inventory("02:00:00:00:13:89", "02:00:00:00:99:99")).await.unwrap().unwrap();
+    assert_eq!(machine(&f, &hijack.id).await.hostname, "", "not a hostname");
+    let got =
+        admin.get_machine(pb::MachineRef { query: "02:00:00:00:13:89".into() }).await.unwrap().into_inner();
+    assert_eq!(got.id, victim.id, "a MAC-shaped query resolves by MAC only");
+    // Control characters never make it into a hostname.
+    let esc = f
+        .enroll_with(&token, inventory("x\u{1b}]0;pwn\u{7}\ny", "02:00:00:00:99:98"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(machine(&f, &esc.id).await.hostname, "");
+    // A hostname that is another machine's id prefix: ambiguous, refused.
+    let prefix = victim.id[..4].to_owned();
+    let squatter = f.enroll_with(&token, inventory(&prefix, "02:00:00:00:99:97")).await.unwrap().unwrap();
+    assert_eq!(machine(&f, &squatter.id).await.hostname, prefix);
+    let err = admin.approve(pb::MachineRef { query: prefix.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("ambiguous") && err.message().contains(&victim.id), "{err:?}");
     f.still_serving().await.unwrap();
 }

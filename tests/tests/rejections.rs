@@ -32,8 +32,10 @@ mod futures_stream {
 async fn no_client_cert_is_rejected() {
     let f = TestController::start().await.unwrap();
     let ch = channel(&f.endpoint, &f.mc.ca, None).await.unwrap();
-    let err =
-        AdminServiceClient::new(ch.clone()).list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
+    let err = AdminServiceClient::new(ch.clone())
+        .list_machines(pb::ListMachinesRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     let err = AgentServiceClient::new(ch.clone()).connect(hello_stream()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
@@ -53,7 +55,7 @@ async fn cert_from_another_ca_is_rejected() {
     let result = match channel(&f.endpoint, &f.mc.ca, Some((&foreign.cert, &foreign.key))).await {
         Err(e) => Err(e.to_string()),
         Ok(ch) => AdminServiceClient::new(ch)
-            .list_machines(pb::ListMachinesRequest {})
+            .list_machines(pb::ListMachinesRequest::default())
             .await
             .map(|_| ())
             .map_err(|s| format!("{s:?}")),
@@ -69,7 +71,7 @@ async fn agent_cert_on_admin_api_is_rejected() {
     let m = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
     let ch = channel(&f.endpoint, &f.mc.ca, Some((&m.cert, &m.key))).await.unwrap();
     let mut admin = AdminServiceClient::new(ch);
-    let err = admin.list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
+    let err = admin.list_machines(pb::ListMachinesRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     let err =
         admin.create_token(pb::CreateTokenRequest { uses: 100, ..Default::default() }).await.unwrap_err();
@@ -101,7 +103,7 @@ async fn expired_token_is_rejected() {
     let f = TestController::start().await.unwrap();
     let t = f.token(1, 1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let err = f.enroll(&t).await.err().expect("expired token must fail");
+    let err = f.enroll(&t).await.expect_err("expired token must fail");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     assert!(err.message().contains("expired"), "{err}");
     assert_eq!(f.machine_count().await.unwrap(), 0);
@@ -113,7 +115,7 @@ async fn reused_single_use_token_is_rejected() {
     let f = TestController::start().await.unwrap();
     let t = f.token(0, 0).await.unwrap(); // defaults: single use
     f.enroll(&t).await.unwrap();
-    let err = f.enroll(&t).await.err().expect("second use must fail");
+    let err = f.enroll(&t).await.expect_err("second use must fail");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     assert!(err.message().contains("no uses left"), "{err}");
     assert_eq!(f.machine_count().await.unwrap(), 1);
@@ -246,7 +248,8 @@ async fn csr_asking_for_ca_and_extra_sans_gets_neither() {
     // And the certificate does not open the admin API.
     let m = Enrolled { id: r.machine_id, cert: r.certificate_pem, key: key.serialize_pem() };
     let ch = channel(&f.endpoint, &f.mc.ca, Some((&m.cert, &m.key))).await.unwrap();
-    let err = AdminServiceClient::new(ch).list_machines(pb::ListMachinesRequest {}).await.unwrap_err();
+    let err =
+        AdminServiceClient::new(ch).list_machines(pb::ListMachinesRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     f.still_serving().await.unwrap();
 }

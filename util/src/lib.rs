@@ -7,9 +7,15 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-/// Creates `dir` (and parents) with mode 0700 if it does not exist.
+/// Creates `dir` (and parents) with mode 0700 if it does not exist, and makes an existing one
+/// 0700 too (but never a shared sticky directory such as /tmp).
 pub fn create_dir_private(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o777 != 0o700 && mode & 0o1000 == 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Writes `data` to `path` with exactly `mode`: temp file (`.NAME.tmp`) in the same directory,
@@ -93,6 +99,9 @@ mod tests {
         let d = t.path().join("a/b");
         create_dir_private(&d).unwrap();
         assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        create_dir_private(&d).unwrap();
+        assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700, "an existing one too");
     }
 
     #[test]

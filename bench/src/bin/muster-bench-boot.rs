@@ -331,7 +331,7 @@ async fn boot_once(
                 }
             }
         }
-        let ms = admin.list_machines(pb::ListMachinesRequest {}).await?.into_inner().machines;
+        let ms = muster_cli::list::all_machines(&mut admin).await?;
         if let Some(m) = ms.iter().find(|m| m.macs.contains(&mac)) {
             if enrolled.is_none() {
                 enrolled = Some(now);

@@ -64,6 +64,8 @@ enum Cmd {
         #[command(flatten)]
         health: HealthArgs,
         #[command(flatten)]
+        admission: AdmissionArgs,
+        #[command(flatten)]
         boot: Box<BootArgs>,
     },
     /// Print the CA pin of an initialised data dir.
@@ -71,6 +73,42 @@ enum Cmd {
         #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
     },
+}
+
+/// Who may enroll, and how fast: what a public boot token can cost, and what counts as evidence
+/// that an enrolling client has the MAC a registration names.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Admission")]
+struct AdmissionArgs {
+    /// Machines waiting for approval, at most (further enrollments that would wait are refused).
+    #[arg(long, default_value_t = 1000)]
+    max_pending: usize,
+    /// Machines one token admitted that wait for approval, at most.
+    #[arg(long, default_value_t = 200)]
+    max_pending_per_token: usize,
+    /// Enrollments one source address may make per minute (and at once).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    enroll_rate: u32,
+    /// Take the MACs that clients in this network report as proof that they have them, for
+    /// registrations (repeatable). Without it a registration is only claimed when this host's
+    /// own neighbour (ARP) table maps the client's address to the registered MAC, i.e. the
+    /// client is on a LAN this host is on; otherwise the claim waits for `muster approve`. For
+    /// routed or NATed networks (QEMU user networking reaches the controller from 127.0.0.1).
+    /// Anyone who can connect from such a network can claim a registration by naming its MAC.
+    #[arg(long, value_name = "CIDR")]
+    trust_reported_macs: Vec<muster_controller::fleet::admission::Cidr>,
+}
+
+impl From<AdmissionArgs> for muster_controller::fleet::admission::AdmissionOptions {
+    fn from(a: AdmissionArgs) -> Self {
+        Self {
+            max_pending: a.max_pending,
+            max_pending_per_token: a.max_pending_per_token,
+            enroll_burst: a.enroll_rate,
+            enroll_per_minute: a.enroll_rate,
+            trust_reported_macs: a.trust_reported_macs,
+        }
+    }
 }
 
 /// Network boot: iPXE scripts, kernel and initramfs on the HTTP listener; optionally ProxyDHCP
@@ -239,7 +277,16 @@ fn run() -> Result<()> {
             println!("{}", pki.pin);
             Ok(())
         }
-        Cmd::Serve { data_dir, grpc_listen, http_listen, sans, machine_cert_ttl, health, boot } => {
+        Cmd::Serve {
+            data_dir,
+            grpc_listen,
+            http_listen,
+            sans,
+            machine_cert_ttl,
+            health,
+            admission,
+            boot,
+        } => {
             let boot = boot.options()?;
             let rt =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
@@ -249,7 +296,11 @@ fn run() -> Result<()> {
                     grpc_listen,
                     http_listen,
                     sans,
-                    controller: ControllerOptions { machine_cert_ttl, thresholds: Thresholds::from(health) },
+                    controller: ControllerOptions {
+                        machine_cert_ttl,
+                        thresholds: Thresholds::from(health),
+                        admission: admission.into(),
+                    },
                     boot,
                 })
                 .await

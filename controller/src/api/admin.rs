@@ -37,6 +37,10 @@ impl AdminApi {
     }
 }
 
+/// ListMachines pages: the default and the largest size.
+const DEFAULT_PAGE: usize = 500;
+const MAX_PAGE: usize = 1000;
+
 fn ms(v: u64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v))
 }
@@ -100,9 +104,27 @@ impl pb::admin_service_server::AdminService for AdminApi {
         req: Request<pb::ListMachinesRequest>,
     ) -> Result<Response<pb::ListMachinesResponse>, Status> {
         auth::require_admin(&req)?;
-        Ok(Response::new(pb::ListMachinesResponse {
-            machines: self.c.view(None).iter().map(views::machine).collect(),
-        }))
+        let r = req.into_inner();
+        let size = match r.page_size {
+            0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let after = r.page_token;
+        let mut page: Vec<pb::Machine> = self
+            .c
+            .view(None)
+            .iter()
+            .filter(|v| after.is_empty() || v.record.id.as_str() > after.as_str())
+            .take(size + 1)
+            .map(|v| pb::Machine { inventory: None, ..views::machine(v) })
+            .collect();
+        let next_page_token = if page.len() > size {
+            page.truncate(size);
+            page.last().map(|m| m.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListMachinesResponse { machines: page, next_page_token }))
     }
 
     async fn get_machine(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::Machine>, Status> {

@@ -51,9 +51,10 @@ fn report(s: pb::ConfigStatus) -> Result<Report, ApiError> {
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
     async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
         let req = req.into_inner();
         let token = JoinToken::parse(&req.token).map_err(|e| ApiError::malformed("token", e.to_string()))?;
-        let e = self.c.enroll(&token, &req.csr_pem, req.inventory.unwrap_or_default()).await?;
+        let e = self.c.enroll(&token, &req.csr_pem, req.inventory.unwrap_or_default(), peer).await?;
         Ok(Response::new(pb::EnrollResponse {
             machine_id: e.machine.id.to_string(),
             certificate_pem: e.cert.pem,

@@ -71,6 +71,9 @@ impl From<ApiError> for Status {
                 | FleetError::TokenAlreadyRevoked(_)
                 | FleetError::ConfigState { .. } => Status::failed_precondition(msg),
                 FleetError::AlreadyRegistered { .. } => Status::already_exists(msg),
+                FleetError::RateLimited { .. } | FleetError::TooManyPending(_) => {
+                    Status::resource_exhausted(msg)
+                }
                 FleetError::Token(_) => Status::unauthenticated(msg),
                 FleetError::Sign(SignError::BadCsr(_) | SignError::KeyAlgorithm) => {
                     Status::invalid_argument(msg)

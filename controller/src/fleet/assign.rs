@@ -6,7 +6,7 @@ use tonic::Status;
 
 use super::session::assignment_msg;
 use super::{Controller, FleetError, Unadmitted};
-use crate::store::MachineRecord;
+use crate::store::{MachineRecord, StoreError};
 
 impl Controller {
     /// Gives the machine `query` names its role in `cluster`; `force` moves one that has a role.
@@ -49,23 +49,61 @@ impl Controller {
         Ok(updated)
     }
 
-    /// Approves a pending machine.
+    /// Approves a pending machine. One that claims a registration without evidence takes it
+    /// now: the operator vouches for it.
     pub async fn approve(&self, query: &str) -> Result<MachineRecord, FleetError> {
         let m = self.resolve(query)?;
-        let updated = self
-            .update_machine(&m.id, |m| {
-                if m.revoked {
-                    return Err(FleetError::MachineRevoked(m.id.clone()));
-                }
-                if m.approved {
-                    return Err(FleetError::AlreadyApproved(m.id.clone()));
-                }
+        let now_ms = muster_util::now_ms();
+        let check = |m: &MachineRecord| {
+            if m.revoked {
+                return Err(FleetError::MachineRevoked(m.id.clone()));
+            }
+            if m.approved && m.claim.is_empty() {
+                return Err(FleetError::AlreadyApproved(m.id.clone()));
+            }
+            Ok(())
+        };
+        check(&m)?;
+        let updated = if m.claim.is_empty() {
+            self.update_machine(&m.id, move |m| {
+                check(m)?;
                 m.approved = true;
                 // The operator looked at it.
                 m.flag.clear();
                 Ok(())
             })
-            .await?;
+            .await?
+        } else {
+            let declined = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let why = declined.clone();
+            let r = self
+                .inner
+                .store
+                .update_machine_with_registrations(
+                    &m.id,
+                    Box::new(move |m, regs| {
+                        if let Err(e) = check(m) {
+                            *why.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                            return Err(StoreError::Aborted);
+                        }
+                        super::registration::approve_claim(m, regs, now_ms);
+                        m.revision += 1;
+                        Ok(())
+                    }),
+                )
+                .await;
+            let taken = declined.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            let updated = match (r, taken) {
+                (Err(StoreError::Aborted), Some(e)) => return Err(e),
+                (r, _) => r?,
+            };
+            self.cache(&updated);
+            updated
+        };
+        if !m.claim.is_empty() {
+            // Its registration's role, cluster and config now apply to it.
+            self.rerender(&updated).await?;
+        }
         // Approval releases what waited: the assignment and the config.
         self.push(&updated.id, assignment_msg(&updated));
         if let Some(cfg) = super::rollout::config_msg(&updated) {

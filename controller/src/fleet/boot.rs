@@ -5,6 +5,7 @@
 //! Boot scripts are readable by anyone on the LAN, so the token in them is a *boot token*: it
 //! only creates `pending` machines, except machines pre-registered by MAC (see `registration`).
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use muster_machinery::model::normalize_mac;
 use muster_machinery::token::JoinToken;
 use muster_machinery::KernelArgs;
 
+use super::admission;
 use super::tokens::TokenSpec;
 use super::{Controller, FleetError};
 use crate::store::check_token;
@@ -82,46 +84,59 @@ impl Controller {
     }
 
     /// Decides what the machine with `mac` (and `uuid`) boots. `base_cmdline` carries the
-    /// controller URL, CA pin and boot token.
+    /// controller URL, CA pin and boot token; `peer` is the address the request came from.
+    ///
+    /// The script boots the same image with the same command line for every machine; only
+    /// `exit` (a registration that boots from its local disk, a revoked machine) differs, and
+    /// only when the controller can confirm the requester has that MAC (see
+    /// [`super::admission`]). So the answer to anyone else tells nothing about which MACs are
+    /// registered or known; `profile` is for the log.
     pub async fn boot_decision(
         &self,
         mac: Option<&str>,
         uuid: Option<&str>,
         base_cmdline: &str,
+        peer: Option<IpAddr>,
     ) -> Result<BootDecision, FleetError> {
         let mac = mac.and_then(normalize_mac);
         let uuid = uuid.map(str::to_ascii_lowercase).filter(|u| !u.is_empty());
-        if let Some(mac) = &mac {
-            let regs = self.store().list_registrations().await?;
-            if let Some(r) = regs.iter().find(|r| r.mac == *mac) {
-                if r.boot_local {
-                    return Ok(BootDecision::Exit {
-                        reason: format!("{mac} is registered to boot from its local disk"),
-                    });
-                }
-                let uuid_ok = r.uuid.is_empty() || uuid.as_deref() == Some(r.uuid.as_str());
-                if r.claimed_by.is_empty() && uuid_ok {
-                    return Ok(BootDecision::Boot {
-                        profile: "registered",
-                        cmdline: base_cmdline.to_owned(),
-                    });
-                }
+        let boot = |profile| Ok(BootDecision::Boot { profile, cmdline: base_cmdline.to_owned() });
+        let Some(mac) = mac else { return boot("discovery") };
+        let regs = self.store().list_registrations().await?;
+        let reg = regs.iter().find(|r| r.mac == mac);
+        let known: Vec<_> = self
+            .machines()
+            .into_iter()
+            .filter(|m| {
+                m.inventory.nics.iter().any(|n| normalize_mac(&n.mac).as_deref() == Some(mac.as_str()))
+            })
+            .collect();
+        let revoked = !known.is_empty() && known.iter().all(|m| m.revoked);
+        let exit = match reg {
+            Some(r) if r.boot_local => Some(format!("{mac} is registered to boot from its local disk")),
+            _ if revoked => Some(format!("machine with {mac} was revoked")),
+            _ => None,
+        };
+        if let Some(reason) = exit {
+            let vouched = admission::vouch(&self.inner.opts.admission, peer, std::slice::from_ref(&mac));
+            if vouched.evidence.is_some() {
+                return Ok(BootDecision::Exit { reason });
             }
-            let known: Vec<_> = self
-                .machines()
-                .into_iter()
-                .filter(|m| m.inventory.nics.iter().any(|n| normalize_mac(&n.mac).as_deref() == Some(mac)))
-                .collect();
-            if !known.is_empty() && known.iter().all(|m| m.revoked) {
-                return Ok(BootDecision::Exit { reason: format!("machine with {mac} was revoked") });
-            }
-            if !known.is_empty() {
-                return Ok(BootDecision::Boot { profile: "known", cmdline: base_cmdline.to_owned() });
-            }
+            tracing::info!(%mac, peer = ?peer, "would not network-boot this MAC, but cannot confirm the requester has it; answering as for any machine");
+            return boot("unconfirmed");
         }
-        Ok(BootDecision::Boot { profile: "discovery", cmdline: base_cmdline.to_owned() })
+        let uuid_ok =
+            |r: &crate::store::Registration| r.uuid.is_empty() || uuid.as_deref() == Some(r.uuid.as_str());
+        match reg {
+            Some(r) if r.claimed_by.is_empty() && uuid_ok(r) => boot("registered"),
+            _ if !known.is_empty() => boot("known"),
+            _ => boot("discovery"),
+        }
     }
 }
+
+/// What every booting machine's script says it boots.
+pub const UNIFORM_PROFILE: &str = "muster";
 
 /// The controller as the boot service's policy.
 pub struct Policy {
@@ -139,16 +154,21 @@ impl muster_pxe::BootPolicy for Policy {
         let mac = req.mac.map(|m| m.to_string());
         let d = self
             .controller
-            .boot_decision(mac.as_deref(), req.uuid.as_deref(), &self.cmdline)
+            .boot_decision(mac.as_deref(), req.uuid.as_deref(), &self.cmdline, req.remote)
             .await
             .map_err(|e| muster_pxe::BootError(e.to_string()))?;
         Ok(match d {
-            BootDecision::Boot { profile, cmdline } => muster_pxe::BootAction::Boot(muster_pxe::BootSpec {
-                profile: profile.into(),
-                kernel: KERNEL.into(),
-                initrd: INITRD.into(),
-                cmdline,
-            }),
+            BootDecision::Boot { profile, cmdline } => {
+                tracing::debug!(mac = ?mac, profile, "boot decision");
+                muster_pxe::BootAction::Boot(muster_pxe::BootSpec {
+                    // The same words for every machine: the script must not tell which MACs
+                    // the controller knows.
+                    profile: UNIFORM_PROFILE.into(),
+                    kernel: KERNEL.into(),
+                    initrd: INITRD.into(),
+                    cmdline,
+                })
+            }
             BootDecision::Exit { reason } => muster_pxe::BootAction::Exit { reason },
         })
     }

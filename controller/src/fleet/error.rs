@@ -39,6 +39,12 @@ pub enum FleetError {
     /// A config operation that does not fit where the machine's generation stands.
     #[error("machine {id}: {reason}")]
     ConfigState { id: MachineId, reason: String },
+    /// Too many enrollments from one address.
+    #[error("too many enrollments from {peer}; try again in {retry_after_s}s")]
+    RateLimited { peer: std::net::IpAddr, retry_after_s: u64 },
+    /// Too many machines wait for approval.
+    #[error("{0}; approve or delete pending machines (`muster machines`) first")]
+    TooManyPending(String),
     #[error(transparent)]
     Token(#[from] TokenRejection),
     #[error(transparent)]

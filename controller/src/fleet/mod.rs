@@ -7,6 +7,7 @@
 //! the whole fleet's inventory. Every write goes to the store first, then to the in-memory cache
 //! that every read uses. Heartbeats update memory; a flusher writes them to the store in batches.
 
+pub mod admission;
 pub mod assign;
 pub mod boot;
 pub mod enroll;
@@ -50,11 +51,17 @@ pub struct ControllerOptions {
     pub machine_cert_ttl: Duration,
     /// Health model thresholds.
     pub thresholds: Thresholds,
+    /// Enrollment limits and what counts as evidence of a MAC.
+    pub admission: admission::AdmissionOptions,
 }
 
 impl Default for ControllerOptions {
     fn default() -> Self {
-        Self { machine_cert_ttl: crate::pki::DEFAULT_MACHINE_CERT_TTL, thresholds: Thresholds::default() }
+        Self {
+            machine_cert_ttl: crate::pki::DEFAULT_MACHINE_CERT_TTL,
+            thresholds: Thresholds::default(),
+            admission: admission::AdmissionOptions::default(),
+        }
     }
 }
 
@@ -107,6 +114,7 @@ struct Inner {
     live: Mutex<HashMap<MachineId, Live>>,
     next_conn: std::sync::atomic::AtomicU64,
     rng: ring::rand::SystemRandom,
+    enroll_rate: admission::RateLimiter,
 }
 
 /// Everything derived about one machine at one moment.
@@ -187,6 +195,7 @@ impl Controller {
                 metrics,
                 live: Mutex::new(live),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
+                enroll_rate: admission::RateLimiter::default(),
                 rng: ring::rand::SystemRandom::new(),
             }),
         })
@@ -396,7 +405,9 @@ impl Controller {
                     kernel: m.inventory.kernel.clone(),
                     os: m.inventory.os.clone(),
                     agent_version: m.inventory.agent_version.clone(),
-                    snapshot: l.health.clone(),
+                    // A pending machine's own reports stay out of the series (a public boot
+                    // token must not be able to add series by the thousand).
+                    snapshot: l.health.clone().filter(|_| m.approved),
                     config_generation: m.config.generation,
                     config_applied: m.config.applied_generation,
                     config_failed: m
@@ -410,6 +421,7 @@ impl Controller {
                         .config
                         .resources
                         .iter()
+                        .filter(|_| m.approved)
                         .map(|r| (r.resource.clone(), r.outcome.is_drift()))
                         .collect(),
                 }

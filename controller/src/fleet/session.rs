@@ -15,8 +15,14 @@ use tonic::Status;
 use super::{Controller, FleetError, Live, Session, Unadmitted};
 use crate::store::MachineRecord;
 
-const MAX_STR: usize = 256;
-const MAX_ITEMS: usize = 256;
+/// Bounds on what a node's reports may hold: enough for any real machine, small enough that a
+/// public boot token cannot make the controller hold much per machine.
+const MAX_STR: usize = 128;
+const MAX_NICS: usize = 32;
+const MAX_ADDRESSES: usize = 16;
+const MAX_ADDRESS_LEN: usize = 64;
+const MAX_ITEMS: usize = 64;
+const MAX_DETAIL: usize = 256;
 const MIN_HEARTBEAT_MS: u32 = 100;
 const MAX_HEARTBEAT_MS: u32 = 600_000;
 
@@ -31,8 +37,12 @@ pub struct Opened {
 }
 
 fn clip(s: &mut String) {
-    if s.len() > MAX_STR {
-        let mut end = MAX_STR;
+    clip_to(s, MAX_STR);
+}
+
+fn clip_to(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
         while !s.is_char_boundary(end) {
             end -= 1;
         }
@@ -40,16 +50,15 @@ fn clip(s: &mut String) {
     }
 }
 
-/// Bounds what a node says about itself.
+/// Bounds what a node says about itself. A hostname that is not a valid one (RFC 1123: letters,
+/// digits, hyphens and dots, no control characters) is dropped: it is shown to operators and
+/// matched by `muster` lookups.
 pub fn sanitize(mut inv: pb::Inventory) -> pb::Inventory {
-    for s in [
-        &mut inv.hostname,
-        &mut inv.cpu_model,
-        &mut inv.kernel,
-        &mut inv.os,
-        &mut inv.agent_version,
-        &mut inv.arch,
-    ] {
+    if !inv.hostname.is_empty() && inv.hostname.parse::<muster_machinery::config::Hostname>().is_err() {
+        tracing::warn!(hostname = ?inv.hostname.chars().take(MAX_STR).collect::<String>(), "a node reported an invalid hostname; ignored");
+        inv.hostname.clear();
+    }
+    for s in [&mut inv.cpu_model, &mut inv.kernel, &mut inv.os, &mut inv.agent_version, &mut inv.arch] {
         clip(s);
     }
     inv.disks.truncate(MAX_ITEMS);
@@ -57,12 +66,12 @@ pub fn sanitize(mut inv: pb::Inventory) -> pb::Inventory {
         clip(&mut d.name);
         clip(&mut d.model);
     }
-    inv.nics.truncate(MAX_ITEMS);
+    inv.nics.truncate(MAX_NICS);
     for n in &mut inv.nics {
         clip(&mut n.name);
         clip(&mut n.mac);
-        n.addresses.truncate(32);
-        n.addresses.iter_mut().for_each(clip);
+        n.addresses.truncate(MAX_ADDRESSES);
+        n.addresses.iter_mut().for_each(|a| clip_to(a, MAX_ADDRESS_LEN));
     }
     if let Some(s) = &mut inv.smbios {
         for f in [&mut s.uuid, &mut s.serial, &mut s.vendor, &mut s.product] {
@@ -87,7 +96,7 @@ fn sanitize_health(mut h: HealthSnapshot) -> HealthSnapshot {
     h.services.truncate(MAX_ITEMS);
     for s in &mut h.services {
         clip(&mut s.name);
-        clip(&mut s.detail);
+        clip_to(&mut s.detail, MAX_DETAIL);
     }
     h
 }
@@ -198,6 +207,15 @@ impl Controller {
             l.metrics_port = port;
         });
         let inv = sanitize(hello.inventory.unwrap_or_default());
+        // Agents say hello on every connect: the record is written only when something changed.
+        let unchanged = self.machine(id).is_some_and(|m| {
+            m.heartbeat_ms == hb
+                && m.inventory == inv
+                && (inv.hostname.is_empty() || m.hostname == inv.hostname)
+        });
+        if unchanged {
+            return;
+        }
         let r = self
             .update_machine(id, move |m| {
                 m.heartbeat_ms = hb;
@@ -258,14 +276,37 @@ mod tests {
 
     #[test]
     fn sanitize_bounds_everything() {
+        let nic =
+            pb::Nic { name: "x".repeat(1000), mac: "m".repeat(1000), addresses: vec!["a".repeat(500); 100] };
         let inv = pb::Inventory {
             hostname: "é".repeat(400),
-            nics: vec![pb::Nic { name: "x".repeat(1000), ..Default::default() }; 1000],
+            cpu_model: "é".repeat(400),
+            nics: vec![nic; 1000],
+            disks: vec![pb::Disk { name: "d".repeat(1000), ..Default::default() }; 1000],
             ..Default::default()
         };
         let s = sanitize(inv);
-        assert!(s.hostname.len() <= MAX_STR);
-        assert_eq!(s.nics.len(), MAX_ITEMS);
-        assert!(s.nics.iter().all(|n| n.name.len() == MAX_STR));
+        assert_eq!(s.hostname, "", "not a hostname");
+        assert!(s.cpu_model.len() <= MAX_STR && s.cpu_model.starts_with('é'), "clipped on a char boundary");
+        assert_eq!((s.nics.len(), s.disks.len()), (MAX_NICS, MAX_ITEMS));
+        assert!(s.nics.iter().all(|n| n.name.len() == MAX_STR && n.addresses.len() == MAX_ADDRESSES));
+        assert!(s.nics.iter().flat_map(|n| &n.addresses).all(|a| a.len() == MAX_ADDRESS_LEN));
+        use prost::Message;
+        assert!(s.encoded_len() < 64 * 1024, "at most {} bytes kept per machine", s.encoded_len());
+    }
+
+    #[test]
+    fn hostnames_are_checked() {
+        for (reported, kept) in [
+            ("node-1", "node-1"),
+            ("node-1.lab.example", "node-1.lab.example"),
+            ("02:00:00:00:13:89", ""),
+            ("x\u{1b}]0;pwn\u{7}", ""),
+            ("a\nb", ""),
+            ("-x", ""),
+        ] {
+            let s = sanitize(pb::Inventory { hostname: reported.into(), ..Default::default() });
+            assert_eq!(s.hostname, kept, "{reported:?}");
+        }
     }
 }

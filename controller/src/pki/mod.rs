@@ -13,7 +13,7 @@ mod signer;
 
 pub use auth::{identify, Caller, CallerError};
 pub use datadir::{init, DataDir, InitOutcome};
-pub use signer::{IssuedCert, SignError};
+pub use signer::{Csr, IssuedCert, SignError};
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

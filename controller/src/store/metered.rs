@@ -82,6 +82,14 @@ impl Store for MeteredStore {
     async fn list_layers(&self) -> Result<Vec<(String, LayerRecord)>, StoreError> {
         self.timed("list_layers", self.inner.list_layers()).await
     }
+    async fn update_machine_with_registrations(
+        &self,
+        id: &MachineId,
+        f: super::ClaimFn,
+    ) -> Result<MachineRecord, StoreError> {
+        self.timed("update_machine_with_registrations", self.inner.update_machine_with_registrations(id, f))
+            .await
+    }
     async fn put_registration(&self, r: Registration) -> Result<(), StoreError> {
         self.timed("put_registration", self.inner.put_registration(r)).await
     }

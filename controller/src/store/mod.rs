@@ -65,6 +65,14 @@ pub struct MachineRecord {
     /// Counts the record's updates, so a copy can tell which of two is newer.
     #[serde(default)]
     pub revision: u64,
+    /// SHA-256 (hex) of the public key it enrolled with: the same key enrolling again with the
+    /// same token is the same machine (a node that never got its certificate retries).
+    #[serde(default)]
+    pub key_sha256: String,
+    /// The MAC of a registration the machine claimed without evidence that it is that machine;
+    /// `muster approve` gives it the registration. Empty: none.
+    #[serde(default)]
+    pub claim: String,
 }
 
 /// A machine's config: its own layer, the current rendered generation, history, and what the
@@ -225,6 +233,10 @@ pub type UpdateFn<T> = Box<dyn FnOnce(&mut T) -> Result<(), StoreError> + Send>;
 /// may mark claimed; changed ones are saved in the same transaction).
 pub type BuildFn = Box<dyn FnOnce(&TokenRecord, &mut [Registration]) -> MachineRecord + Send>;
 
+/// Changes a machine together with the registrations (see
+/// [`Store::update_machine_with_registrations`]).
+pub type ClaimFn = Box<dyn FnOnce(&mut MachineRecord, &mut [Registration]) -> Result<(), StoreError> + Send>;
+
 /// The controller's state store.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -261,6 +273,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<LayerRecord, StoreError>;
     /// Every shared layer by key (deleted ones too, for their history).
     async fn list_layers(&self) -> Result<Vec<(String, LayerRecord)>, StoreError>;
+    /// In one transaction: load machine `id` and every registration, let `f` change them, and
+    /// save what changed (an error from `f` rolls everything back).
+    async fn update_machine_with_registrations(
+        &self,
+        id: &MachineId,
+        f: ClaimFn,
+    ) -> Result<MachineRecord, StoreError>;
     /// Inserts or replaces the registration for `r.mac`.
     async fn put_registration(&self, r: Registration) -> Result<(), StoreError>;
     async fn list_registrations(&self) -> Result<Vec<Registration>, StoreError>;
@@ -270,6 +289,20 @@ pub trait Store: Send + Sync + 'static {
 
 /// Checks a presented token against its record at `now_ms`.
 pub fn check_token(record: &TokenRecord, token: &JoinToken, now_ms: i64) -> Result<(), TokenRejection> {
+    check_token_holder(record, token, now_ms)?;
+    if record.uses_left == 0 {
+        return Err(TokenRejection::Exhausted);
+    }
+    Ok(())
+}
+
+/// Checks that the presenter holds a live token (its secret, not revoked, not expired), whatever
+/// its uses left.
+pub fn check_token_holder(
+    record: &TokenRecord,
+    token: &JoinToken,
+    now_ms: i64,
+) -> Result<(), TokenRejection> {
     if !token.matches_digest(&record.digest) {
         return Err(TokenRejection::Invalid);
     }
@@ -278,9 +311,6 @@ pub fn check_token(record: &TokenRecord, token: &JoinToken, now_ms: i64) -> Resu
     }
     if record.expires_ms <= now_ms {
         return Err(TokenRejection::Expired);
-    }
-    if record.uses_left == 0 {
-        return Err(TokenRejection::Exhausted);
     }
     Ok(())
 }

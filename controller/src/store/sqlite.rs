@@ -34,10 +34,25 @@ fn corrupt(kind: &'static str, id: &str, e: impl std::fmt::Display) -> StoreErro
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
+    /// The database and its WAL files are the controller's alone (0600).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let io = |e: std::io::Error| StoreError::Backend(format!("{}: {e}", path.display()));
+        // Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+        // database's mode.
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?;
         let conn =
             Connection::open(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
-        Self::setup(conn)
+        let store = Self::setup(conn)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let p = std::path::PathBuf::from(p);
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            }
+        }
+        Ok(store)
     }
 
     /// An in-memory database, for tests.
@@ -327,6 +342,34 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn update_machine_with_registrations(
+        &self,
+        id: &MachineId,
+        f: super::ClaimFn,
+    ) -> Result<MachineRecord, StoreError> {
+        let id = id.clone();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let mut m = get_machine_tx(&tx, id.as_str())?
+                .ok_or_else(|| StoreError::NotFound { kind: "machine", id: id.to_string() })?;
+            let before = list_registrations_tx(&tx)?;
+            let mut regs = before.clone();
+            f(&mut m, &mut regs)?;
+            if m.id != id {
+                return Err(corrupt("machine", id.as_str(), "an update changed its id"));
+            }
+            for (old, new) in before.iter().zip(&regs) {
+                if old != new {
+                    put_registration_tx(&tx, new)?;
+                }
+            }
+            put_machine_tx(&tx, &m, false)?;
+            tx.commit().map_err(backend)?;
+            Ok(m)
+        })
+        .await
+    }
+
     async fn put_registration(&self, r: super::Registration) -> Result<(), StoreError> {
         self.run(move |c| put_registration_tx(c, &r)).await
     }
@@ -470,6 +513,8 @@ mod tests {
             config: Default::default(),
             flag: String::new(),
             revision: 0,
+            key_sha256: String::new(),
+            claim: String::new(),
         }
     }
 
