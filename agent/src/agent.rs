@@ -39,6 +39,8 @@ pub struct AgentStatus {
     pub config_updates: u64,
     /// The generation being tried and not confirmed yet, if any.
     pub trying: Option<u64>,
+    /// The running config's `serviceChecks` (checked besides the agent's --service-check ones).
+    pub service_checks: Vec<String>,
 }
 
 /// Why the agent stopped.

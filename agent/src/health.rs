@@ -193,8 +193,9 @@ impl Collector {
         fs::read_to_string(self.src.proc_root.join(rel)).unwrap_or_default()
     }
 
-    /// One snapshot. `clock_offset_ms` comes from the heartbeat round trips.
-    pub fn collect(&mut self, clock_offset_ms: i64) -> h::HealthSnapshot {
+    /// One snapshot. `clock_offset_ms` comes from the heartbeat round trips; `more_services`
+    /// (the running config's `serviceChecks`) are checked after the agent's own.
+    pub fn collect(&mut self, clock_offset_ms: i64, more_services: &[String]) -> h::HealthSnapshot {
         let cpu = parse_cpu_jiffies(&self.read("stat"));
         let cpu_usage_percent = match (self.last_cpu, cpu) {
             (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
@@ -235,7 +236,15 @@ impl Collector {
             uptime_seconds: uptime as u64,
             boot_time_unix: i64::try_from(now).unwrap_or(0) - uptime as i64,
             temperatures: self.temperatures(),
-            services: self.services.iter().map(|s| self.check(s)).collect(),
+            services: {
+                let mut names: Vec<&String> = self.services.iter().collect();
+                for s in more_services {
+                    if !names.contains(&s) {
+                        names.push(s);
+                    }
+                }
+                names.into_iter().map(|s| self.check(s)).collect()
+            },
             cpu_count: cpu_count(&self.read("stat")),
             clock_offset_ms,
         }
@@ -382,11 +391,12 @@ mod tests {
         fs::write(sys_root.join("class/thermal/thermal_zone0/temp"), "42500\n").unwrap();
         fs::write(sys_root.join("class/thermal/thermal_zone0/type"), "x86_pkg_temp\n").unwrap();
         let src = Sources { proc_root: proc_root.clone(), sys_root, run_root: t.path().join("run") };
-        let mut c = Collector::new(src, vec!["k3s-server".into(), "kubelet".into(), "k3s.service".into()]);
-        let s1 = c.collect(0);
+        let mut c = Collector::new(src, vec!["k3s-server".into(), "kubelet".into()]);
+        let s1 = c.collect(0, &[]);
         assert_eq!(s1.cpu_usage_percent, 0.0, "no previous reading yet");
         fs::write(proc_root.join("stat"), "cpu  150 0 0 950 0 0 0 0\ncpu0 150 0 0 950 0 0 0 0\n").unwrap();
-        let s = c.collect(1500);
+        // The config's checks come after the agent's own, each name once.
+        let s = c.collect(1500, &["kubelet".into(), "k3s.service".into()]);
         assert_eq!(s.cpu_usage_percent, 50.0);
         assert_eq!((s.load1, s.cpu_count, s.memory_total_bytes, s.uptime_seconds), (1.0, 1, 102_400, 100));
         assert_eq!(s.filesystems.len(), 1);

@@ -17,7 +17,10 @@ use crate::health::Collector;
 /// Renders the exposition.
 pub fn render(collector: &Mutex<Collector>, status: &AgentStatus, format: Format) -> String {
     let mut out = String::with_capacity(4096);
-    let snapshot = collector.lock().map(|mut c| c.collect(status.clock_offset_ms)).unwrap_or_default();
+    let snapshot = collector
+        .lock()
+        .map(|mut c| c.collect(status.clock_offset_ms, &status.service_checks))
+        .unwrap_or_default();
     let mut w = Writer::new(&mut out, format);
     write_nodes(&mut w, &[NodeSample { prefix: "", snapshot: &snapshot }]);
     w.family("muster_agent_info", "Agent version and machine id; always 1", Kind::Gauge);

@@ -446,6 +446,8 @@ impl Rollout {
             Ok((cfg, _)) => cfg,
             Err(e) => return fail(format!("invalid config: {e}")),
         };
+        // Service checks only observe: they follow the config even where it is only recorded.
+        self.status.send_modify(|s| s.service_checks.clone_from(&cfg.service_checks));
         let Some(fx) = &self.effects else {
             return fail("this agent does not apply configs (started with --no-apply-config)".into());
         };

@@ -154,7 +154,8 @@ impl Agent {
                 }
                 _ = ticker.tick() => {
                     seq += 1;
-                    let health = self.collector.lock().map(|mut c| c.collect(offset_ms).into()).ok();
+                    let checks = self.status.borrow().service_checks.clone();
+                    let health = self.collector.lock().map(|mut c| c.collect(offset_ms, &checks).into()).ok();
                     let wall = now_unix_ms();
                     sent.push_back((seq, Instant::now(), wall));
                     if sent.len() > 64 {

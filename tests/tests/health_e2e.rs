@@ -92,3 +92,66 @@ fn stopped_service_and_full_disk_make_a_machine_degraded() {
         .unwrap();
     assert!(degraded.ends_with(" 1"), "{degraded}");
 }
+
+/// `serviceChecks` in a machine's config are checked like the agent's own --service-check: a
+/// named process that is not running makes the machine degraded; a config without it clears
+/// the reason.
+#[test]
+fn service_checks_in_the_machine_config_drive_health() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = ControllerProc::start(
+        &tmp.path().join("ctl"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[
+            "--health-disk-percent",
+            "100",
+            "--health-load-per-cpu",
+            "1000000",
+            "--health-memory-percent",
+            "100",
+        ],
+    )
+    .unwrap();
+    let token = ctl.cli_ok(&["token", "create"]).unwrap().trim().to_owned();
+    let _agent = start_agent(
+        &ctl,
+        &token,
+        &tmp.path().join("node"),
+        &["--heartbeat", "300ms", "--hint-hostname", "node-s", "--metrics-listen", "off"],
+    )
+    .unwrap();
+    let name = format!("mcfg{}", std::process::id());
+    let service_reasons = |ctl: &ControllerProc| -> Option<Vec<String>> {
+        let out = ctl.cli_ok(&["health", "node-s", "-o", "json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let m = v.as_array()?.first()?.clone();
+        m["snapshot"].is_object().then_some(())?;
+        Some(
+            m["reasons"]
+                .as_array()?
+                .iter()
+                .filter_map(|r| r.as_str().filter(|r| r.starts_with("service ")).map(str::to_owned))
+                .collect(),
+        )
+    };
+    wait_for("a health report", Duration::from_secs(30), || service_reasons(&ctl)).unwrap();
+    let cfg = tmp.path().join("checks.yaml");
+    std::fs::write(
+        &cfg,
+        format!("apiVersion: muster/v1alpha1\nkind: MachineConfig\nserviceChecks: [{name}]\n"),
+    )
+    .unwrap();
+    ctl.cli_ok(&["config", "apply", "node-s", "-f", cfg.to_str().unwrap()]).unwrap();
+    let rs = wait_for("the config's service check reported", Duration::from_secs(30), || {
+        service_reasons(&ctl).filter(|r| !r.is_empty())
+    })
+    .unwrap();
+    assert_eq!(rs, [format!("service {name} is down (no process named {name})")]);
+    std::fs::write(&cfg, "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: node-s\n").unwrap();
+    ctl.cli_ok(&["config", "apply", "node-s", "-f", cfg.to_str().unwrap()]).unwrap();
+    wait_for("the check gone with the config", Duration::from_secs(30), || {
+        service_reasons(&ctl).filter(|r| r.is_empty())
+    })
+    .unwrap();
+}

@@ -39,10 +39,12 @@ pub struct MachineConfig {
     /// NTP servers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub time_servers: Vec<String>,
-    /// Labels for the node's Kubernetes Node object.
+    /// Labels for the node's Kubernetes Node object. Accepted and kept; they take effect when
+    /// Muster joins the machine to its Kubernetes cluster (not done yet: nothing applies them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_labels: BTreeMap<String, String>,
-    /// systemd units or processes that must be running; reported as health checks.
+    /// systemd units or processes that must be running: checked with every heartbeat, like the
+    /// agent's `--service-check`; one that is down makes the machine `degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_checks: Vec<String>,
     /// What to do when the node drifts from this config: `correct` (default) or `report`.
