@@ -14,10 +14,38 @@ for p in qemu-system-x86 ipxe-qemu ipxe busybox-static xorriso isolinux syslinux
 done
 ((${#missing[@]})) || exit 0
 
+# The machine's own Debian source for "$codename", as "URI|Signed-By": deb822 .sources files
+# first, then one-line .list entries. The backports entry copies it (no mirror named here).
+debian_source() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk -v suite="$codename" '
+            function flush() { if (deb && uri != "" && has) { print uri "|" key; found = 1; exit } deb = 0; uri = ""; key = ""; has = 0 }
+            /^[[:space:]]*$/ { flush(); next }
+            /^Types:/ { for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1 }
+            /^URIs:/ { uri = $2 }
+            /^Signed-By:/ { key = $2 }
+            /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite) has = 1 }
+            END { if (!found) flush() }' "$f" | head -1
+    done | head -1
+    grep -hE "^deb[[:space:]]" /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+        sed -E 's/\[[^]]*\]//' | awk -v suite="$codename" '$3 == suite { print $2 "|"; exit }'
+}
+
 if [ "$codename" = bookworm ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "adding bookworm-backports to apt sources (QEMU 10 lives there)" >&2
-    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' |
-        $SUDO tee /etc/apt/sources.list.d/muster-backports.sources >/dev/null
+    src=$(debian_source | head -1)
+    if [ -z "$src" ]; then
+        echo "error: no apt source for $codename found to derive bookworm-backports from; add bookworm-backports (QEMU 10 lives there) to your apt sources" >&2
+        exit 1
+    fi
+    uri=${src%%|*}
+    key=${src#*|}
+    echo "adding bookworm-backports to apt sources from your $codename source $uri (QEMU 10 lives there)" >&2
+    {
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\n' "$uri"
+        [ -z "$key" ] || printf 'Signed-By: %s\n' "$key"
+    } | $SUDO tee /etc/apt/sources.list.d/muster-backports.sources >/dev/null
 fi
 echo "installing: ${missing[*]}" >&2
 $SUDO apt-get update -qq
