@@ -1,7 +1,9 @@
 //! `muster lab`: a controller and N agents as local processes on loopback, for trying Muster
 //! out. Each agent has its own state dir and identity hints; all logs and state live in the lab
-//! dir. `lab down` stops exactly the processes the lab recorded, checking each PID is still one
-//! of our binaries.
+//! dir, and `lab.json` records every process (PID), namespace and endpoint. `lab status` checks
+//! each of them; `lab down` stops exactly the processes the lab recorded, checking each PID is
+//! still one of our binaries. A foreground `lab up` supervises the lab (`lab_supervisor`);
+//! `--monitoring` adds a VictoriaMetrics (`lab_monitoring`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -11,10 +13,13 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use muster_cli::client::{self, Admin};
 use muster_lab::netns::{self, euid_is_root, ROUTER_ADDR as LAB_ROUTER};
-use muster_lab::process::{find_bin, is_ours, spawn, stop_pids, tail};
-use muster_lab::qemu;
+use muster_lab::process::{find_bin, is_ours, signal, spawn, stop_pids, tail};
+use muster_lab::{qemu, victoriametrics};
 use muster_proto::pb;
 use serde::{Deserialize, Serialize};
+
+use crate::lab_supervisor::{ControllerSpec, Procs};
+use crate::output::Output;
 
 #[derive(Subcommand, Debug)]
 pub enum LabCmd {
@@ -43,6 +48,11 @@ pub enum LabCmd {
         /// namespaces and records configs without applying them; `auto` picks netns when it can.
         #[arg(long, value_enum, default_value_t = Isolation::Auto)]
         isolation: Isolation,
+        /// Also run a VictoriaMetrics single-node (Debian's `victoria-metrics`) that discovers
+        /// and scrapes the controller and every agent through `/sd/prometheus`, with its UI on
+        /// 127.0.0.1 (process nodes only).
+        #[arg(long)]
+        monitoring: bool,
     },
     /// (internal) Relays host loopback ports into the lab's network namespace.
     #[command(hide = true)]
@@ -77,18 +87,24 @@ pub enum LabCmd {
         #[arg(long)]
         no_follow: bool,
     },
-    /// Show whether a lab is running and where.
+    /// Show which of a lab's processes and namespaces are alive and its endpoints; exits 1
+    /// when anything the lab recorded is down, or there is no lab.
     Status {
         /// Lab directory [default: ~/.muster/lab]
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Output format: text for people, json or yaml for scripts.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
     },
 }
 
 /// Where lab nodes come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Provisioner {
     /// Agents as local processes.
+    #[default]
     Process,
     /// QEMU virtual machines that network-boot from the controller.
     Qemu,
@@ -102,11 +118,15 @@ pub enum Isolation {
     None,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// `lab.json`: what a lab consists of, for `lab status` and `lab down`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct LabFile {
     pub dir: PathBuf,
     pub controller_pid: u32,
+    /// The nodes' PIDs in order (lab-node-N or lab-vm-N): agents, or QEMU for the qemu
+    /// provisioner.
     pub agent_pids: Vec<u32>,
+    /// The controller's gRPC and HTTP addresses as this machine reaches them.
     pub grpc: String,
     pub http: String,
     pub musterconfig: PathBuf,
@@ -115,6 +135,62 @@ pub(crate) struct LabFile {
     /// Network namespaces the lab created (deleted by `lab down`).
     #[serde(default)]
     pub netns: Vec<String>,
+    #[serde(default)]
+    pub provisioner: Provisioner,
+    /// The foreground `muster lab up` that supervises the lab (none when detached); `lab down`
+    /// asks it to stop the lab.
+    #[serde(default)]
+    pub supervisor_pid: Option<u32>,
+    /// The lab's VictoriaMetrics (`--monitoring`).
+    #[serde(default)]
+    pub monitoring: Option<MonitoringFile>,
+}
+
+/// A lab's VictoriaMetrics in `lab.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct MonitoringFile {
+    pub pid: u32,
+    /// Its HTTP address as this machine reaches it (the API and `/vmui/`).
+    pub http: String,
+    /// Its UI: `http://ADDR/vmui/`, or `http://ADDR/` for a build without one (Debian's).
+    pub ui: String,
+    /// Its scrape config, data and log (in the lab dir).
+    pub dir: PathBuf,
+}
+
+impl LabFile {
+    /// The nodes' names, in the order of `agent_pids`.
+    pub fn node_names(&self) -> Vec<String> {
+        (1..=self.agent_pids.len() as u32)
+            .map(|i| match self.provisioner {
+                Provisioner::Process => node_name(i),
+                Provisioner::Qemu => format!("lab-vm-{i}"),
+            })
+            .collect()
+    }
+
+    /// Every PID the lab recorded, the supervisor first, then the nodes, the controller, the
+    /// relay and VictoriaMetrics.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.supervisor_pid.into_iter().collect();
+        pids.extend(&self.agent_pids);
+        pids.push(self.controller_pid);
+        pids.extend(self.relay_pid);
+        pids.extend(self.monitoring.as_ref().map(|m| m.pid));
+        pids
+    }
+}
+
+/// Lab process node `i` (1-based).
+pub(crate) fn node_name(i: u32) -> String {
+    format!("lab-node-{i}")
+}
+
+/// Writes `lab.json` (whole or not at all: `lab status` may read it at any time).
+pub(crate) fn write_lab(dir: &Path, lab: &LabFile) -> Result<()> {
+    let path = dir.join("lab.json");
+    muster_util::write_atomic(&path, &serde_json::to_vec_pretty(lab)?, 0o644)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn default_dir() -> PathBuf {
@@ -124,11 +200,17 @@ fn default_dir() -> PathBuf {
 
 pub async fn run(cmd: &LabCmd) -> Result<()> {
     match cmd {
-        LabCmd::Up { nodes, dir, detach, heartbeat, provisioner, isolation } => {
+        LabCmd::Up { nodes, dir, detach, heartbeat, provisioner, isolation, monitoring } => {
             if *provisioner == Provisioner::Qemu {
+                if *monitoring {
+                    bail!(
+                        "--monitoring works with process nodes only: a QEMU VM's agent is not reachable \
+                         for scraping from this machine"
+                    );
+                }
                 let dir = dir.clone().unwrap_or_else(default_dir);
                 if let Some(l) = read_lab(&dir) {
-                    if is_ours(l.controller_pid) || l.agent_pids.iter().any(|p| is_ours(*p)) {
+                    if l.pids().iter().any(|p| is_ours(*p)) {
                         bail!("a lab is already running in {}; run `muster lab down` first", dir.display());
                     }
                 }
@@ -141,50 +223,45 @@ pub async fn run(cmd: &LabCmd) -> Result<()> {
                     euid_is_root() && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
                 }
             };
-            up(*nodes, dir.clone().unwrap_or_else(default_dir), *detach, *heartbeat, netns).await
+            let dir = dir.clone().unwrap_or_else(default_dir);
+            up(Up {
+                nodes: *nodes,
+                dir,
+                detach: *detach,
+                heartbeat: *heartbeat,
+                netns,
+                monitoring: *monitoring,
+            })
+            .await
         }
         LabCmd::Relay { netns, maps, ports_file } => relay(netns, maps, ports_file).await,
         LabCmd::Down { dir, keep } => down(&dir.clone().unwrap_or_else(default_dir), *keep),
         LabCmd::Console { node, dir, no_follow } => {
             crate::lab_qemu::console(&dir.clone().unwrap_or_else(default_dir), node, !*no_follow).await
         }
-        LabCmd::Status { dir } => {
-            let dir = dir.clone().unwrap_or_else(default_dir);
-            match read_lab(&dir) {
-                Some(l) if is_ours(l.controller_pid) => {
-                    let alive = l.agent_pids.iter().filter(|p| is_ours(**p)).count();
-                    outln!(
-                        "lab running in {}: controller pid {} (grpc {}, http {}), {alive}/{} agents alive",
-                        dir.display(),
-                        l.controller_pid,
-                        l.grpc,
-                        l.http,
-                        l.agent_pids.len()
-                    );
-                    outln!("export MUSTERCONFIG={}", l.musterconfig.display());
-                }
-                Some(_) => outln!(
-                    "lab in {} is not running (stale lab.json; `muster lab down` cleans up)",
-                    dir.display()
-                ),
-                None => outln!("no lab in {}", dir.display()),
-            }
-            Ok(())
+        LabCmd::Status { dir, output } => {
+            crate::lab_status::show(&dir.clone().unwrap_or_else(default_dir), *output).await
         }
     }
 }
 
-fn read_lab(dir: &Path) -> Option<LabFile> {
+pub(crate) fn read_lab(dir: &Path) -> Option<LabFile> {
     serde_json::from_str(&std::fs::read_to_string(dir.join("lab.json")).ok()?).ok()
 }
 
 fn down(dir: &Path, keep: bool) -> Result<()> {
     match read_lab(dir) {
         Some(l) => {
-            let mut pids = l.agent_pids.clone();
-            pids.push(l.controller_pid);
-            pids.extend(l.relay_pid);
-            stop_pids(&pids);
+            // A foreground `lab up` stops its lab itself (and would restart a controller stopped
+            // under it): ask it first, then stop whatever is left.
+            if let Some(sup) = l.supervisor_pid.filter(|p| is_ours(*p)) {
+                signal(sup, libc::SIGTERM);
+                let start = Instant::now();
+                while is_ours(sup) && start.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            stop_pids(&l.pids());
             netns::teardown(&l.netns);
             outln!("lab in {} stopped", dir.display());
         }
@@ -210,51 +287,71 @@ async fn relay(netns: &Path, maps: &[String], ports_file: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: bool) -> Result<()> {
+/// `lab up` for process nodes.
+struct Up {
+    nodes: u32,
+    dir: PathBuf,
+    detach: bool,
+    heartbeat: Duration,
+    netns: bool,
+    monitoring: bool,
+}
+
+async fn up(opts: Up) -> Result<()> {
+    let Up { nodes, dir, detach, heartbeat, netns, monitoring } = opts;
     if let Some(l) = read_lab(&dir) {
-        if is_ours(l.controller_pid) || l.agent_pids.iter().any(|p| is_ours(*p)) {
+        if l.pids().iter().any(|p| is_ours(*p)) {
             bail!("a lab is already running in {}; run `muster lab down` first", dir.display());
         }
         netns::teardown(&l.netns);
     }
     let controller_bin = find_bin("muster-controller")?;
     let agent_bin = find_bin("muster-agent")?;
+    // Before anything starts: a missing VictoriaMetrics fails with its install hint.
+    let vm_bin = if monitoring { Some(victoriametrics::find()?) } else { None };
     let muster_bin = std::env::current_exe().context("locating this muster binary")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let ctl_dir = dir.join("controller");
     let _ = std::fs::remove_file(ctl_dir.join("ports.json"));
     let prefix = format!("mlab{}", std::process::id());
-    let mut children: Vec<Child> = Vec::new();
-    let mut relay_child: Option<Child> = None;
-    let mut namespaces: Vec<String> = Vec::new();
+    let mut procs = Procs::default();
     let result = async {
         if netns {
-            namespaces = netns::setup(&prefix, nodes)?;
+            procs.namespaces = netns::setup(&prefix, nodes)?;
         }
         let router = netns::router_ns(&prefix);
         let ctl_log = dir.join("controller.log");
         let s = |v: &str| v.to_string();
-        let (grpc_listen, http_listen) = if netns {
-            (format!("{LAB_ROUTER}:7443"), format!("{LAB_ROUTER}:7480"))
-        } else {
-            (s("127.0.0.1:0"), s("127.0.0.1:0"))
+        // The controller's command line for listen addresses (restarts use the bound ones, so
+        // agents and the relay find it where it was).
+        let ctl_cmd = |grpc_listen: &str, http_listen: &str| {
+            let mut args =
+                vec![s("serve"), s("--grpc-listen"), s(grpc_listen), s("--http-listen"), s(http_listen)];
+            args.extend([s("--san"), s(LAB_ROUTER), s("--data-dir"), ctl_dir.display().to_string()]);
+            if netns {
+                let mut a = vec![s("netns"), s("exec"), router.clone(), controller_bin.display().to_string()];
+                a.extend(args);
+                (PathBuf::from("ip"), a)
+            } else {
+                (controller_bin.clone(), args)
+            }
         };
-        let mut ctl_args = vec![s("serve"), s("--grpc-listen"), grpc_listen, s("--http-listen"), http_listen];
-        ctl_args.extend([s("--san"), s(LAB_ROUTER), s("--data-dir"), ctl_dir.display().to_string()]);
         let (bin, args) = if netns {
-            let mut a = vec![s("netns"), s("exec"), router.clone(), controller_bin.display().to_string()];
-            a.extend(ctl_args);
-            (PathBuf::from("ip"), a)
+            ctl_cmd(&format!("{LAB_ROUTER}:7443"), &format!("{LAB_ROUTER}:7480"))
         } else {
-            (controller_bin.clone(), ctl_args)
+            ctl_cmd("127.0.0.1:0", "127.0.0.1:0")
         };
-        children.push(spawn(&bin, &args, &ctl_log)?);
-        let ports = wait_ports(&ctl_dir, &ctl_log, &mut children[0]).await?;
-        let (endpoint, grpc, http) = if netns {
-            // The host reaches the controller through a relay; the agents directly.
+        procs.children.push(spawn(&bin, &args, &ctl_log)?);
+        let ports = wait_ports(&ctl_dir, &ctl_log, &mut procs.children[0]).await?;
+        let bound = |k: &str| ports[k].as_str().unwrap_or_default().to_owned();
+        let (bin, args) = ctl_cmd(&bound("grpc"), &bound("http"));
+        procs.restart = Some(ControllerSpec { bin, args, log: ctl_log.clone(), ctl_dir: ctl_dir.clone() });
+        let (endpoint, grpc, http, vm_host) = if netns {
+            // The host reaches the controller (and VictoriaMetrics) through a relay; the agents
+            // directly.
             let relay_file = dir.join("relay.json");
             let _ = std::fs::remove_file(&relay_file);
-            let args = vec![
+            let mut args = vec![
                 s("lab"),
                 s("relay"),
                 s("--netns"),
@@ -263,17 +360,22 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
                 format!("127.0.0.1:0={LAB_ROUTER}:7443"),
                 s("--map"),
                 format!("127.0.0.1:0={LAB_ROUTER}:7480"),
-                s("--ports-file"),
-                relay_file.display().to_string(),
             ];
+            if monitoring {
+                args.extend([s("--map"), format!("127.0.0.1:0={LAB_ROUTER}:{}", victoriametrics::PORT)]);
+            }
+            args.extend([s("--ports-file"), relay_file.display().to_string()]);
             let mut child = spawn(&muster_bin, &args, &dir.join("relay.log"))?;
-            let maps = wait_file(&relay_file, &mut child, &dir.join("relay.log")).await?;
-            relay_child = Some(child);
-            let listen = |i: usize| maps[i]["listen"].as_str().unwrap_or_default().to_owned();
-            (format!("https://{LAB_ROUTER}:7443"), listen(0), listen(1))
+            let maps = wait_file(&relay_file, &mut child, &dir.join("relay.log")).await;
+            procs.relay = Some(child);
+            let maps = maps?;
+            let listen = |i: usize| {
+                maps.get(i).and_then(|m| m["listen"].as_str()).map(str::to_owned).unwrap_or_default()
+            };
+            (format!("https://{LAB_ROUTER}:7443"), listen(0), listen(1), monitoring.then(|| listen(2)))
         } else {
-            let grpc = ports["grpc"].as_str().unwrap_or_default().to_owned();
-            (format!("https://{grpc}"), grpc, ports["http"].as_str().unwrap_or_default().to_owned())
+            let grpc = bound("grpc");
+            (format!("https://{grpc}"), grpc, bound("http"), None)
         };
         // The CLI on this machine reaches the controller at the relay (or its own port).
         let mc_path = ctl_dir.join("musterconfig");
@@ -296,7 +398,7 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
             .into_inner()
             .token;
         for i in 1..=nodes {
-            let name = format!("lab-node-{i}");
+            let name = node_name(i);
             let mut args: Vec<String> = vec![
                 s("--controller"),
                 endpoint.clone(),
@@ -341,20 +443,42 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
                 args.extend([s("--metrics-listen"), s("127.0.0.1:0"), s("--no-apply-config")]);
                 (agent_bin.clone(), args)
             };
-            children.push(spawn(&bin, &args, &dir.join(format!("{name}.log")))?);
+            let log = dir.join(format!("{name}.log"));
+            procs.children.push(spawn(&bin, &args, &log)?);
+            procs.nodes.push((name, log));
         }
-        let lab = LabFile {
+        let mut lab = LabFile {
             dir: dir.clone(),
-            controller_pid: children[0].id(),
-            agent_pids: children[1..].iter().map(Child::id).collect(),
+            controller_pid: procs.children[0].id(),
+            agent_pids: procs.children[1..].iter().map(Child::id).collect(),
             grpc: grpc.clone(),
             http: http.clone(),
             musterconfig: mc_path.clone(),
-            relay_pid: relay_child.as_ref().map(Child::id),
-            netns: namespaces.clone(),
+            relay_pid: procs.relay.as_ref().map(Child::id),
+            netns: procs.namespaces.clone(),
+            provisioner: Provisioner::Process,
+            supervisor_pid: None,
+            monitoring: None,
         };
-        std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
+        write_lab(&dir, &lab)?;
         let ms = wait_ready(&mut admin, nodes as usize, &dir.join("lab-node-*.log")).await?;
+        if let Some(vm_bin) = &vm_bin {
+            use crate::lab_monitoring::Placement;
+            let place = if netns {
+                Placement {
+                    netns: Some(router.clone()),
+                    listen: Some(format!("{LAB_ROUTER}:{}", victoriametrics::PORT)),
+                    host: vm_host.clone(),
+                    controller_http: format!("{LAB_ROUTER}:7480"),
+                }
+            } else {
+                Placement { netns: None, listen: None, host: None, controller_http: http.clone() }
+            };
+            let (child, m) = crate::lab_monitoring::start(&dir, vm_bin, &place).await?;
+            procs.monitoring = Some(child);
+            lab.monitoring = Some(m);
+            write_lab(&dir, &lab)?;
+        }
         let how = if netns {
             "each in its own namespaces on 10.77.0.0/24"
         } else {
@@ -367,56 +491,19 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
         out!("{}", crate::views::machines_table(&ms, SystemTime::now()));
         outln!("\nPoint the CLI at it:\n  export MUSTERCONFIG={}", mc_path.display());
         outln!("Metrics: curl http://{http}/metrics   Service discovery: curl http://{http}/sd/prometheus");
+        if let Some(m) = &lab.monitoring {
+            let note = if m.ui.ends_with("/vmui/") { "" } else { "; this build has no /vmui/" };
+            outln!(
+                "Monitoring: VictoriaMetrics UI {} (scrapes the controller and every agent; targets: \
+                 http://{}/targets{note})",
+                m.ui,
+                m.http
+            );
+        }
         Ok::<(), anyhow::Error>(())
     }
     .await;
-    let mut procs = Procs { children, relay: relay_child, namespaces };
     procs.hold(&dir, result, detach).await
-}
-
-/// What a running lab consists of: its processes (the controller first), the relay, and the
-/// network namespaces it made.
-pub(crate) struct Procs {
-    pub children: Vec<Child>,
-    pub relay: Option<Child>,
-    pub namespaces: Vec<String>,
-}
-
-impl Procs {
-    /// After start-up: on failure, removes everything and returns the error; detached, leaves
-    /// the lab running; else waits for Ctrl-C, SIGTERM or the controller's exit, then stops the
-    /// processes (newest first), removes the namespaces and `lab.json`, and keeps the logs.
-    pub(crate) async fn hold(&mut self, dir: &Path, started: Result<()>, detach: bool) -> Result<()> {
-        if let Err(e) = started {
-            for c in self.children.iter_mut().chain(self.relay.iter_mut()) {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            netns::teardown(&self.namespaces);
-            let _ = std::fs::remove_file(dir.join("lab.json"));
-            return Err(e);
-        }
-        if detach {
-            outln!("Running in the background; stop it with `muster lab down`.");
-            return Ok(());
-        }
-        // Never fail from here on: the children must be stopped whatever happens to stdout.
-        let _ = crate::output::emit("Stop it with Ctrl-C (or `muster lab down` from another shell).\n");
-        wait_for_signal_or_exit(&mut self.children).await;
-        let mut pids: Vec<u32> = self.children.iter().map(Child::id).rev().collect();
-        pids.extend(self.relay.as_ref().map(Child::id));
-        stop_pids(&pids);
-        for c in self.children.iter_mut().chain(self.relay.iter_mut()) {
-            let _ = c.wait();
-        }
-        netns::teardown(&self.namespaces);
-        let _ = std::fs::remove_file(dir.join("lab.json"));
-        let _ = crate::output::emit(&format!(
-            "lab stopped (state and logs kept in {}; `muster lab down` removes them)\n",
-            dir.display()
-        ));
-        Ok(())
-    }
 }
 
 async fn wait_file(path: &Path, child: &mut Child, log: &Path) -> Result<Vec<serde_json::Value>> {
@@ -434,30 +521,6 @@ async fn wait_file(path: &Path, child: &mut Child, log: &Path) -> Result<Vec<ser
             bail!("the lab relay did not start within 10s:\n{}", tail(log));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub(crate) async fn wait_for_signal_or_exit(children: &mut [Child]) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    loop {
-        let term_fut = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            () = term_fut => return,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {
-                // `muster lab down` from another shell stopped the controller.
-                if matches!(children[0].try_wait(), Ok(Some(_))) {
-                    return;
-                }
-            }
-        }
     }
 }
 

@@ -18,7 +18,8 @@ use muster_lab::qemu::{
 };
 use muster_proto::pb;
 
-use crate::lab::{wait_ports, LabFile, Procs};
+use crate::lab::{wait_ports, write_lab, LabFile, Provisioner};
+use crate::lab_supervisor::{ControllerSpec, Procs};
 
 const GUEST_HTTP: u16 = 80;
 const GUEST_GRPC: u16 = 7443;
@@ -115,30 +116,41 @@ pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
         }
     }
     let ctl_log = dir.join("controller.log");
-    let ctl_args = vec![
-        s("serve"),
-        s("--grpc-listen"),
-        s("127.0.0.1:0"),
-        s("--http-listen"),
-        s("127.0.0.1:0"),
-        s("--data-dir"),
-        ctl_dir.display().to_string(),
-        s("--boot-assets"),
-        bundle.display().to_string(),
-        s("--boot-controller-url"),
-        format!("https://{GUEST_ADDR}:{GUEST_GRPC}"),
-        s("--boot-kernel-args"),
-        s("console=ttyS0 panic=-1"),
-        // QEMU's user networking connects every VM from 127.0.0.1, where the controller cannot
-        // see a MAC: the lab trusts the MACs its own VMs report (a LAN needs no such flag).
-        s("--trust-reported-macs"),
-        s("127.0.0.1/32"),
-    ];
-    let mut children: Vec<Child> = vec![spawn(&controller_bin, &ctl_args, &ctl_log)?];
+    let ctl_args = |grpc: &str, http: &str| {
+        vec![
+            s("serve"),
+            s("--grpc-listen"),
+            s(grpc),
+            s("--http-listen"),
+            s(http),
+            s("--data-dir"),
+            ctl_dir.display().to_string(),
+            s("--boot-assets"),
+            bundle.display().to_string(),
+            s("--boot-controller-url"),
+            format!("https://{GUEST_ADDR}:{GUEST_GRPC}"),
+            s("--boot-kernel-args"),
+            s("console=ttyS0 panic=-1"),
+            // QEMU's user networking connects every VM from 127.0.0.1, where the controller
+            // cannot see a MAC: the lab trusts the MACs its own VMs report (a LAN needs no
+            // such flag).
+            s("--trust-reported-macs"),
+            s("127.0.0.1/32"),
+        ]
+    };
+    let mut procs = Procs::default();
     let result = async {
-        let ports = wait_ports(&ctl_dir, &ctl_log, &mut children[0]).await?;
+        procs.children.push(spawn(&controller_bin, &ctl_args("127.0.0.1:0", "127.0.0.1:0"), &ctl_log)?);
+        let ports = wait_ports(&ctl_dir, &ctl_log, &mut procs.children[0]).await?;
         let grpc = ports["grpc"].as_str().unwrap_or_default().to_owned();
         let http = ports["http"].as_str().unwrap_or_default().to_owned();
+        // A restarted controller must be where the VMs' forwards point.
+        procs.restart = Some(ControllerSpec {
+            bin: controller_bin.clone(),
+            args: ctl_args(&grpc, &http),
+            log: ctl_log.clone(),
+            ctl_dir: ctl_dir.clone(),
+        });
         let port = |a: &str| a.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
         let mc_path = ctl_dir.join("musterconfig");
         muster_cli::client::set_endpoint(&mc_path, &format!("https://{grpc}"))?;
@@ -164,19 +176,24 @@ pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
         // 4. Boot them.
         for i in 1..=nodes {
             let args = qemu_args(i, &dir, port(&http), port(&grpc))?;
-            children.push(spawn(&qemu, &args, &dir.join(format!("{}.qemu.log", vm_name(i))))?);
+            let log = dir.join(format!("{}.qemu.log", vm_name(i)));
+            procs.children.push(spawn(&qemu, &args, &log)?);
+            procs.nodes.push((format!("lab-vm-{i}"), log));
         }
         let lab = LabFile {
             dir: dir.clone(),
-            controller_pid: children[0].id(),
-            agent_pids: children[1..].iter().map(Child::id).collect(),
+            controller_pid: procs.children[0].id(),
+            agent_pids: procs.children[1..].iter().map(Child::id).collect(),
             grpc: grpc.clone(),
             http: http.clone(),
             musterconfig: mc_path.clone(),
             relay_pid: None,
             netns: Vec::new(),
+            provisioner: Provisioner::Qemu,
+            supervisor_pid: None,
+            monitoring: None,
         };
-        std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
+        write_lab(&dir, &lab)?;
         eprintln!(
             "booting {nodes} VM(s) over iPXE (TCG: ~15-60 s each); follow one with `muster lab console lab-vm-1`"
         );
@@ -191,7 +208,7 @@ pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
                 if let Some(f) = boot_failure(&text) {
                     bail!("lab-vm-{i}: {f:?} on its console; see {}", log.display());
                 }
-                if let Ok(Some(st)) = children[i as usize].try_wait() {
+                if let Ok(Some(st)) = procs.children[i as usize].try_wait() {
                     bail!("lab-vm-{i}: QEMU exited ({st}):\n{}", tail(&dir.join(format!("{}.qemu.log", vm_name(i)))));
                 }
             }
@@ -222,7 +239,6 @@ pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
         }
     }
     .await;
-    let mut procs = Procs { children, relay: None, namespaces: Vec::new() };
     procs.hold(&dir, result, detach).await
 }
 

@@ -19,7 +19,10 @@ macro_rules! outln {
 
 mod config;
 mod lab;
+mod lab_monitoring;
 mod lab_qemu;
+mod lab_status;
+mod lab_supervisor;
 mod machines;
 mod output;
 mod tokens;

@@ -1,5 +1,5 @@
 //! Every view the CLI shows, in one place: the `-o json|yaml` shapes and the tables of
-//! machines, tokens, registrations, config history and health.
+//! machines, tokens, registrations, config history, health and a lab's status.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -506,6 +506,105 @@ pub fn health_table(ms: &[pb::Machine]) -> String {
     table(&["ID", "HOSTNAME", "HEALTH", "REASONS"], &rows)
 }
 
+/// `muster lab status -o json|yaml`: a lab's processes, namespaces and endpoints, each checked.
+#[derive(Debug, Serialize)]
+pub struct LabStatusView {
+    pub dir: String,
+    /// `running` (everything the lab recorded is alive), `degraded` (something is down),
+    /// `stopped` (nothing is alive: a stale `lab.json`) or `none` (no lab recorded).
+    pub state: LabState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provisioner: Option<String>,
+    /// `netns` (nodes in their own namespaces), `none` (sharing this machine's) or `qemu` (VMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
+    pub processes: Vec<LabProcessView>,
+    pub namespaces: Vec<LabNamespaceView>,
+    pub endpoints: Vec<LabEndpointView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub musterconfig: Option<String>,
+    /// The names of the processes and namespaces that are down.
+    pub down: Vec<String>,
+}
+
+/// How a lab stands as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabState {
+    Running,
+    Degraded,
+    Stopped,
+    None,
+}
+
+/// One process a lab recorded.
+#[derive(Debug, Serialize)]
+pub struct LabProcessView {
+    /// `controller`, `lab-node-N`, `lab-vm-N`, `relay`, `monitoring` or `supervisor`.
+    pub name: String,
+    /// `controller`, `agent`, `vm`, `relay`, `monitoring` or `supervisor` (a foreground `lab up`).
+    pub kind: &'static str,
+    pub pid: u32,
+    pub alive: bool,
+}
+
+/// One network namespace a lab made.
+#[derive(Debug, Serialize)]
+pub struct LabNamespaceView {
+    pub name: String,
+    pub exists: bool,
+}
+
+/// One endpoint of a lab as this machine reaches it.
+#[derive(Debug, Serialize)]
+pub struct LabEndpointView {
+    /// `controller-grpc`, `controller-http` or `monitoring-ui`.
+    pub name: &'static str,
+    pub url: String,
+    /// Whether it answered just now (a TCP connection for gRPC, `/healthz` or `/health` for
+    /// HTTP).
+    pub reachable: bool,
+}
+
+/// `muster lab status` for people.
+pub fn lab_status_text(v: &LabStatusView) -> String {
+    let mut out = match v.state {
+        LabState::None => return format!("no lab in {}\n", v.dir),
+        LabState::Running => format!("lab in {}: running\n", v.dir),
+        LabState::Degraded => format!("lab in {}: degraded, down: {}\n", v.dir, v.down.join(", ")),
+        LabState::Stopped => {
+            format!("lab in {}: not running (stale lab.json; `muster lab down` cleans up)\n", v.dir)
+        }
+    };
+    let up = |b: bool, yes: &str, no: &str| if b { yes.to_owned() } else { no.to_owned() };
+    out.push('\n');
+    let rows: Vec<Vec<String>> = v
+        .processes
+        .iter()
+        .map(|p| vec![p.name.clone(), p.kind.to_owned(), p.pid.to_string(), up(p.alive, "up", "down")])
+        .collect();
+    out.push_str(&table(&["PROCESS", "KIND", "PID", "STATE"], &rows));
+    if !v.namespaces.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> =
+            v.namespaces.iter().map(|n| vec![n.name.clone(), up(n.exists, "present", "missing")]).collect();
+        out.push_str(&table(&["NAMESPACE", "STATE"], &rows));
+    }
+    if !v.endpoints.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = v
+            .endpoints
+            .iter()
+            .map(|e| vec![e.name.to_owned(), e.url.clone(), up(e.reachable, "reachable", "unreachable")])
+            .collect();
+        out.push_str(&table(&["ENDPOINT", "URL", "STATE"], &rows));
+    }
+    if let Some(mc) = v.musterconfig.as_ref().filter(|_| v.state != LabState::Stopped) {
+        out.push_str(&format!("\nexport MUSTERCONFIG={mc}\n"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
@@ -612,5 +711,35 @@ mod tests {
         assert!(v["cert_expires"].is_null());
         let list = serde_json::to_value(MachineView::new(&m, false)).unwrap();
         assert!(list.get("inventory").is_none(), "the list stays small");
+    }
+
+    #[test]
+    fn a_degraded_lab_says_what_is_down() {
+        let v = LabStatusView {
+            dir: "/l".into(),
+            state: LabState::Degraded,
+            provisioner: Some("process".into()),
+            isolation: Some("netns".into()),
+            processes: vec![
+                LabProcessView { name: "controller".into(), kind: "controller", pid: 10, alive: true },
+                LabProcessView { name: "lab-node-2".into(), kind: "agent", pid: 12, alive: false },
+            ],
+            namespaces: vec![LabNamespaceView { name: "mlab1r".into(), exists: true }],
+            endpoints: vec![LabEndpointView {
+                name: "controller-http",
+                url: "http://127.0.0.1:1".into(),
+                reachable: true,
+            }],
+            musterconfig: Some("/l/controller/musterconfig".into()),
+            down: vec!["lab-node-2".into()],
+        };
+        let t = lab_status_text(&v);
+        assert!(t.starts_with("lab in /l: degraded, down: lab-node-2\n"), "{t}");
+        assert!(t.lines().any(|l| l.split_whitespace().eq(["lab-node-2", "agent", "12", "down"])), "{t}");
+        assert!(t.lines().any(|l| l.split_whitespace().eq(["mlab1r", "present"])), "{t}");
+        assert!(t.ends_with("export MUSTERCONFIG=/l/controller/musterconfig\n"), "{t}");
+        let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(j["state"], "degraded");
+        assert_eq!(j["processes"][1]["alive"], false);
     }
 }

@@ -10,6 +10,8 @@
 //!   for the tests and benchmarks; [`http`]: a minimal GET for what scrapers read.
 //! - [`qemu`]: the one QEMU command line (TCG, SeaBIOS + iPXE, serial console to a file,
 //!   restricted user-mode networking or a tap), and a VM guard.
+//! - [`victoriametrics`]: Debian's VictoriaMetrics single-node for `lab up --monitoring`: where
+//!   it is, its command line, and how a lab's instance is recognised.
 //!
 //! Depends only on `muster-machinery` and `muster-util`: it runs Muster's binaries, never links
 //! them.
@@ -19,6 +21,7 @@ pub mod muster;
 pub mod netns;
 pub mod process;
 pub mod qemu;
+pub mod victoriametrics;
 
 /// What a lab step failed at.
 #[derive(Debug, thiserror::Error)]

@@ -54,12 +54,27 @@ pub fn redacted(args: &[String]) -> Vec<&str> {
 }
 
 /// Starts `bin ARGS` in its own process group (Ctrl-C reaches only the parent, which stops its
-/// children in order) with stdout and stderr in `log`.
+/// children in order) with stdout and stderr in `log` (truncated first).
 pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child, LabError> {
+    let f = std::fs::File::create(log).map_err(LabError::io(format!("creating {}", log.display())))?;
+    spawn_to(bin, args, log, f)
+}
+
+/// [`spawn`], with the output appended to `log` after what is there (a restarted process keeps
+/// its predecessor's log).
+pub fn spawn_appending(bin: &Path, args: &[String], log: &Path) -> Result<Child, LabError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(LabError::io(format!("opening {}", log.display())))?;
+    spawn_to(bin, args, log, f)
+}
+
+fn spawn_to(bin: &Path, args: &[String], log: &Path, f: std::fs::File) -> Result<Child, LabError> {
     use std::os::unix::process::CommandExt;
     tracing::debug!(bin = %bin.display(), args = ?redacted(args), log = %log.display(), "starting");
-    let f = std::fs::File::create(log).map_err(LabError::io(format!("creating {}", log.display())))?;
-    let f2 = f.try_clone().map_err(LabError::io(format!("creating {}", log.display())))?;
+    let f2 = f.try_clone().map_err(LabError::io(format!("opening {}", log.display())))?;
     Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -77,6 +92,78 @@ pub fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// How a process ended, in words: "exited with status 3", "was killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => {
+            let name = signal_name(sig).map(|n| format!(" ({n})")).unwrap_or_default();
+            let core = if status.core_dumped() { ", core dumped" } else { "" };
+            format!("was killed by signal {sig}{name}{core}")
+        }
+        (None, None) => format!("ended ({status})"),
+    }
+}
+
+/// The name of a common signal.
+fn signal_name(sig: libc::c_int) -> Option<&'static str> {
+    Some(match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        _ => return None,
+    })
+}
+
+/// When to start a process again after it died: up to `max` times in a row, after a delay that
+/// doubles from `base` up to `cap`; a process that ran at least `stable` before it died starts
+/// the count afresh (a crash a day never adds up to giving up).
+#[derive(Debug, Clone)]
+pub struct Restarts {
+    max: u32,
+    base: Duration,
+    cap: Duration,
+    stable: Duration,
+    count: u32,
+}
+
+impl Restarts {
+    pub fn new(max: u32, base: Duration, cap: Duration, stable: Duration) -> Self {
+        Self { max, base, cap, stable, count: 0 }
+    }
+
+    /// After a death of a process that had run for `ran_for`: which restart in a row this is
+    /// and how long to wait before it, or `None` when the restarts are used up.
+    pub fn next(&mut self, ran_for: Duration) -> Option<(u32, Duration)> {
+        if ran_for >= self.stable {
+            self.count = 0;
+        }
+        if self.count >= self.max {
+            return None;
+        }
+        self.count += 1;
+        let delay = self.base.saturating_mul(1 << (self.count - 1).min(16)).min(self.cap);
+        Some((self.count, delay))
+    }
+
+    /// How many restarts in a row are allowed.
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+}
+
 /// Whether `pid` is alive and runs one of our binaries (never signal anything else).
 pub fn is_ours(pid: u32) -> bool {
     let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else { return false };
@@ -88,14 +175,16 @@ pub fn is_ours(pid: u32) -> bool {
 }
 
 /// The controller and agent binaries (a rebuilt binary shows as `NAME (deleted)`), QEMU only
-/// while it runs a lab VM, and `muster` only while it runs the lab's relay.
+/// while it runs a lab VM, VictoriaMetrics only with a lab's scrape config, and `muster` only
+/// while it runs the lab's relay or a foreground `lab up`.
 pub fn ours_by(exe_name: &str, args: &[String]) -> bool {
     (exe_name.starts_with("qemu-system")
         && args.windows(2).any(|w| w[0] == "-name" && w[1].starts_with(crate::qemu::LAB_VM_PREFIX)))
         || exe_name.starts_with("muster-controller")
         || exe_name.starts_with("muster-agent")
+        || (exe_name.starts_with("victoria-metrics") && crate::victoriametrics::is_labs(args))
         || ((exe_name == "muster" || exe_name.starts_with("muster ("))
-            && args.windows(2).any(|w| w[0] == "lab" && w[1] == "relay"))
+            && args.windows(2).any(|w| w[0] == "lab" && (w[1] == "relay" || w[1] == "up")))
 }
 
 /// Sends `sig` to `pid`.
@@ -227,6 +316,33 @@ mod tests {
         assert!(ours_by("qemu-system-x86_64", &s(&["-name", "muster-lab-vm-1"])));
         assert!(!ours_by("qemu-system-x86_64", &s(&["-name", "someone-elses-vm"])));
         assert!(!ours_by("sshd", &[]));
+        assert!(ours_by("muster", &s(&["muster", "lab", "up", "--dir", "x"])));
+        let vm = s(&["victoria-metrics", "-promscrape.config=/l/monitoring/muster-lab-scrape.yml"]);
+        assert!(ours_by("victoria-metrics", &vm));
+        assert!(!ours_by("victoria-metrics", &s(&["victoria-metrics", "-promscrape.config=/etc/x.yml"])));
+    }
+
+    #[test]
+    fn exits_are_told_in_words() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exited with status 3");
+        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "was killed by signal 9 (SIGKILL)");
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(6 | 0x80)),
+            "was killed by signal 6 (SIGABRT), core dumped"
+        );
+    }
+
+    #[test]
+    fn restarts_back_off_and_give_up_unless_the_process_was_stable() {
+        let s = Duration::from_secs;
+        let mut r = Restarts::new(3, s(1), s(3), s(60));
+        assert_eq!(r.next(s(0)), Some((1, s(1))));
+        assert_eq!(r.next(s(5)), Some((2, s(2))));
+        assert_eq!(r.next(s(5)), Some((3, s(3))), "capped");
+        assert_eq!(r.next(s(5)), None, "used up");
+        assert_eq!(r.next(s(5)), None);
+        assert_eq!(r.next(s(60)), Some((1, s(1))), "a stable run starts afresh");
     }
 
     #[test]
