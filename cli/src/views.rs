@@ -131,8 +131,8 @@ pub fn machines_table(ms: &[pb::Machine], now: SystemTime) -> String {
                 role_name(m.role).unwrap_or_else(|| "-".into()),
                 if m.cluster.is_empty() { "-".into() } else { m.cluster.clone() },
                 if m.health.is_empty() { "-".into() } else { m.health.clone() },
-                relative(m.last_seen_unix_ms, now),
                 ConfigSummary::of(m).map_or_else(|| "-".into(), |c| c.short()),
+                relative(m.last_seen_unix_ms, now),
                 m.warnings.len().to_string(),
             ]
         })
@@ -658,6 +658,7 @@ mod tests {
         assert!(lines[0].starts_with("ID "));
         assert!(lines[1].contains("5s ago"), "{t}");
         assert_eq!(lines[0].find("HOSTNAME"), lines[1].find("node-1"));
+        assert_eq!(lines[0].find("LAST SEEN"), lines[1].find("5s ago"), "each value under its header: {t}");
     }
 
     #[test]

@@ -57,3 +57,25 @@ async fn forced_assignment_moves_role_or_cluster_alone_and_refuses_only_a_no_op(
     assert_eq!(role_and_cluster(&f, &m).await, (pb::Role::Controlplane as i32, "other".to_string()));
     f.still_serving().await.unwrap();
 }
+
+/// What a node says about itself is cut to 256 bytes on a character boundary, never past it:
+/// a hostname whose 256th byte falls inside a character keeps the whole characters before it.
+#[tokio::test]
+async fn reported_strings_are_cut_back_to_a_character_boundary() {
+    let f = TestController::start().await.unwrap();
+    // 'a' then two-byte characters: byte 256 is the middle of one.
+    let long = format!("a{}", "é".repeat(200));
+    let inv = pb::Inventory { hostname: long, cpu_model: "x".repeat(300), ..Default::default() };
+    let m = f.enroll_with(&f.token(0, 1).await.unwrap(), inv).await.unwrap().unwrap();
+    let got = f
+        .admin()
+        .await
+        .unwrap()
+        .get_machine(pb::MachineRef { query: m.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.hostname, format!("a{}", "é".repeat(127)));
+    assert_eq!(got.inventory.unwrap().cpu_model, "x".repeat(256));
+    f.still_serving().await.unwrap();
+}

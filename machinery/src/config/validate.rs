@@ -356,3 +356,195 @@ pub fn validate(c: &MachineConfig) -> Validation {
     }
     ck.v
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    /// Validates a config made of `fields` (camelCase, as in YAML) on top of apiVersion/kind.
+    fn check(fields: Value) -> Validation {
+        let mut doc = json!({"apiVersion": API_VERSION, "kind": KIND});
+        doc.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+        validate(&serde_json::from_value(doc).unwrap())
+    }
+
+    /// The paths of the errors of `fields`.
+    fn error_paths(fields: Value) -> Vec<String> {
+        check(fields).errors.into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn hostname_lengths_and_characters() {
+        let label63 = "a".repeat(63);
+        let host253 = format!("{label63}.{label63}.{label63}.{}", "b".repeat(61));
+        assert_eq!(host253.len(), 253);
+        for ok in ["a", "node-a", "a-b.c0.example", "Node-A", "0", label63.as_str(), host253.as_str()] {
+            assert_eq!(ok.parse::<Hostname>().map(|h| h.as_str().to_owned()), Ok(ok.to_owned()), "{ok}");
+        }
+        let host254 = format!("{host253}b");
+        let label64 = "a".repeat(64);
+        for bad in ["", "-a", "a-", "a.-b", "a.b-", "a_b", "a b", "a..b", ".a", "a.", "é", &host254, &label64]
+        {
+            assert!(bad.parse::<Hostname>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cidr_prefix_is_at_most_the_address_length() {
+        for ok in ["10.0.0.1/0", "10.0.0.1/32", "fd00::1/128", "fd00::1/33"] {
+            assert!(ok.parse::<IpCidr>().is_ok(), "{ok}");
+        }
+        for bad in ["10.0.0.1/33", "fd00::1/129", "10.0.0.1", "10.0.0.1/x", "x/24"] {
+            assert!(bad.parse::<IpCidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_mode_is_one_to_four_octal_digits() {
+        assert_eq!("7".parse::<FileMode>(), Ok(FileMode(0o7)));
+        assert_eq!("4755".parse::<FileMode>(), Ok(FileMode(0o4755)));
+        for bad in ["", "00644", "12345", "0648", "-644", "+644", "0o64"] {
+            assert!(bad.parse::<FileMode>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn owners_are_account_names_or_ids() {
+        let name32 = "a".repeat(32);
+        for ok in ["root", "_apt", "deploy-bot_1", "1000", "1000:1000", "root:adm", name32.as_str()] {
+            assert!(ok.parse::<Owner>().is_ok(), "{ok}");
+        }
+        let name33 = "a".repeat(33);
+        for bad in
+            ["", ":", "root:", ":root", "Root", "aB", "9abc", "-ab", "a b", "a.b", "a:b:c", name33.as_str()]
+        {
+            assert!(bad.parse::<Owner>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_paths_must_be_absolute_normalised_and_outside_the_kernels_filesystems() {
+        let file = |path: &str| json!({"files": [{"path": path, "content": "x"}]});
+        let long_ok = format!("/{}", "a".repeat(4095));
+        for ok in ["/etc/motd", "/a/.b", "/a/..b", "/processes", "/devices/x", long_ok.as_str()] {
+            assert_eq!(error_paths(file(ok)), Vec::<String>::new(), "{ok}");
+        }
+        let too_long = format!("/{}", "a".repeat(4096));
+        for bad in [
+            "etc/motd",
+            "/",
+            "/etc/",
+            "/etc//motd",
+            "/etc/./motd",
+            "/etc/../shadow",
+            "/..",
+            "/a\0b",
+            "/proc",
+            "/sys/kernel/x",
+            "/dev/sda",
+            too_long.as_str(),
+        ] {
+            assert_eq!(error_paths(file(bad)), ["files[0].path"], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sysctl_names_and_values() {
+        for ok in ["net.ipv4.ip_forward", "net/ipv4/conf/eth0/rp_filter", "net.ipv4.conf.*.x", "kernel.a-b"] {
+            assert_eq!(error_paths(json!({"sysctls": {ok: "1"}})), Vec::<String>::new(), "{ok}");
+        }
+        for bad in ["", "net..x", ".net", "net.", "net.ipv4.a b", "net.ipv4.a=1", "net/../x"] {
+            assert_eq!(error_paths(json!({"sysctls": {bad: "1"}})), [format!("sysctls.{bad}")], "{bad:?}");
+        }
+        for bad in ["", "1\n2"] {
+            let got = error_paths(json!({"sysctls": {"vm.swappiness": bad}}));
+            assert_eq!(got, ["sysctls.vm.swappiness"], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn interfaces_by_name_or_mac_once_each() {
+        let itf = |itf: Value| json!({"network": {"interfaces": [itf]}});
+        let name15 = "e".repeat(15);
+        for ok in [json!({"name": "eth0"}), json!({"name": name15}), json!({"mac": "52:54:00:00:00:01"})] {
+            assert_eq!(error_paths(itf(ok.clone())), Vec::<String>::new(), "{ok}");
+        }
+        for bad in ["", "eth/0", "eth 0", &"e".repeat(16)] {
+            let got = error_paths(itf(json!({"name": bad})));
+            assert_eq!(got, ["network.interfaces[0].name"], "{bad:?}");
+        }
+        // The same MAC in another spelling is the same interface.
+        let twice = json!({"network": {"interfaces": [
+            {"mac": "52:54:00:00:00:01", "mtu": 1500},
+            {"mac": "52-54-00-00-00-01", "mtu": 68},
+            {"name": "eth0", "mtu": 65535},
+            {"name": "eth0"},
+        ]}});
+        assert_eq!(error_paths(twice), ["network.interfaces[1].mac", "network.interfaces[3].name"]);
+    }
+
+    #[test]
+    fn dhcp_with_static_addresses_warns() {
+        let warnings = |itf: Value| check(json!({"network": {"interfaces": [itf]}})).warnings;
+        assert_eq!(warnings(json!({"name": "eth0", "dhcp": true})), Vec::<String>::new());
+        assert_eq!(warnings(json!({"name": "eth0", "addresses": ["10.0.0.2/24"]})), Vec::<String>::new());
+        assert_eq!(
+            warnings(json!({"name": "eth0", "dhcp": false, "addresses": ["10.0.0.2/24"]})),
+            Vec::<String>::new()
+        );
+        let w = warnings(json!({"name": "eth0", "dhcp": true, "addresses": ["10.0.0.2/24"]}));
+        assert_eq!(w, ["network.interfaces[0] has both dhcp and static addresses"]);
+    }
+
+    #[test]
+    fn kernel_module_names_and_parameters() {
+        let module =
+            |name: &str, params: &[&str]| json!({"kernelModules": [{"name": name, "parameters": params}]});
+        assert_eq!(error_paths(module("br_netfilter", &["a=1", "b=x,y", "c="])), Vec::<String>::new());
+        assert_eq!(error_paths(module("nf-conntrack", &[])), Vec::<String>::new());
+        for bad in ["", "br.netfilter", "a b", "../x"] {
+            assert_eq!(error_paths(module(bad, &[])), ["kernelModules[0].name"], "{bad:?}");
+        }
+        for bad in ["a", "a=1 b=2", "a=\t1"] {
+            assert_eq!(error_paths(module("m", &[bad])), ["kernelModules[0].parameters[0]"], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn user_names_and_ssh_keys() {
+        let user = |name: &str, keys: &[&str]| json!({"users": [{"name": name, "sshAuthorizedKeys": keys}]});
+        let keys = [
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE user@host",
+            "ecdsa-sha2-nistp256 AAAAE2VjZHNh",
+            "sk-ssh-ed25519@openssh.com AAAAGnNr",
+        ];
+        assert_eq!(error_paths(user("admin", &keys)), Vec::<String>::new());
+        for bad in ["", "Admin", "1000", "9ops", "a:b"] {
+            assert_eq!(error_paths(user(bad, &[])), ["users[0].name"], "{bad:?}");
+        }
+        for bad in ["ssh-ed25519", "rsa AAAA", "AAAA ssh-ed25519", "ssh-ed25519 AAAA\nssh-rsa BBBB", ""] {
+            assert_eq!(error_paths(user("admin", &[bad])), ["users[0].sshAuthorizedKeys[0]"], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unit_names_need_a_name_and_a_unit_type() {
+        let unit = |name: &str| json!({"units": [{"name": name}]});
+        for ok in ["k3s.service", "a.timer", "b.socket", "c.mount", "d.target", "e.path"] {
+            assert_eq!(error_paths(unit(ok)), Vec::<String>::new(), "{ok}");
+        }
+        for bad in [".service", "k3s", "k3s-agent", "k3s.services", "a/b.service", "service"] {
+            assert_eq!(error_paths(unit(bad)), ["units[0].name"], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn field_errors_print_with_their_path() {
+        let e = FieldError { path: "files[1].mode".into(), message: "bad".into() };
+        assert_eq!(e.to_string(), "files[1].mode: bad");
+        assert_eq!(FieldError { path: String::new(), message: "bad".into() }.to_string(), "bad");
+    }
+}
