@@ -70,7 +70,9 @@ impl GenerationReport {
 
     /// Whether the hostname was changed by this pass (the controller then hears the new name).
     pub fn changed_hostname(&self) -> bool {
-        self.resources.iter().any(|r| r.resource == "hostname" && r.outcome == Outcome::Applied)
+        self.resources
+            .iter()
+            .any(|r| r.resource == "hostname" && matches!(r.outcome, Outcome::Applied | Outcome::Restored))
     }
 }
 
@@ -466,8 +468,9 @@ impl Rollout {
         if let Ok(mut d) = self.last_drift.lock() {
             d.clear();
         }
-        if let (Some(h), Ok(mut slot)) = (&cfg.hostname, self.config_hostname.lock()) {
-            *slot = Some(h.clone());
+        // A config without a hostname gives the node's own back (restored from the baseline).
+        if let Ok(mut slot) = self.config_hostname.lock() {
+            slot.clone_from(&cfg.hostname.as_ref().map(|h| h.to_string()));
         }
         tracing::info!(generation = saved.generation, writes = report.writes, applied, "config reconciled");
         self.report_of(saved.generation, report)

@@ -338,6 +338,16 @@ fn lab_nodes_apply_config_in_their_own_namespaces() {
             (r.contains("applied), running") && !r.contains("failed")).then_some(())
         })
         .unwrap();
+
+        // node-a back to before Muster: its own hostname again, on the node (what its UTS
+        // namespace started with: this machine's name) and in `muster machines` (the name the
+        // lab node reports, not the config's old one).
+        muster(&mc, &["config", "rollback", "node-a", "--to", "0"]);
+        wait_for("lab-node-1 by its own name again", Duration::from_secs(60), || {
+            (machine_json(&mc, &id)["hostname"] == "lab-node-1").then_some(())
+        })
+        .unwrap();
+        assert_eq!(ns("-u", "/proc/sys/kernel/hostname"), before.0);
     });
     let down =
         Command::new(bin("muster").unwrap()).args(["lab", "down", "--dir"]).arg(&lab).output().unwrap();
