@@ -27,9 +27,10 @@ ensure_pkgs() {
 # prometheus: promtool checks of /metrics, the alert rules and the README's scrape configs, and
 # the real scraper in an end-to-end test. victoria-metrics: the same scrape configs through its
 # (and vmagent's) strict dry run, and the real single-node scraper in another end-to-end test.
-# iproute2 and util-linux: `ip netns`, `unshare` and `nsenter` for the tests that run the
-# agent's real effects (and the lab) inside namespaces they create.
-ensure_pkgs curl prometheus victoria-metrics iproute2 util-linux
+# jq: the README's examples, which the suite runs as written. iproute2 and util-linux:
+# `ip netns`, `unshare` and `nsenter` for the tests that run the agent's real effects (and the
+# lab) inside namespaces they create.
+ensure_pkgs curl jq prometheus victoria-metrics iproute2 util-linux
 # Network boot, images and the QEMU lab: QEMU (from bookworm-backports), iPXE, busybox-static,
 # xorriso + isolinux, dnsmasq (the ProxyDHCP test's LAN DHCP server).
 scripts/install-netboot-deps.sh
