@@ -122,7 +122,7 @@ fn default_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from(".muster/lab"), |h| PathBuf::from(h).join(".muster/lab"))
 }
 
-pub async fn run(cmd: &LabCmd) -> Result<()> {
+pub async fn run(cmd: &LabCmd, ctx: &crate::Ctx) -> Result<()> {
     match cmd {
         LabCmd::Up { nodes, dir, detach, heartbeat, provisioner, isolation } => {
             if *provisioner == Provisioner::Qemu {
@@ -132,7 +132,7 @@ pub async fn run(cmd: &LabCmd) -> Result<()> {
                         bail!("a lab is already running in {}; run `muster lab down` first", dir.display());
                     }
                 }
-                return crate::lab_qemu::up(*nodes, dir, *detach).await;
+                return crate::lab_qemu::up(*nodes, dir, *detach, ctx).await;
             }
             let netns = match isolation {
                 Isolation::Netns => true,
@@ -141,7 +141,7 @@ pub async fn run(cmd: &LabCmd) -> Result<()> {
                     euid_is_root() && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
                 }
             };
-            up(*nodes, dir.clone().unwrap_or_else(default_dir), *detach, *heartbeat, netns).await
+            up(*nodes, dir.clone().unwrap_or_else(default_dir), *detach, *heartbeat, netns, ctx).await
         }
         LabCmd::Relay { netns, maps, ports_file } => relay(netns, maps, ports_file).await,
         LabCmd::Down { dir, keep } => down(&dir.clone().unwrap_or_else(default_dir), *keep),
@@ -210,7 +210,14 @@ async fn relay(netns: &Path, maps: &[String], ports_file: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: bool) -> Result<()> {
+async fn up(
+    nodes: u32,
+    dir: PathBuf,
+    detach: bool,
+    heartbeat: Duration,
+    netns: bool,
+    ctx: &crate::Ctx,
+) -> Result<()> {
     if let Some(l) = read_lab(&dir) {
         if is_ours(l.controller_pid) || l.agent_pids.iter().any(|p| is_ours(*p)) {
             bail!("a lab is already running in {}; run `muster lab down` first", dir.display());
@@ -280,7 +287,7 @@ async fn up(nodes: u32, dir: PathBuf, detach: bool, heartbeat: Duration, netns: 
         client::set_endpoint(&mc_path, &format!("https://{grpc}"))?;
         let ca = std::fs::read_to_string(ctl_dir.join("ca.crt")).context("reading the lab CA")?;
         let pin = muster_machinery::pin::CaPin::of_cert_pem(&ca)?;
-        let mut admin = Admin::connect(&mc_path).await?;
+        let mut admin = ctx.admin_at(&mc_path).await?;
         let token = admin
             .client
             .create_token(pb::CreateTokenRequest {
