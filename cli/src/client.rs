@@ -185,12 +185,16 @@ pub enum Trouble {
     CertificateRefused,
     /// The other end does not speak TLS: something else listens there.
     NotTls,
+    /// The connection was closed or reset under us: the controller is shutting down or, with
+    /// TLS 1.3 (where the client's side of the handshake is over first), refused us.
+    Closed,
     /// Anything else; the cause says it.
     Other,
 }
 
 /// Reads [`Trouble`] from an error and its sources. `std::io::Error` hides the error it wraps
-/// from `source()` (rustls' errors travel in one), so that one is looked into as well.
+/// from `source()` (rustls' errors travel in one), and an HTTP/2 error the I/O error it holds,
+/// so those are looked into as well.
 pub fn trouble(e: &(dyn std::error::Error + 'static)) -> Trouble {
     let mut cur = Some(e);
     while let Some(e) = cur {
@@ -202,8 +206,24 @@ pub fn trouble(e: &(dyn std::error::Error + 'static)) -> Trouble {
     Trouble::Other
 }
 
+/// The TLS alerts with which a server refuses a client certificate (rustls sends
+/// `DecryptError` when the signature does not check against a CA of the same name).
+const REFUSALS: [rustls::AlertDescription; 8] = {
+    use rustls::AlertDescription as A;
+    [
+        A::BadCertificate,
+        A::UnknownCA,
+        A::CertificateRequired,
+        A::CertificateUnknown,
+        A::CertificateRevoked,
+        A::CertificateExpired,
+        A::UnsupportedCertificate,
+        A::DecryptError,
+    ]
+};
+
 fn trouble_here(e: &(dyn std::error::Error + 'static)) -> Option<Trouble> {
-    use rustls::{AlertDescription as A, CertificateError as C};
+    use rustls::CertificateError as C;
     if let Some(r) = e.downcast_ref::<rustls::Error>() {
         return Some(match r {
             rustls::Error::InvalidCertificate(C::NotValidForName) => {
@@ -213,17 +233,7 @@ fn trouble_here(e: &(dyn std::error::Error + 'static)) -> Option<Trouble> {
                 Trouble::WrongName { presented: presented.clone() }
             }
             rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => Trouble::UnknownCa,
-            rustls::Error::AlertReceived(
-                A::BadCertificate
-                | A::UnknownCA
-                | A::CertificateRequired
-                | A::CertificateUnknown
-                | A::CertificateRevoked
-                | A::CertificateExpired
-                | A::UnsupportedCertificate
-                | A::AccessDenied
-                | A::DecryptError,
-            ) => Trouble::CertificateRefused,
+            rustls::Error::AlertReceived(a) if REFUSALS.contains(a) => Trouble::CertificateRefused,
             rustls::Error::InvalidMessage(_)
             | rustls::Error::InappropriateMessage { .. }
             | rustls::Error::InappropriateHandshakeMessage { .. } => Trouble::NotTls,
@@ -233,6 +243,10 @@ fn trouble_here(e: &(dyn std::error::Error + 'static)) -> Option<Trouble> {
     if e.is::<tonic::TimeoutExpired>() || e.is::<tokio::time::error::Elapsed>() {
         return Some(Trouble::TimedOut);
     }
+    // An HTTP/2 connection error keeps the I/O error it ended with to itself.
+    if let Some(io) = e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io) {
+        return trouble_here(io);
+    }
     if let Some(io) = e.downcast_ref::<std::io::Error>() {
         if let Some(inner) = io.get_ref() {
             let inner: &(dyn std::error::Error + 'static) = inner;
@@ -241,14 +255,27 @@ fn trouble_here(e: &(dyn std::error::Error + 'static)) -> Option<Trouble> {
             | Trouble::WrongName { .. }
             | Trouble::UnknownCa
             | Trouble::CertificateRefused
-            | Trouble::NotTls) = trouble(inner)
+            | Trouble::NotTls
+            | Trouble::Closed) = trouble(inner)
             {
                 return Some(t);
             }
+            // After the handshake, rustls' error reaches us through HTTP/2, which keeps only an
+            // I/O error's kind and text: an alert is then known by exactly rustls' words for it.
+            let text = inner.to_string();
+            if io.kind() == std::io::ErrorKind::InvalidData
+                && REFUSALS.iter().any(|a| rustls::Error::AlertReceived(*a).to_string() == text)
+            {
+                return Some(Trouble::CertificateRefused);
+            }
         }
+        use std::io::ErrorKind as K;
         match io.kind() {
-            std::io::ErrorKind::ConnectionRefused => return Some(Trouble::Refused),
-            std::io::ErrorKind::TimedOut => return Some(Trouble::TimedOut),
+            K::ConnectionRefused => return Some(Trouble::Refused),
+            K::TimedOut => return Some(Trouble::TimedOut),
+            K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof => {
+                return Some(Trouble::Closed)
+            }
             _ => {}
         }
     }
@@ -316,6 +343,7 @@ fn advise(trouble: &Trouble, cause: String, host: &str, deadline: Option<(Durati
             "the other end does not speak TLS: something other than the controller's gRPC port \
              listens there (its HTTP port?) ({cause})"
         ),
+        Trouble::Closed => format!("{cause} ({CLOSED})"),
         Trouble::Other => with_tls_hint(cause),
     }
 }
@@ -324,15 +352,17 @@ fn advise(trouble: &Trouble, cause: String, host: &str, deadline: Option<(Durati
 /// [`trouble`]): a connection the controller closed (it is shutting down, or, with TLS 1.3,
 /// refused this musterconfig's admin certificate, which only shows on the first call).
 pub fn with_tls_hint(cause: String) -> String {
+    // hyper's words for a request cancelled because its connection went away: the chain holds
+    // no type that says so (hyper's error kinds are private).
     if cause.to_ascii_lowercase().contains("connection closed") {
-        format!(
-            "{cause} (the controller closed the connection: it is shutting down, or it refused \
-             this musterconfig's admin certificate)"
-        )
+        format!("{cause} ({CLOSED})")
     } else {
         cause
     }
 }
+
+const CLOSED: &str =
+    "the controller closed the connection: it is shutting down, or it refused this musterconfig's admin certificate";
 
 /// How long connecting to one endpoint (TCP, TLS, HTTP/2) may take with this request timeout,
 /// and whether that is the request timeout itself.
@@ -394,7 +424,10 @@ pub async fn admin_channel_within(
         // The connector's own limits cover TCP and TLS; this one covers the whole set-up.
         let cause = match tokio::time::timeout(limit, endpoint.connect()).await {
             Ok(Ok(ch)) => return Ok((ch, ep.clone())),
-            Ok(Err(e)) => advise(&trouble(&e), cause_of(&e), &host, Some((limit, from_flag))),
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %ep, error = ?e, "connecting failed");
+                advise(&trouble(&e), cause_of(&e), &host, Some((limit, from_flag)))
+            }
             Err(elapsed) => advise(&trouble(&elapsed), String::new(), &host, Some((limit, from_flag))),
         };
         // rustls quotes the server's certificate: not this program's text.
@@ -465,6 +498,7 @@ pub fn explain(s: tonic::Status, endpoint: &str, request_timeout: Option<Duratio
     let timed_out = s.code() == Code::Cancelled && msg == tonic::TimeoutExpired(()).to_string();
     // A status with a source was made on this side of the connection (transport, TLS, timeout).
     let source = std::error::Error::source(&s);
+    tracing::debug!(status = ?s, source = ?source, "call failed");
     let cause = source.map(muster_util::error_chain);
     let local = cause.is_some() || msg.contains("transport error");
     CallFailed(match s.code() {
@@ -633,8 +667,25 @@ mod tests {
                 Box::new(wrapped(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType))),
                 Trouble::NotTls,
             ),
+            (Box::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe)), Trouble::Closed),
+            (Box::new(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)), Trouble::Closed),
+            // Through HTTP/2 only the kind and rustls' exact text of the alert are left.
+            (
+                Box::new(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    rustls::Error::AlertReceived(AlertDescription::DecryptError).to_string(),
+                )),
+                Trouble::CertificateRefused,
+            ),
             // Words alone mean nothing.
             (Box::new(std::io::Error::other("certificate alert handshake refused")), Trouble::Other),
+            (
+                Box::new(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "received fatal alert: Whatever",
+                )),
+                Trouble::Other,
+            ),
         ];
         for (e, want) in table {
             let text = e.to_string();

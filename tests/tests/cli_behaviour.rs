@@ -2,7 +2,8 @@
 //! never answers fails within `--request-timeout` with the endpoint and the deadline named; a
 //! port nothing listens on is "connection refused", not a CA problem; `machines --watch -o json`
 //! prints one JSON document per line as machines change; a hostname carrying an escape sequence
-//! and a newline is shown escaped; `config validate` lists every error at once.
+//! and a newline is shown escaped; a musterconfig of another controller is named as such (its CA
+//! or its admin certificate); `config validate` lists every error at once.
 //!
 //! Everything is on 127.0.0.1 and in temp dirs; the only processes stopped are the `muster`
 //! children these tests start.
@@ -99,6 +100,44 @@ fn connection_refused_says_so_and_does_not_blame_the_ca() {
         "{err}"
     );
     assert!(!err.contains("CA") && !err.contains("certificate"), "{err}");
+}
+
+/// A musterconfig from another controller says which half is wrong: the other controller's CA
+/// does not vouch for this server; this controller refuses the other's admin certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_musterconfig_of_another_controller_is_named_as_such() {
+    let a = TestController::start().await.unwrap();
+    let b = TestController::start().await.unwrap();
+    let write = |name: &str, ca: &str, cert: &str, key: &str| {
+        let mut mc = a.mc.clone();
+        (mc.ca, mc.cert, mc.key) = (ca.to_owned(), cert.to_owned(), key.to_owned());
+        let path = a.dir.path().join(name);
+        std::fs::write(&path, mc.to_yaml().unwrap()).unwrap();
+        path
+    };
+    let other_ca = write("other-ca", &b.mc.ca, &b.mc.cert, &b.mc.key);
+    let other_admin = write("other-admin", &a.mc.ca, &b.mc.cert, &b.mc.key);
+    let (ca_out, admin_out) = tokio::task::spawn_blocking(move || {
+        (muster(&other_ca, &["machines"]), muster(&other_admin, &["machines"]))
+    })
+    .await
+    .unwrap();
+    let prefix = format!("error: cannot reach the controller at {}: ", a.endpoint);
+    let err = stderr(&ca_out);
+    assert_eq!(ca_out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!("{prefix}the server's certificate is not signed by this musterconfig's CA")),
+        "{err}"
+    );
+    let err = stderr(&admin_out);
+    assert_eq!(admin_out.status.code(), Some(1), "{err}");
+    // With TLS 1.3 the refusal comes after the client's side of the handshake: either the
+    // alert saying why arrives, or only the closed connection (which says it may be this).
+    assert!(
+        err.starts_with(&prefix) && err.contains("refused this musterconfig's admin certificate"),
+        "{err}"
+    );
+    assert!(!err.contains("CA"), "the CA is fine: {err}");
 }
 
 /// Reads `child`'s stdout line by line into a channel (the thread ends with the child).
