@@ -10,7 +10,7 @@ use muster_machinery::rollout;
 use muster_machinery::{ApplyMode, ConfirmPolicy, Role};
 use muster_proto::pb;
 
-use crate::output::{render, rfc3339, Output};
+use crate::output::{escape, render, rfc3339, Output};
 use crate::views::{
     generation_state_name, history_table, layer_history_table, mode_name, outcome_name, LayerRevisionView,
     RevisionView,
@@ -244,7 +244,7 @@ impl ConfigCmd {
                     outln!(
                         "machine {} ({}): generation {}{}",
                         m.machine_id,
-                        m.hostname,
+                        escape(&m.hostname),
                         m.generation,
                         if m.changed { mode_note(m, mode.confirm) } else { " (unchanged)".into() }
                     );
@@ -296,7 +296,7 @@ async fn apply(
 
 fn print_results(r: &pb::ApplyConfigResponse, dry_run: bool, how: &ModeArgs) -> Result<()> {
     for w in &r.warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", escape(w));
     }
     if r.results.is_empty() {
         outln!(
@@ -306,19 +306,24 @@ fn print_results(r: &pb::ApplyConfigResponse, dry_run: bool, how: &ModeArgs) -> 
     }
     for m in &r.results {
         match (dry_run, m.changed) {
-            (true, true) => outln!("machine {} ({}):\n{}", m.machine_id, m.hostname, m.diff),
-            (true, false) => outln!("machine {} ({}): no change", m.machine_id, m.hostname),
+            (true, true) => outln!("machine {} ({}):\n{}", m.machine_id, escape(&m.hostname), m.diff),
+            (true, false) => outln!("machine {} ({}): no change", m.machine_id, escape(&m.hostname)),
             (false, true) => {
                 outln!(
                     "machine {} ({}): generation {}{}",
                     m.machine_id,
-                    m.hostname,
+                    escape(&m.hostname),
                     m.generation,
                     mode_note(m, how.confirm)
                 )
             }
             (false, false) => {
-                outln!("machine {} ({}): unchanged at generation {}", m.machine_id, m.hostname, m.generation)
+                outln!(
+                    "machine {} ({}): unchanged at generation {}",
+                    m.machine_id,
+                    escape(&m.hostname),
+                    m.generation
+                )
             }
         }
     }
@@ -368,7 +373,7 @@ async fn get_layer(ctx: &Ctx, target: &ConfigTarget) -> Result<()> {
         l.key,
         l.revision,
         l.machines.len(),
-        if l.machines.is_empty() { String::new() } else { format!(": {}", l.machines.join(", ")) }
+        if l.machines.is_empty() { String::new() } else { format!(": {}", escape(&l.machines.join(", "))) }
     );
     if l.yaml.is_empty() {
         eprintln!("(layer {} is not set)", l.key);
@@ -416,13 +421,13 @@ async fn get(ctx: &Ctx, id: String, rendered: bool) -> Result<()> {
         for res in &r.resources {
             outln!(
                 "# {} {}{}",
-                res.resource,
+                escape(&res.resource),
                 outcome_name(res.outcome),
-                if res.detail.is_empty() { String::new() } else { format!(": {}", res.detail) }
+                if res.detail.is_empty() { String::new() } else { format!(": {}", escape(&res.detail)) }
             );
         }
         if !r.error.is_empty() {
-            outln!("# error: {}", r.error);
+            outln!("# error: {}", escape(&r.error));
         }
     }
     if r.yaml.is_empty() {

@@ -198,7 +198,7 @@ fn default_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from(".muster/lab"), |h| PathBuf::from(h).join(".muster/lab"))
 }
 
-pub async fn run(cmd: &LabCmd) -> Result<()> {
+pub async fn run(cmd: &LabCmd, ctx: &crate::Ctx) -> Result<()> {
     match cmd {
         LabCmd::Up { nodes, dir, detach, heartbeat, provisioner, isolation, monitoring } => {
             if *provisioner == Provisioner::Qemu {
@@ -214,7 +214,7 @@ pub async fn run(cmd: &LabCmd) -> Result<()> {
                         bail!("a lab is already running in {}; run `muster lab down` first", dir.display());
                     }
                 }
-                return crate::lab_qemu::up(*nodes, dir, *detach).await;
+                return crate::lab_qemu::up(*nodes, dir, *detach, ctx).await;
             }
             let netns = match isolation {
                 Isolation::Netns => true,
@@ -231,6 +231,7 @@ pub async fn run(cmd: &LabCmd) -> Result<()> {
                 heartbeat: *heartbeat,
                 netns,
                 monitoring: *monitoring,
+                ctx,
             })
             .await
         }
@@ -288,17 +289,18 @@ async fn relay(netns: &Path, maps: &[String], ports_file: &Path) -> Result<()> {
 }
 
 /// `lab up` for process nodes.
-struct Up {
+struct Up<'a> {
     nodes: u32,
     dir: PathBuf,
     detach: bool,
     heartbeat: Duration,
     netns: bool,
     monitoring: bool,
+    ctx: &'a crate::Ctx,
 }
 
-async fn up(opts: Up) -> Result<()> {
-    let Up { nodes, dir, detach, heartbeat, netns, monitoring } = opts;
+async fn up(opts: Up<'_>) -> Result<()> {
+    let Up { nodes, dir, detach, heartbeat, netns, monitoring, ctx } = opts;
     if let Some(l) = read_lab(&dir) {
         if l.pids().iter().any(|p| is_ours(*p)) {
             bail!("a lab is already running in {}; run `muster lab down` first", dir.display());
@@ -382,7 +384,7 @@ async fn up(opts: Up) -> Result<()> {
         client::set_endpoint(&mc_path, &format!("https://{grpc}"))?;
         let ca = std::fs::read_to_string(ctl_dir.join("ca.crt")).context("reading the lab CA")?;
         let pin = muster_machinery::pin::CaPin::of_cert_pem(&ca)?;
-        let mut admin = Admin::connect(&mc_path).await?;
+        let mut admin = ctx.admin_at(&mc_path).await?;
         let token = admin
             .client
             .create_token(pb::CreateTokenRequest {

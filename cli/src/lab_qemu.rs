@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use muster_cli::client::Admin;
 use muster_lab::process::{find_bin, spawn, tail};
 use muster_lab::qemu::{
     self, boot_failure, lab_vm_name as vm_name, Boot, Net, VmSpec, GUEST_FWD_ADDR as GUEST_ADDR,
@@ -76,7 +75,7 @@ pub fn qemu_args(i: u32, dir: &Path, http_port: u16, grpc_port: u16) -> Result<V
     Ok(qemu::qemu_args(&spec, dir)?.0)
 }
 
-pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
+pub async fn up(nodes: u32, dir: PathBuf, detach: bool, ctx: &crate::Ctx) -> Result<()> {
     let qemu = which("qemu-system-x86_64")
         .context("qemu-system-x86_64 not found: install it with scripts/install-netboot-deps.sh")?;
     which("busybox").context(
@@ -154,7 +153,7 @@ pub async fn up(nodes: u32, dir: PathBuf, detach: bool) -> Result<()> {
         let port = |a: &str| a.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
         let mc_path = ctl_dir.join("musterconfig");
         muster_cli::client::set_endpoint(&mc_path, &format!("https://{grpc}"))?;
-        let mut admin = Admin::connect(&mc_path).await?;
+        let mut admin = ctx.admin_at(&mc_path).await?;
 
         // 3. Register the VMs, so they enroll straight to `ready` with their names.
         for i in 1..=nodes {

@@ -1,6 +1,7 @@
 //! Machines: list and show them, register them ahead of network boot, give them roles, approve,
 //! revoke and delete them, and see their health.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -8,8 +9,9 @@ use anyhow::Result;
 use clap::Subcommand;
 use muster_machinery::model::Role;
 use muster_proto::pb;
+use serde::Serialize;
 
-use crate::output::{render, Output};
+use crate::output::{escape, render, Output};
 use crate::views::{
     health_table, machine_detail, machines_table, registrations_table, HealthView, MachineView,
     RegistrationView,
@@ -25,9 +27,73 @@ pub struct ListArgs {
     /// Output format: a table for people, json or yaml for scripts.
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
-    /// Refresh the table every 2 seconds until Ctrl-C.
+    /// Keep watching (every 2 s) until Ctrl-C: the table is redrawn; with -o json|yaml every
+    /// change is printed as one event.
+    ///
+    /// With -o json each event is one compact JSON line (NDJSON), as `kubectl get --watch
+    /// --output-watch-events -o json` prints them: {"type":"ADDED|MODIFIED|DELETED",
+    /// "object":MACHINE}, MACHINE as in `muster machines -o json`. Every machine is ADDED first;
+    /// a heartbeat alone (only last_seen moved) is not a change. With -o yaml the same events
+    /// are YAML documents, each after a `---` line.
     #[arg(short, long)]
     watch: bool,
+}
+
+/// One change in `machines --watch -o json|yaml`.
+#[derive(Debug, Serialize)]
+struct WatchEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    object: &'a serde_json::Value,
+}
+
+/// What `--watch -o json|yaml` has printed so far: each machine as last shown.
+#[derive(Default)]
+struct Watched {
+    shown: BTreeMap<String, serde_json::Value>,
+}
+
+impl Watched {
+    /// The events that bring the watcher from what it was shown to `now` (in list order,
+    /// deletions last), and remembers `now`.
+    fn events(&mut self, now: Vec<serde_json::Value>) -> Vec<(&'static str, serde_json::Value)> {
+        // Heartbeats move last_seen all the time; they are not a change of the machine.
+        let sans_heartbeat = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("last_seen");
+            }
+            v
+        };
+        let mut events = Vec::new();
+        let mut next = BTreeMap::new();
+        for m in now {
+            let id = m["id"].as_str().unwrap_or_default().to_owned();
+            match self.shown.remove(&id) {
+                None => events.push(("ADDED", m.clone())),
+                Some(before) if sans_heartbeat(&before) != sans_heartbeat(&m) => {
+                    events.push(("MODIFIED", m.clone()))
+                }
+                Some(_) => {}
+            }
+            next.insert(id, m);
+        }
+        for (_, gone) in std::mem::take(&mut self.shown) {
+            events.push(("DELETED", gone));
+        }
+        self.shown = next;
+        events
+    }
+}
+
+/// One watch event as `-o json` (one compact line) or `-o yaml` (a document after `---`).
+fn watch_line(kind: &'static str, object: &serde_json::Value, o: Output) -> Result<String> {
+    let e = WatchEvent { kind, object };
+    Ok(match o {
+        Output::Json => serde_json::to_string(&e)? + "\n",
+        Output::Yaml => format!("---\n{}", serde_saphyr::to_string(&e)?),
+        Output::Table => String::new(),
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,6 +159,7 @@ pub enum Verb {
 
 pub async fn list(ctx: &Ctx, args: ListArgs) -> Result<()> {
     let mut a = ctx.admin().await?;
+    let mut watched = Watched::default();
     loop {
         let ms = muster_cli::list::all_machines(&mut a.client).await.map_err(|s| a.explain(s))?;
         match args.output {
@@ -108,6 +175,15 @@ pub async fn list(ctx: &Ctx, args: ListArgs) -> Result<()> {
                     eprintln!("{NO_MACHINES}");
                 } else {
                     out!("{}", machines_table(&ms, SystemTime::now()));
+                }
+            }
+            o if args.watch => {
+                let now = ms
+                    .iter()
+                    .map(|m| serde_json::to_value(MachineView::new(m, false)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (kind, object) in watched.events(now) {
+                    out!("{}", watch_line(kind, &object, o)?);
                 }
             }
             o => {
@@ -165,7 +241,11 @@ impl MachineCmd {
                 outln!(
                     "registered {}{}: its first enrollment is accepted{}",
                     r.mac,
-                    if r.hostname.is_empty() { String::new() } else { format!(" as {}", r.hostname) },
+                    if r.hostname.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" as {}", escape(&r.hostname))
+                    },
                     if r.boot_local { " (boots from its local disk)" } else { "" }
                 );
             }
@@ -207,7 +287,12 @@ impl Verb {
             Verb::Assign { id, role, cluster, force } => {
                 let req = pb::AssignRequest { query: id, role: pb::Role::from(role).into(), cluster, force };
                 let m = a.client.assign(req).await.map_err(|s| a.explain(s))?.into_inner();
-                outln!("machine {} ({}) assigned role {role} in cluster {}", m.id, m.hostname, m.cluster);
+                outln!(
+                    "machine {} ({}) assigned role {role} in cluster {}",
+                    m.id,
+                    escape(&m.hostname),
+                    escape(&m.cluster)
+                );
             }
             Verb::Approve { id } => {
                 let m = a
@@ -216,7 +301,7 @@ impl Verb {
                     .await
                     .map_err(|s| a.explain(s))?
                     .into_inner();
-                outln!("machine {} ({}) approved", m.id, m.hostname);
+                outln!("machine {} ({}) approved", m.id, escape(&m.hostname));
             }
             Verb::Revoke { id } => {
                 let m = a
@@ -225,7 +310,11 @@ impl Verb {
                     .await
                     .map_err(|s| a.explain(s))?
                     .into_inner();
-                outln!("machine {} ({}) revoked; it must enroll again with a new token", m.id, m.hostname);
+                outln!(
+                    "machine {} ({}) revoked; it must enroll again with a new token",
+                    m.id,
+                    escape(&m.hostname)
+                );
             }
             Verb::Delete { id } => {
                 let r = a
@@ -259,4 +348,48 @@ pub async fn health(ctx: &Ctx, id: Option<String>, output: Output) -> Result<()>
         o => out!("{}", render(&ms.iter().map(HealthView::new).collect::<Vec<_>>(), o)?),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn watch_events_are_changes_only() {
+        let mut w = Watched::default();
+        let a = json!({"id": "a", "role": null, "last_seen": "2026-01-01T00:00:00Z"});
+        let b = json!({"id": "b", "role": null, "last_seen": null});
+        let kinds = |ev: Vec<(&'static str, serde_json::Value)>| {
+            ev.into_iter().map(|(k, v)| format!("{k} {}", v["id"].as_str().unwrap())).collect::<Vec<_>>()
+        };
+        assert_eq!(kinds(w.events(vec![a.clone(), b.clone()])), ["ADDED a", "ADDED b"]);
+        assert!(w.events(vec![a.clone(), b.clone()]).is_empty(), "nothing changed");
+        let beat = json!({"id": "a", "role": null, "last_seen": "2026-01-01T00:00:05Z"});
+        assert!(w.events(vec![beat, b.clone()]).is_empty(), "a heartbeat alone is not a change");
+        let assigned = json!({"id": "a", "role": "worker", "last_seen": "2026-01-01T00:00:07Z"});
+        let ev = w.events(vec![assigned.clone()]);
+        assert_eq!(kinds(ev.clone()), ["MODIFIED a", "DELETED b"]);
+        assert_eq!(ev[0].1, assigned, "the machine as it is now");
+        assert_eq!(ev[1].1, b, "a deleted machine as it was last shown");
+    }
+
+    #[test]
+    fn watch_json_is_one_compact_line_per_event_and_yaml_documents_are_separated() {
+        let m = json!({"id": "a", "hostname": "x\ny", "labels": {"k": "v"}});
+        let line = watch_line("ADDED", &m, Output::Json).unwrap();
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "{line:?}");
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, json!({"type": "ADDED", "object": m}));
+        let two = watch_line("ADDED", &m, Output::Yaml).unwrap()
+            + &watch_line("DELETED", &m, Output::Yaml).unwrap();
+        assert!(two.starts_with("---\n"), "{two}");
+        let docs: Vec<&str> = two.split("---\n").filter(|d| !d.is_empty()).collect();
+        assert_eq!(docs.len(), 2, "{two}");
+        for (doc, kind) in docs.iter().zip(["ADDED", "DELETED"]) {
+            let v: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+            assert_eq!(v, json!({"type": kind, "object": m}), "{doc}");
+        }
+    }
 }

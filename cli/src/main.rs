@@ -30,6 +30,7 @@ mod views;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -49,6 +50,15 @@ struct Cli {
     /// [default: $MUSTERCONFIG, else ~/.muster/config]
     #[arg(long, global = true, value_name = "PATH")]
     musterconfig: Option<PathBuf>,
+    /// How long to wait for the controller before giving up (connecting and each call);
+    /// 0 waits as long as it takes.
+    ///
+    /// Connecting to one endpoint gives up after this or 5s, whichever is shorter, so the next
+    /// endpoint is tried; every call then gets this long. A stopped or unreachable controller
+    /// fails with the endpoint and the deadline named. Not to be confused with --timeout, the
+    /// try window of `muster config apply`.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "30s", value_parser = parse_request_timeout)]
+    request_timeout: RequestTimeout,
     /// More log output on stderr (-v, -vv).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -134,18 +144,37 @@ impl std::fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
-/// What every command may need: where the controller is.
+/// `--request-timeout`: a duration, or 0 for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RequestTimeout(Option<Duration>);
+
+/// kubectl's form: a humantime duration (`1s`, `2m`, `1m30s`), `0` for no deadline.
+fn parse_request_timeout(s: &str) -> Result<RequestTimeout, String> {
+    if s.trim() == "0" {
+        return Ok(RequestTimeout(None));
+    }
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 10s, 2m; 0 for no deadline)"))?;
+    Ok(RequestTimeout(Some(d).filter(|d| !d.is_zero())))
+}
+
+/// What every command may need: where the controller is, and how long to wait for it.
 #[derive(Debug)]
 pub(crate) struct Ctx {
     musterconfig: Option<PathBuf>,
+    request_timeout: Option<Duration>,
 }
 
 impl Ctx {
     /// An admin client on the musterconfig's controller.
     pub(crate) async fn admin(&self) -> Result<Admin> {
         let path = client::musterconfig_path(self.musterconfig.as_deref())?;
-        tracing::debug!(path = %path.display(), "using musterconfig");
-        Ok(Admin::connect(&path).await?)
+        tracing::debug!(path = %path.display(), timeout = ?self.request_timeout, "using musterconfig");
+        self.admin_at(&path).await
+    }
+
+    /// An admin client with the musterconfig at `path` (the lab's own).
+    pub(crate) async fn admin_at(&self, path: &Path) -> Result<Admin> {
+        Ok(Admin::connect_within(path, self.request_timeout).await?)
     }
 }
 
@@ -213,7 +242,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let ctx = Ctx { musterconfig: cli.musterconfig };
+    let ctx = Ctx { musterconfig: cli.musterconfig, request_timeout: cli.request_timeout.0 };
     match cli.cmd {
         Cmd::Token(c) => c.run(&ctx).await,
         Cmd::Machines(args) => machines::list(&ctx, args).await,
@@ -233,7 +262,7 @@ async fn run(cli: Cli) -> Result<()> {
             out!("{}", String::from_utf8_lossy(&script));
             Ok(())
         }
-        Cmd::Lab(c) => lab::run(&c).await,
+        Cmd::Lab(c) => lab::run(&c, &ctx).await,
         Cmd::Image(cmd) => {
             // Building takes seconds of blocking work: off the async threads.
             tokio::task::spawn_blocking(move || muster_images::run_command(cmd))
@@ -288,6 +317,44 @@ mod tests {
     }
 
     #[test]
+    fn request_timeout_is_global_in_kubectls_form() {
+        let rt = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.request_timeout.0);
+        assert_eq!(rt(&["muster", "machines"]).unwrap(), Some(Duration::from_secs(30)), "default");
+        assert_eq!(
+            rt(&["muster", "machines", "--request-timeout", "1s"]).unwrap(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            rt(&["muster", "--request-timeout", "2m", "health"]).unwrap(),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(rt(&["muster", "machines", "--request-timeout", "0"]).unwrap(), None, "0: no deadline");
+        assert_eq!(rt(&["muster", "machines", "--request-timeout", "0s"]).unwrap(), None);
+        let e = rt(&["muster", "machines", "--request-timeout", "soon"]).unwrap_err().to_string();
+        assert!(e.contains("--request-timeout") && e.contains("0 for no deadline"), "{e}");
+        // --timeout stays the try window of config apply, beside it.
+        let c = Cli::try_parse_from([
+            "muster",
+            "config",
+            "apply",
+            "n1",
+            "-f",
+            "x.yaml",
+            "--mode",
+            "try",
+            "--timeout",
+            "90s",
+            "--request-timeout",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(c.request_timeout.0, Some(Duration::from_secs(5)));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--request-timeout <DURATION>") && help.contains("0 waits"), "{help}");
+        assert!(help.contains("[default: 30s]"), "{help}");
+    }
+
+    #[test]
     fn token_create_defaults() {
         use crate::tokens::TokenCmd;
         let Cmd::Token(TokenCmd::Create { ttl, uses, labels, pending, .. }) =
@@ -337,7 +404,7 @@ mod tests {
     #[test]
     fn statuses_become_one_clear_line() {
         let ep = "https://127.0.0.1:7443";
-        let msg = |s: tonic::Status| muster_cli::client::explain(s, ep).to_string();
+        let msg = |s: tonic::Status| muster_cli::client::explain(s, ep, None).to_string();
         assert_eq!(
             msg(tonic::Status::not_found("no machine matches \"x\"")),
             "no machine matches \"x\"",
@@ -354,6 +421,20 @@ mod tests {
         assert_eq!(m, "the controller at https://127.0.0.1:7443 is unavailable: store backend is down");
         assert!(msg(tonic::Status::permission_denied("admins only")).contains("credentials"));
         assert!(msg(tonic::Status::deadline_exceeded("")).contains("did not answer in time"));
+        // With a deadline, it is named; tonic's own client-side timeout says the same.
+        let within = |s: tonic::Status| {
+            muster_cli::client::explain(s, ep, Some(Duration::from_millis(1500))).to_string()
+        };
+        let want =
+            "the controller at https://127.0.0.1:7443 did not answer within 1s 500ms (--request-timeout)";
+        assert_eq!(within(tonic::Status::deadline_exceeded("")), want);
+        assert_eq!(within(tonic::Status::cancelled(tonic::TimeoutExpired(()).to_string())), want);
+        assert_eq!(within(tonic::Status::cancelled("stream reset")), "stream reset");
+        // What the controller says may quote a node: no raw control characters.
+        assert_eq!(
+            msg(tonic::Status::not_found("no machine matches \"\u{1b}]0;x\u{7}\n\"")),
+            "no machine matches \"\\u{1b}]0;x\\u{7}\\n\""
+        );
         assert_eq!(
             msg(tonic::Status::invalid_argument("")),
             "the controller answered InvalidArgument with no message"

@@ -8,7 +8,7 @@ use muster_machinery::model::Role;
 use muster_proto::{convert, pb};
 use serde::Serialize;
 
-use crate::output::{now_ms, relative, rfc3339, table};
+use crate::output::{escape, now_ms, relative, rfc3339, table};
 
 /// A machine as scripts see it (`-o json|yaml`).
 #[derive(Debug, Serialize)]
@@ -160,8 +160,8 @@ pub fn machine_detail(m: &pb::Machine, now: SystemTime) -> String {
     let v = MachineView::new(m, true);
     let mut s = String::new();
     let mut kv = |k: &str, val: String| {
-        let val = val.trim_end();
-        s.push_str(&format!("{k:<14} {}\n", if val.is_empty() { "-" } else { val }));
+        let val = escape(val.trim_end());
+        s.push_str(&format!("{k:<14} {}\n", if val.is_empty() { "-" } else { &val }));
     };
     kv("ID:", v.id.clone());
     kv("Hostname:", v.hostname.clone());
@@ -699,6 +699,45 @@ mod tests {
             assert!(d.contains(want), "missing {want:?} in\n{d}");
         }
         assert!(d.lines().all(|l| l == l.trim_end()), "no trailing spaces:\n{d}");
+    }
+
+    /// What a node says about itself cannot reach the terminal raw: a hostname with an OSC
+    /// sequence and a newline, a label, an inventory string, a failed resource's error.
+    #[test]
+    fn node_strings_are_escaped_in_tables_and_details() {
+        let evil = "\u{1b}]0;pwn\u{7}\nx";
+        let mut m = sample();
+        m.hostname = evil.into();
+        m.labels = [("k".to_owned(), "v\u{9b}2J".to_owned())].into();
+        m.health_reasons = vec!["disk \u{1b}[31m/ full".into()];
+        m.inventory = Some(pb::Inventory { kernel: "6.1\r\n".into(), ..Default::default() });
+        m.config_generation = 1;
+        m.config_failures = vec![pb::ResourceStatus {
+            resource: "file:/etc/x".into(),
+            detail: "bad\u{1b}[2Jthing".into(),
+            ..Default::default()
+        }];
+        let now = UNIX_EPOCH + Duration::from_millis(1_763_856_005_000);
+        let table = machines_table(&[m.clone()], now);
+        let detail = machine_detail(&m, now);
+        let health = health_table(&[m.clone()]);
+        for out in [&table, &detail, &health] {
+            assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "raw control character in\n{out}");
+        }
+        assert_eq!(table.lines().count(), 2, "one row, not broken by the newline:\n{table}");
+        assert!(table.contains("\\u{1b}]0;pwn\\u{7}\\nx"), "{table}");
+        for want in [
+            "Hostname:      \\u{1b}]0;pwn\\u{7}\\nx\n",
+            "Labels:        k=v\\u{9b}2J\n",
+            "Kernel:        6.1\n",
+            "failed:      file:/etc/x: bad\\u{1b}[2Jthing\n",
+        ] {
+            assert!(detail.contains(want), "missing {want:?} in\n{detail}");
+        }
+        assert!(health.contains("disk \\u{1b}[31m/ full"), "{health}");
+        // Columns still line up: the escaped hostname is as wide as it is shown.
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0].find("STATE"), lines[1].find("ready"), "{table}");
     }
 
     #[test]

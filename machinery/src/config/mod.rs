@@ -3,14 +3,16 @@
 //!
 //! A config is a YAML document with `apiVersion: muster/v1alpha1` and `kind: MachineConfig`.
 //! Unknown fields are errors. Validation returns every error at once, each with its field path
-//! (`files[1].mode`), plus warnings. Structural errors (a wrong type, an unknown field) stop
-//! parsing at the first one, which is reported with its path too.
+//! (`files[1].mode`), plus warnings: unknown fields (with a "did you mean" for a near miss) and
+//! values of the wrong type are checked against the JSON Schema first and listed together with
+//! the semantic errors (a bad hostname, an address that is not CIDR, ...).
 //!
 //! Layering: a cluster patch, a role patch and a machine patch are merged with RFC 7386 JSON merge
 //! semantics (objects merge key by key, `null` deletes, lists and scalars replace) into one
 //! rendered config per machine; see [`render`].
 
 mod merge;
+mod structure;
 mod types;
 mod validate;
 
@@ -51,19 +53,36 @@ pub fn parse_value(yaml: &str) -> Result<serde_json::Value, ConfigError> {
         .map_err(|e| ConfigError::Yaml(e.to_string()))
 }
 
-/// Builds a typed config from a value: structure first (the first structural error, with its
-/// path), then every validation error. Returns the config with its warnings.
-pub fn from_value(v: serde_json::Value) -> Result<(MachineConfig, Vec<String>), ConfigError> {
-    let cfg: MachineConfig = serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        ConfigError::Invalid(vec![FieldError { path, message: e.into_inner().to_string() }])
-    })?;
-    let Validation { errors, warnings } = validate(&cfg);
-    if errors.is_empty() {
-        Ok((cfg, warnings))
-    } else {
-        Err(ConfigError::Invalid(errors))
+/// Builds a typed config from a value and returns it with its warnings, or every error: the
+/// structural ones (unknown fields, wrong types, missing required fields) and the semantic ones,
+/// each with its path. A semantic error at the place of a structural one (or inside it) is left
+/// out: it is the same mistake seen twice.
+pub fn from_value(mut v: serde_json::Value) -> Result<(MachineConfig, Vec<String>), ConfigError> {
+    let mut errors = structure::check(schema(), &mut v);
+    let seen = |errors: &[FieldError], path: &str| errors.iter().any(|e| structure::covers(&e.path, path));
+    match serde_path_to_error::deserialize::<_, MachineConfig>(v) {
+        Ok(cfg) => {
+            let Validation { errors: semantic, warnings } = validate(&cfg);
+            for e in semantic {
+                if !seen(&errors, &e.path) {
+                    errors.push(e);
+                }
+            }
+            if errors.is_empty() {
+                Ok((cfg, warnings))
+            } else {
+                Err(ConfigError::Invalid(errors))
+            }
+        }
+        Err(e) => {
+            // The structural check repairs what it reports, so this is a case it does not know.
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            if !seen(&errors, &path) {
+                errors.push(FieldError { path, message: e.into_inner().to_string() });
+            }
+            Err(ConfigError::Invalid(errors))
+        }
     }
 }
 
@@ -72,9 +91,15 @@ pub fn parse(yaml: &str) -> Result<(MachineConfig, Vec<String>), ConfigError> {
     from_value(parse_value(yaml)?)
 }
 
-/// The JSON Schema of [`MachineConfig`], for editors.
+/// The JSON Schema of [`MachineConfig`], for editors. [`parse`] checks documents against this
+/// same schema, so what an editor accepts and what Muster accepts cannot drift apart.
 pub fn json_schema() -> serde_json::Value {
-    serde_json::to_value(schemars::schema_for!(MachineConfig)).unwrap_or_default()
+    schema().clone()
+}
+
+fn schema() -> &'static serde_json::Value {
+    static SCHEMA: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| serde_json::to_value(schemars::schema_for!(MachineConfig)).unwrap_or_default())
 }
 
 impl MachineConfig {

@@ -107,6 +107,158 @@ fn structural_errors_name_their_path() {
     assert!(matches!(parse("a: [unclosed"), Err(ConfigError::Yaml(_))));
 }
 
+/// Unknown fields and wrong types do not stop at the first: they come all at once, each at its
+/// path, together with the semantic errors of the rest of the document.
+#[test]
+fn structural_errors_come_all_at_once_with_the_semantic_ones() {
+    let doc = r#"
+apiVersion: muster/v1alpha1
+kind: MachineConfig
+hostname: "-bad-"
+hostnme: typo
+files:
+  - path: /etc/motd
+    content: x
+    mod: "0644"
+  - path: 5
+    content: y
+network:
+  interfaces:
+    - name: eth0
+      mtu: 1500
+    - name: eth1
+      mtu: big
+      addresses: [17, "10.0.0.1"]
+      colour: blue
+users: admin
+"#;
+    let err = parse(doc).unwrap_err();
+    let got: Vec<(&str, &str)> = err.errors().iter().map(|e| (e.path.as_str(), e.message.as_str())).collect();
+    // (path, a piece of its message); structural errors in document order (keys sorted),
+    // then the semantic ones of what is left.
+    let want = [
+        ("files[0].mod", "unknown field `mod`; did you mean `mode`?"),
+        ("files[1].path", "invalid type: expected a string, found the number 5 (quote it)"),
+        ("hostnme", "unknown field `hostnme`; did you mean `hostname`?"),
+        ("network.interfaces[1].addresses[0]", "invalid type: expected a string, found the number 17"),
+        (
+            "network.interfaces[1].colour",
+            "unknown field `colour` (known fields: addresses, dhcp, mac, mtu, name, routes, vlans)",
+        ),
+        ("network.interfaces[1].mtu", "invalid type: expected a whole number, found the string \"big\""),
+        ("users", "invalid type: expected a list, found the string \"admin\""),
+        ("hostname", "may hold only letters"),
+        ("network.interfaces[1].addresses[1]", "must be ADDRESS/PREFIX"),
+    ];
+    assert_eq!(got.len(), want.len(), "{err}");
+    for ((path, msg), (want_path, want_msg)) in got.iter().zip(want) {
+        assert_eq!(*path, want_path, "{err}");
+        assert!(msg.contains(want_msg), "{path}: {msg:?} does not say {want_msg:?}");
+    }
+    // `config validate` prints Display: one line per error, path first.
+    assert!(err.to_string().lines().any(|l| l == "files[0].mod: unknown field `mod`; did you mean `mode`?"));
+}
+
+#[test]
+fn structure_table() {
+    let head = "apiVersion: muster/v1alpha1\nkind: MachineConfig\n";
+    // (document after the head, every error path it must give)
+    let table: &[(&str, &[&str])] = &[
+        ("", &[]),
+        ("files:\n  - content: x\n", &["files[0].path"]),
+        ("files:\n  - content: x\n    mode: 644\n", &["files[0].mode", "files[0].path"]),
+        ("files: [\"/etc/motd\"]\n", &["files[0]"]),
+        (
+            "network:\n  interfaces:\n    - name: eth0\n      vlans: [{id: 70000}, {id: x}]\n",
+            &["network.interfaces[0].vlans[0].id", "network.interfaces[0].vlans[1].id"],
+        ),
+        ("network:\n  interfaces:\n    - nme: eth0\n", &["network.interfaces[0].nme"]),
+        ("drift: sometimes\n", &["drift"]),
+        ("drift: report\nsysctls:\n  vm.swappiness: [1]\n", &["sysctls.vm.swappiness"]),
+        ("nodeLabels:\n  tier: 3\n", &["nodeLabels.tier"]),
+        ("units:\n  - name: k3s.service\n    enabled: yes\n", &["units[0].enabled"]),
+    ];
+    for (body, want) in table {
+        let doc = format!("{head}{body}");
+        let got: Vec<String> = match parse(&doc) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors().iter().map(|e| e.path.clone()).collect(),
+        };
+        assert_eq!(got, *want, "{body}");
+    }
+    // Without apiVersion and kind: both named, nothing else.
+    let e = parse("hostname: a\n").unwrap_err();
+    assert_eq!(e.errors().iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), ["apiVersion", "kind"], "{e}");
+    assert!(e.errors().iter().all(|e| e.message == "is required"), "{e}");
+    // Not a mapping at all.
+    let e = parse("[1, 2]\n").unwrap_err();
+    assert_eq!(e.errors().len(), 1, "{e}");
+    assert!(e.errors()[0].path.is_empty() && e.errors()[0].message.contains("expected a mapping"), "{e}");
+}
+
+#[test]
+fn near_misses_suggest_the_field() {
+    let fields = ["path", "content", "contentBase64", "mode", "owner"];
+    let table = [
+        ("mod", Some("mode")),
+        ("contents", Some("content")),
+        ("content_base64", Some("contentBase64")),
+        ("Owner", Some("owner")),
+        ("pth", Some("path")),
+        ("x", None),
+        ("group", None),
+        ("permissions", None),
+    ];
+    for (typo, want) in table {
+        assert_eq!(structure::did_you_mean(typo, &fields), want, "{typo}");
+    }
+    let e = parse("apiVersion: muster/v1alpha1\nkind: MachineConfig\napi_version: x\n").unwrap_err();
+    assert_eq!(e.errors()[0].message, "unknown field `api_version`; did you mean `apiVersion`?");
+}
+
+/// sysctl values are text; YAML turns `10` into a number and `true` into a boolean, and both
+/// are what the operator meant.
+#[test]
+fn sysctl_numbers_and_booleans_are_text() {
+    let doc = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nsysctls:\n  vm.swappiness: 10\n  vm.overcommit_ratio: 0.5\n  net.ipv4.ip_forward: true\n  net.ipv4.conf.all.rp_filter: false\n  kernel.printk: 4 4 1 7\n  net.core.somaxconn: \"4096\"\n";
+    let (c, warnings) = parse(doc).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let want = [
+        ("kernel.printk", "4 4 1 7"),
+        ("net.core.somaxconn", "4096"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.ip_forward", "1"),
+        ("vm.overcommit_ratio", "0.5"),
+        ("vm.swappiness", "10"),
+    ];
+    let got: Vec<(&str, &str)> = c.sysctls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(got, want);
+    // Rendered (canonical YAML and JSON) as strings, so the round trip is exact.
+    let yaml = c.to_yaml().unwrap();
+    assert!(yaml.contains("vm.swappiness: '10'") || yaml.contains("vm.swappiness: \"10\""), "{yaml}");
+    assert_eq!(serde_json::to_value(&c).unwrap()["sysctls"]["vm.swappiness"], json!("10"));
+    assert_eq!(parse(&yaml).unwrap().0, c);
+    // Through layers too (a number in a cluster layer, overridden by a string).
+    let (c, _) = render(&[
+        ("cluster", &json!({"sysctls": {"vm.swappiness": 10, "vm.dirty_ratio": 5}})),
+        ("machine", &json!({"sysctls": {"vm.swappiness": "1"}})),
+    ])
+    .unwrap();
+    assert_eq!(c.sysctls["vm.swappiness"], "1");
+    assert_eq!(c.sysctls["vm.dirty_ratio"], "5");
+    // The schema says so too.
+    let s = json_schema();
+    assert_eq!(
+        s["properties"]["sysctls"]["additionalProperties"]["type"],
+        json!(["string", "number", "boolean"])
+    );
+    assert!(
+        s["properties"]["sysctls"]["description"].as_str().unwrap_or_default().contains("decimal"),
+        "{}",
+        s["properties"]["sysctls"]
+    );
+}
+
 #[test]
 fn yaml_11_booleans_stay_strings() {
     let doc = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/answer\n    content: y\nsysctls:\n  net.ipv4.ip_forward: on\n";

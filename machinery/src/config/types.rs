@@ -21,8 +21,11 @@ pub struct MachineConfig {
     /// Files the node must have, with content, mode and owner.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileSpec>,
-    /// Kernel parameters under /proc/sys, e.g. `net.ipv4.ip_forward: "1"`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Kernel parameters under /proc/sys, e.g. `net.ipv4.ip_forward: "1"`. Values are text; a
+    /// number is taken as its decimal text (`vm.swappiness: 10` is "10") and true/false as
+    /// "1"/"0", as the kernel writes booleans.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "sysctl_values")]
+    #[schemars(schema_with = "sysctl_values_schema")]
     pub sysctls: BTreeMap<String, String>,
     /// Network interfaces, routes and DNS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,6 +53,37 @@ pub struct MachineConfig {
     /// What to do when the node drifts from this config: `correct` (default) or `report`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftPolicy>,
+}
+
+/// A sysctl value as written: text, a number or a boolean.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SysctlValue {
+    Text(String),
+    Bool(bool),
+    Number(serde_json::Number),
+}
+
+impl From<SysctlValue> for String {
+    fn from(v: SysctlValue) -> Self {
+        match v {
+            SysctlValue::Text(s) => s,
+            SysctlValue::Bool(b) => if b { "1" } else { "0" }.to_owned(),
+            SysctlValue::Number(n) => n.to_string(),
+        }
+    }
+}
+
+fn sysctl_values<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, SysctlValue>::deserialize(d)?;
+    Ok(raw.into_iter().map(|(k, v)| (k, v.into())).collect())
+}
+
+fn sysctl_values_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": { "type": ["string", "number", "boolean"] }
+    })
 }
 
 /// Drift handling.
