@@ -1,12 +1,19 @@
 //! The fleet's admission rules, each pinned by a test that fails if the rule is loosened (these
 //! are the gaps mutation testing found, see scripts/mutants.sh): an assignment is refused only
-//! when it changes nothing, and moves a machine to another role or cluster only with force.
-//! Everything runs against a real controller in this process (127.0.0.1, real TLS).
+//! when it changes nothing, and moves a machine to another role or cluster only with force;
+//! what a node reports about itself is cut back on a character boundary, never past the limit;
+//! a registered machine's first config is applied outright (auto), even when it sets up the
+//! network, which a later change would try first; a try is confirmed only while the machine's
+//! stream is open (it could not hear the confirmation otherwise). Everything runs against a
+//! real controller in this process (127.0.0.1, real TLS).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::{Duration, Instant};
+
 use muster_proto::pb;
 use muster_tests::{Enrolled, TestController};
+use tokio::sync::mpsc;
 use tonic::Code;
 
 fn assign(m: &Enrolled, role: pb::Role, cluster: &str, force: bool) -> pb::AssignRequest {
@@ -77,5 +84,146 @@ async fn reported_strings_are_cut_back_to_a_character_boundary() {
         .into_inner();
     assert_eq!(got.hostname, format!("a{}", "é".repeat(127)));
     assert_eq!(got.inventory.unwrap().cpu_model, "x".repeat(256));
+    f.still_serving().await.unwrap();
+}
+
+/// A pre-registered machine's first generation is applied outright, though it configures the
+/// network (which would make an operator's change a try that reverts unless confirmed): the
+/// node just booted into it, there is nothing to go back to.
+#[tokio::test]
+async fn a_registered_machines_first_config_is_auto_even_with_a_network_section() {
+    let f = TestController::start().await.unwrap();
+    let mut admin = f.admin().await.unwrap();
+    let yaml = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nnetwork:\n  interfaces:\n    - name: eth0\n      addresses: [\"192.168.5.20/24\"]\n";
+    admin
+        .register_machine(pb::RegisterMachineRequest {
+            registration: Some(pb::Registration {
+                mac: "52:54:00:ad:00:01".into(),
+                hostname: "node-reg".into(),
+                yaml: yaml.into(),
+                ..Default::default()
+            }),
+            force: false,
+        })
+        .await
+        .unwrap();
+    let boot = admin
+        .create_token(pb::CreateTokenRequest { boot: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let inv = pb::Inventory {
+        hostname: "localhost".into(),
+        nics: vec![pb::Nic { name: "eth0".into(), mac: "52:54:00:ad:00:01".into(), addresses: vec![] }],
+        ..Default::default()
+    };
+    let m = f.enroll_with(&boot, inv).await.unwrap().unwrap();
+    let cfg = admin
+        .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cfg.yaml.contains("192.168.5.20/24"), "{}", cfg.yaml);
+    assert_eq!((cfg.generation, cfg.mode), (1, pb::ApplyMode::Auto as i32), "{cfg:?}");
+    f.still_serving().await.unwrap();
+}
+
+/// An agent's stream, raw: what it is sent, and the sender of what it says.
+async fn open_stream(
+    f: &TestController,
+    m: &Enrolled,
+) -> (mpsc::Sender<pb::AgentMessage>, tonic::Streaming<pb::ControllerMessage>) {
+    let (up, rx) = mpsc::channel(8);
+    let hello = pb::Hello { heartbeat_interval_ms: 5000, ..Default::default() };
+    up.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await.unwrap();
+    let down = f
+        .machine_agent(m)
+        .await
+        .unwrap()
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (up, down)
+}
+
+/// Polls the admin API until `check` holds for the machine (10 s at most).
+async fn wait_machine(f: &TestController, m: &Enrolled, what: &str, check: impl Fn(&pb::Machine) -> bool) {
+    let start = Instant::now();
+    loop {
+        let got = f
+            .admin()
+            .await
+            .unwrap()
+            .get_machine(pb::MachineRef { query: m.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if check(&got) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}: {got:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The operator's confirmation of a try is refused while the machine is not connected: the
+/// agent would not hear it and revert anyway, while the controller recorded it as kept.
+#[tokio::test]
+async fn a_try_is_confirmed_only_while_the_machine_is_connected() {
+    let f = TestController::start().await.unwrap();
+    let m = f.enroll(&f.token(0, 1).await.unwrap()).await.unwrap();
+    wait_machine(&f, &m, "never connected", |g| !g.connected).await;
+    let (up, mut down) = open_stream(&f, &m).await;
+    let mut admin = f.admin().await.unwrap();
+    admin
+        .apply_config(pb::ApplyConfigRequest {
+            scope: pb::ConfigScope::Machine.into(),
+            target: m.id.clone(),
+            yaml: "apiVersion: muster/v1alpha1\nkind: MachineConfig\nhostname: tried\n".into(),
+            mode: Some(pb::ApplyMode::Try.into()),
+            confirm: Some(pb::ConfirmPolicy::Manual.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    loop {
+        let msg =
+            tokio::time::timeout(Duration::from_secs(10), down.message()).await.unwrap().unwrap().unwrap();
+        if matches!(msg.msg, Some(pb::controller_message::Msg::Config(ref c)) if c.generation == 1) {
+            break;
+        }
+    }
+    let status = pb::ConfigStatus {
+        generation: 1,
+        current_generation: 1,
+        state: pb::GenerationState::Trying.into(),
+        ..Default::default()
+    };
+    up.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::ConfigStatus(status)) }).await.unwrap();
+    wait_machine(&f, &m, "trying, connected", |g| {
+        g.connected && g.config_state == pb::GenerationState::Trying as i32
+    })
+    .await;
+
+    // The stream ends: the machine is no longer connected, and its try cannot be confirmed.
+    drop((up, down));
+    wait_machine(&f, &m, "disconnected", |g| !g.connected).await;
+    let err = admin.confirm_config(pb::MachineRef { query: m.id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("not connected"), "{err}");
+    let cfg = admin
+        .get_config(pb::GetConfigRequest { query: m.id.clone(), rendered: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!cfg.confirmed, "{cfg:?}");
+
+    // Back on a stream, it can be.
+    let _stream = open_stream(&f, &m).await;
+    wait_machine(&f, &m, "reconnected", |g| g.connected).await;
+    let cfg = admin.confirm_config(pb::MachineRef { query: m.id.clone() }).await.unwrap().into_inner();
+    assert!(cfg.confirmed, "{cfg:?}");
     f.still_serving().await.unwrap();
 }
