@@ -65,14 +65,14 @@ async fn forced_assignment_moves_role_or_cluster_alone_and_refuses_only_a_no_op(
     f.still_serving().await.unwrap();
 }
 
-/// What a node says about itself is cut to 256 bytes on a character boundary, never past it:
-/// a hostname whose 256th byte falls inside a character keeps the whole characters before it.
+/// What a node says about itself is cut to 128 bytes on a character boundary, never past it:
+/// a string whose 128th byte falls inside a character keeps the whole characters before it.
 #[tokio::test]
 async fn reported_strings_are_cut_back_to_a_character_boundary() {
     let f = TestController::start().await.unwrap();
-    // 'a' then two-byte characters: byte 256 is the middle of one.
+    // 'a' then two-byte characters: byte 128 is the middle of one.
     let long = format!("a{}", "é".repeat(200));
-    let inv = pb::Inventory { hostname: long, cpu_model: "x".repeat(300), ..Default::default() };
+    let inv = pb::Inventory { cpu_model: long, kernel: "x".repeat(300), ..Default::default() };
     let m = f.enroll_with(&f.token(0, 1).await.unwrap(), inv).await.unwrap().unwrap();
     let got = f
         .admin()
@@ -82,8 +82,9 @@ async fn reported_strings_are_cut_back_to_a_character_boundary() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(got.hostname, format!("a{}", "é".repeat(127)));
-    assert_eq!(got.inventory.unwrap().cpu_model, "x".repeat(256));
+    let inv = got.inventory.unwrap();
+    assert_eq!(inv.cpu_model, format!("a{}", "é".repeat(63)));
+    assert_eq!(inv.kernel, "x".repeat(128));
     f.still_serving().await.unwrap();
 }
 
@@ -92,7 +93,16 @@ async fn reported_strings_are_cut_back_to_a_character_boundary() {
 /// node just booted into it, there is nothing to go back to.
 #[tokio::test]
 async fn a_registered_machines_first_config_is_auto_even_with_a_network_section() {
-    let f = TestController::start().await.unwrap();
+    // The test's client connects from loopback: trusted here as evidence of the MAC it reports.
+    let f = TestController::start_with(muster_controller::fleet::ControllerOptions {
+        admission: muster_controller::fleet::admission::AdmissionOptions {
+            trust_reported_macs: vec!["127.0.0.1/32".parse().unwrap()],
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut admin = f.admin().await.unwrap();
     let yaml = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nnetwork:\n  interfaces:\n    - name: eth0\n      addresses: [\"192.168.5.20/24\"]\n";
     admin
