@@ -58,7 +58,8 @@
 //!     tftp_efi_file: muster_pxe::proxydhcp::IPXE_EFI_FILE.into(),
 //! };
 //! let dhcp = muster_pxe::ProxyDhcp::bind(&cfg)?; // bind errors surface at start-up
-//! tokio::spawn(dhcp.serve(shutdown.clone()));
+//! let stop = shutdown.clone();
+//! tokio::spawn(async move { dhcp.serve(stop).await });
 //! let tftp = muster_pxe::TftpServer::bind("/usr/lib/ipxe", "0.0.0.0:69".parse()?).await?;
 //! tokio::spawn(tftp.serve(shutdown));
 //! # Ok(()) }
@@ -70,6 +71,8 @@
 //! (`yiaddr` 0.0.0.0) — so it coexists with the LAN's own DHCP server: an OFFER on UDP 67 to a
 //! DISCOVER, an ACK on UDP 4011 to a REQUEST. iPXE (user class `iPXE`) gets the HTTP URL of
 //! `start.ipxe`; PXE ROMs get the iPXE binary over TFTP, by client architecture (option 93).
+//! Options are checked before the DHCP library decodes a packet, and a panic while handling one
+//! packet drops that packet only ([`proxydhcp::sanitize`], [`proxydhcp::answer_isolated`]).
 //!
 //! # TFTP ([`tftp`], optional)
 //!
