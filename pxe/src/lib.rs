@@ -60,8 +60,9 @@
 //! let dhcp = muster_pxe::ProxyDhcp::bind(&cfg)?; // bind errors surface at start-up
 //! let stop = shutdown.clone();
 //! tokio::spawn(async move { dhcp.serve(stop).await });
-//! let tftp = muster_pxe::TftpServer::bind("/usr/lib/ipxe", "0.0.0.0:69".parse()?).await?;
-//! tokio::spawn(tftp.serve(shutdown));
+//! // Bind TFTP to the boot interface's address, not 0.0.0.0.
+//! let tftp = muster_pxe::TftpServer::bind("/usr/lib/ipxe", "10.0.0.1:69".parse()?).await?;
+//! tokio::spawn(async move { tftp.serve(shutdown).await });
 //! # Ok(()) }
 //! ```
 //!
@@ -78,7 +79,8 @@
 //!
 //! Read-only TFTP (RFC 1350 + options blksize/tsize/timeout) for the iPXE binaries, e.g. from
 //! Debian's `ipxe` package in `/usr/lib/ipxe` (`undionly.kpxe`, `undionly.kkpxe`, `ipxe.efi`,
-//! `snponly.efi`).
+//! `snponly.efi`), with slots per address and in all, bounded timeouts and deadlines, and a
+//! bound on what it sends to an address that has not acknowledged anything ([`TftpLimits`]).
 //!
 //! # Logs
 //!
@@ -100,7 +102,7 @@ pub use script::{
     entry_script, error_script, machine_script, redact_cmdline, BootAction, BootRequest, BootSpec, MacAddr,
     QueryError,
 };
-pub use tftp::TftpServer;
+pub use tftp::{TftpLimits, TftpServer};
 pub use untrusted::Untrusted;
 
 /// Decides what a machine asking to network-boot gets. The controller implements it.
