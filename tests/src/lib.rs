@@ -134,6 +134,7 @@ impl TestController {
             sans: vec![],
             controller,
             boot: None,
+            net: Default::default(),
         })
         .await?)
     }
