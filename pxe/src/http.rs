@@ -386,15 +386,21 @@ mod tests {
     }
 
     impl Captured {
-        /// Logs of this thread (the test's current-thread runtime) go here until the guard drops.
-        fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
-            let c = Captured::default();
-            let sub = tracing_subscriber::fmt()
-                .with_writer(c.clone())
-                .with_ansi(false)
-                .with_max_level(tracing::Level::TRACE)
-                .finish();
-            (c, tracing::subscriber::set_default(sub))
+        /// Everything this test binary logs: a global subscriber, since a scoped one misses
+        /// events of callsites that other tests' threads hit first. Tests look for their own
+        /// markers in it.
+        fn global() -> &'static Captured {
+            static LOG: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+            LOG.get_or_init(|| {
+                let c = Captured::default();
+                let sub = tracing_subscriber::fmt()
+                    .with_writer(c.clone())
+                    .with_ansi(false)
+                    .with_max_level(tracing::Level::TRACE)
+                    .finish();
+                tracing::subscriber::set_global_default(sub).expect("no other global subscriber here");
+                c
+            })
         }
 
         fn text(&self) -> String {
@@ -405,7 +411,7 @@ mod tests {
     #[tokio::test]
     async fn untrusted_names_cannot_forge_log_lines() {
         let (r, _, _d) = app();
-        let (log, _guard) = Captured::start();
+        let log = Captured::global();
         let (s, _, _) = call(&r, "GET", "/boot/assets/x%0aFORGED", &[]).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         let (s, _, _) =
@@ -421,7 +427,7 @@ mod tests {
     #[tokio::test]
     async fn the_boot_token_secret_is_not_logged() {
         let (r, _, _d) = app();
-        let (log, _guard) = Captured::start();
+        let log = Captured::global();
         let (s, _, b) = call(&r, "GET", "/boot/machine.ipxe?mac=52-54-00-12-34-56&serial=token", &[]).await;
         assert_eq!(s, StatusCode::OK);
         // The machine gets the whole token; the log only its id.
