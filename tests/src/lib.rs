@@ -111,10 +111,28 @@ impl TestController {
     }
 
     pub async fn start_with(opts: ControllerOptions) -> Result<Self> {
+        Self::start_serving(opts, Default::default(), None).await
+    }
+
+    /// With these connection limits and, optionally, network boot from `boot`.
+    pub async fn start_serving(
+        opts: ControllerOptions,
+        net: muster_controller::api::limits::NetLimits,
+        boot: Option<muster_controller::fleet::boot::BootOptions>,
+    ) -> Result<Self> {
         init_crypto();
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("ctl");
-        let running = Self::serve(&data_dir, "127.0.0.1:0".parse()?, opts).await?;
+        let running = serve::start(ServeOptions {
+            data_dir: data_dir.clone(),
+            grpc_listen: "127.0.0.1:0".parse()?,
+            http_listen: "127.0.0.1:0".parse()?,
+            sans: vec![],
+            controller: opts,
+            boot,
+            net,
+        })
+        .await?;
         let endpoint = format!("https://127.0.0.1:{}", running.ports.grpc.port());
         let mc = muster_machinery::musterconfig::MusterConfig::from_yaml(&std::fs::read_to_string(
             data_dir.join("musterconfig"),
