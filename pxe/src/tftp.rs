@@ -119,10 +119,8 @@ fn parse(p: &[u8]) -> Result<ReadRequest, Refusal> {
         return Err(drop("empty file name"));
     }
     if mode != "octet" && mode != "netascii" {
-        return Err(Refusal::Answer(terr(
-            code::ILLEGAL,
-            format!("transfer mode {:?} is not supported", Untrusted(&mode)),
-        )));
+        // Short and without the client's text: an answer no bigger than a small request.
+        return Err(Refusal::Answer(terr(code::ILLEGAL, "only octet mode")));
     }
     Ok(ReadRequest { filename, mode, options })
 }
@@ -350,6 +348,8 @@ impl TftpServer {
     pub async fn serve(&self, shutdown: impl Future<Output = ()>) -> Result<(), PxeError> {
         let local = self.local_addr()?;
         tracing::info!(%local, root = %self.root.display(), "TFTP serving");
+        // A restarted serve starts with no transfers (the last one's ended with it).
+        self.counters.active.store(0, Ordering::Relaxed);
         let root = Arc::new(self.root.clone());
         let mut transfers = JoinSet::new();
         let mut owners: HashMap<tokio::task::Id, IpAddr> = HashMap::new();

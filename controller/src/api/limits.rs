@@ -33,8 +33,10 @@ pub struct ListenerLimits {
 /// when the controller starts ([`NetLimits::resolve`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetLimits {
+    /// At least 1.
     pub grpc_max_connections: Option<usize>,
     pub grpc_max_per_address: Option<usize>,
+    /// At least 1.
     pub http_max_connections: Option<usize>,
     pub http_max_per_address: Option<usize>,
     /// gRPC: from accepting a connection to a finished TLS handshake and the client's HTTP/2
@@ -88,8 +90,8 @@ impl NetLimits {
     /// The caps for a process that may open `open_files` descriptors, where not set.
     pub fn resolve(&self, open_files: u64) -> ResolvedLimits {
         let budget = usize::try_from(open_files.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
-        let grpc_max = self.grpc_max_connections.unwrap_or((budget / 2).clamp(16, 1 << 20));
-        let http_max = self.http_max_connections.unwrap_or((budget / 4).clamp(16, 1 << 16));
+        let grpc_max = self.grpc_max_connections.unwrap_or((budget / 2).clamp(16, 1 << 20)).max(1);
+        let http_max = self.http_max_connections.unwrap_or((budget / 4).clamp(16, 1 << 16)).max(1);
         ResolvedLimits {
             grpc: ListenerLimits {
                 max_connections: grpc_max,
