@@ -144,9 +144,20 @@ async fn run(args: &Args) -> Result<Report> {
     let tmp = tempfile::Builder::new().prefix("muster-bench-").tempdir()?;
     let data_dir = tmp.path().join("controller");
     // The harness polls for the controller's ports.json with blocking sleeps.
+    // Every simulated agent connects from 127.0.0.1: no per-address cap, and room for all of
+    // them (one connection each, two while enrolling).
+    let max = (u64::from(args.agents) * 2 + 256).to_string();
     let ctl = tokio::task::spawn_blocking(move || {
-        // Every simulated agent enrolls from 127.0.0.1: lift the per-address enrollment limit.
-        ControllerProc::start(&data_dir, "127.0.0.1:0", "127.0.0.1:0", &["--enroll-rate", "1000000"])
+        // Every simulated agent connects and enrolls from 127.0.0.1: no per-address caps.
+        let caps = [
+            "--grpc-max-connections-per-address",
+            "0",
+            "--grpc-max-connections",
+            &max,
+            "--enroll-rate",
+            "1000000",
+        ];
+        ControllerProc::start(&data_dir, "127.0.0.1:0", "127.0.0.1:0", &caps)
     })
     .await?
     .with_context(|| format!("starting {}", binary.display()))?;

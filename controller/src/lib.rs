@@ -13,6 +13,8 @@
 //!   identification.
 //! - [`metrics`]: the controller's own metrics and the fleet's exposition.
 //! - [`serve`]: start-up: data dir, listeners, services, shutdown.
+//! - [`supervise`]: every background service restarted with backoff when it dies, its state in
+//!   `/readyz` and the metrics.
 //!
 //! Depends on `muster-machinery`, `muster-proto`, `muster-pxe` and `muster-util`; never on
 //! clap, the CLI or the lab.
@@ -23,3 +25,4 @@ pub mod metrics;
 pub mod pki;
 pub mod serve;
 pub mod store;
+pub mod supervise;

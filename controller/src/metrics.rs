@@ -1,5 +1,5 @@
 //! The controller's metrics: counters and histograms it keeps (enrollments, gRPC calls, store
-//! operations) and, per scrape, the fleet as it is now (machines by state, per-machine info,
+//! operations, background services, listener connections) and, per scrape, the fleet as it is now (machines by state, per-machine info,
 //! liveness, health and the node metrics of each machine's latest snapshot).
 
 use std::fmt;
@@ -15,6 +15,7 @@ use muster_machinery::metrics::{
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -29,6 +30,11 @@ pub struct Metrics {
     rpc_requests: Family<Labels, Counter>,
     rpc_duration: Family<Labels, Histogram>,
     store_duration: Family<Labels, Histogram>,
+    service_up: Family<Labels, Gauge>,
+    service_restarts: Family<Labels, Counter>,
+    connections_open: Family<Labels, Gauge>,
+    connections_refused: Family<Labels, Counter>,
+    connections_timed_out: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,7 +79,78 @@ impl Metrics {
             "State store operation latency",
             store_duration.clone(),
         );
-        Self { registry, enrollments, rpc_requests, rpc_duration, store_duration }
+        let service_up = Family::<Labels, Gauge>::default();
+        registry.register(
+            "muster_service_up",
+            "1 while the background service (grpc, http, heartbeat-flush, proxy-dhcp, tftp) runs, 0 while it is down and being restarted",
+            service_up.clone(),
+        );
+        let service_restarts = Family::<Labels, Counter>::default();
+        registry.register(
+            "muster_service_restarts",
+            "Times the background service died (error, panic or unexpected end) and was restarted",
+            service_restarts.clone(),
+        );
+        let connections_open = Family::<Labels, Gauge>::default();
+        registry.register(
+            "muster_connections_open",
+            "Connections the listener (grpc, http) holds now",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "muster_connections_refused",
+            "Connections closed at once because the listener or the client's address held its maximum",
+            connections_refused.clone(),
+        );
+        let connections_timed_out = Family::<Labels, Counter>::default();
+        registry.register(
+            "muster_connections_timed_out",
+            "Connections closed by a timeout, by phase (handshake, preface, idle, header, write)",
+            connections_timed_out.clone(),
+        );
+        Self {
+            registry,
+            enrollments,
+            rpc_requests,
+            rpc_duration,
+            store_duration,
+            service_up,
+            service_restarts,
+            connections_open,
+            connections_refused,
+            connections_timed_out,
+        }
+    }
+
+    /// Records whether a background service runs; a restart counter appears with it (at 0).
+    pub fn service_state(&self, service: &'static str, up: bool) {
+        let l = vec![("service", service.to_owned())];
+        self.service_up.get_or_create(&l).set(i64::from(up));
+        let _ = self.service_restarts.get_or_create(&l);
+    }
+
+    /// Counts a background service's restart.
+    pub fn service_restarted(&self, service: &'static str) {
+        self.service_restarts.get_or_create(&vec![("service", service.to_owned())]).inc();
+    }
+
+    /// The number of connections `listener` holds.
+    pub fn connections_open(&self, listener: &'static str, n: usize) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.connections_open.get_or_create(&vec![("listener", listener.to_owned())]).set(n);
+    }
+
+    /// Counts a connection refused by a cap (`max_connections`, `max_per_address`).
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        let l = vec![("listener", listener.to_owned()), ("reason", reason.to_owned())];
+        self.connections_refused.get_or_create(&l).inc();
+    }
+
+    /// Counts a connection closed by a timeout in `phase`.
+    pub fn connection_timed_out(&self, listener: &'static str, phase: &'static str) {
+        let l = vec![("listener", listener.to_owned()), ("phase", phase.to_owned())];
+        self.connections_timed_out.get_or_create(&l).inc();
     }
 
     /// Counts an enrollment attempt: `accepted`, `pending`, `repeated` (the same key again),

@@ -1,5 +1,8 @@
 //! Start-up and shutdown: the data dir (initialised when empty), both listeners, the store, the
-//! gRPC and HTTP services, network boot's UDP services, the heartbeat flusher.
+//! gRPC and HTTP services, network boot's UDP services, the heartbeat flusher. Every one of
+//! these services runs supervised ([`crate::supervise`]): restarted with backoff if it dies,
+//! shown in `/readyz` and `muster_service_up` meanwhile. Listeners and sockets are bound here,
+//! once, and outlive any restart.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,11 +17,13 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::api::limits::{open_files_limit, ConnLimiter, NetLimits, ResolvedLimits};
 use crate::api::{self, tls, MAX_ADMIN_MESSAGE, MAX_AGENT_MESSAGE};
 use crate::fleet::{boot, Controller, ControllerOptions};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pki::{self, DataDir, Pki};
 use crate::store::{SqliteStore, StoreError};
+use crate::supervise::{Backoff, Services};
 
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -33,6 +38,8 @@ pub struct ServeOptions {
     pub controller: ControllerOptions,
     /// Network boot, when served.
     pub boot: Option<boot::BootOptions>,
+    /// Connection caps and timeouts of both listeners.
+    pub net: NetLimits,
 }
 
 /// The bound addresses, as written to `ports.json`.
@@ -48,6 +55,10 @@ pub struct Running {
     pub ports: Ports,
     pub pin: CaPin,
     pub controller: Controller,
+    /// The supervised background services.
+    pub services: Services,
+    /// The caps and timeouts in force.
+    pub limits: ResolvedLimits,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
@@ -162,99 +173,141 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
             .map_err(|e| ServeError::Runtime(format!("network boot: {e}")))?,
         None => boot::Listeners::default(),
     };
+    let limits = opts.net.resolve(open_files_limit());
+    tracing::info!(grpc = ?limits.grpc, http = ?limits.http, handshake_timeout = ?limits.handshake_timeout,
+        grpc_idle_timeout = ?limits.grpc_idle_timeout, http_header_timeout = ?limits.http_header_timeout,
+        "connection limits");
+    let services = Services::new(controller.metrics().clone());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(controller.clone(), grpc, tls, http_l, boot_routes, udp, shutdown_rx));
+    let listeners = Bound { grpc: Arc::new(grpc), tls, http: Arc::new(http_l), boot_routes, udp };
+    let task =
+        tokio::spawn(serve(controller.clone(), services.clone(), limits.clone(), listeners, shutdown_rx));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "controller serving");
-    Ok(Running { ports, pin, controller, shutdown: Some(shutdown_tx), task })
+    Ok(Running { ports, pin, controller, services, limits, shutdown: Some(shutdown_tx), task })
 }
 
-/// Runs one of the network-boot UDP services until it ends, logging why if it fails.
-fn spawn_service(
-    what: &'static str,
-    service: impl std::future::Future<Output = Result<(), muster_pxe::PxeError>> + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = service.await {
-            tracing::error!(error = %e, "{what} stopped");
-        }
-    })
+/// Everything bound at start-up.
+struct Bound {
+    grpc: Arc<TcpListener>,
+    tls: Arc<rustls::ServerConfig>,
+    http: Arc<TcpListener>,
+    boot_routes: Option<axum::Router>,
+    udp: boot::Listeners,
 }
 
 async fn serve(
     controller: Controller,
-    grpc: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    http_l: TcpListener,
-    boot_routes: Option<axum::Router>,
-    udp: boot::Listeners,
+    services: Services,
+    limits: ResolvedLimits,
+    bound: Bound,
     shutdown: oneshot::Receiver<()>,
 ) -> Result<(), ServeError> {
     let stop = CancellationToken::new();
-    let mut udp_tasks = Vec::new();
-    if let Some(p) = udp.proxy_dhcp {
-        udp_tasks.push(spawn_service("proxy DHCP", p.serve(stop.clone().cancelled_owned())));
+    let backoff = Backoff::default();
+    let metrics = controller.metrics().clone();
+    let mut tasks = Vec::new();
+
+    if let Some(p) = bound.udp.proxy_dhcp {
+        let p = Arc::new(p);
+        let s = stop.clone();
+        tasks.push(services.spawn("proxy-dhcp", stop.clone(), backoff, move || {
+            let (p, s) = (p.clone(), s.clone());
+            async move { p.serve(s.cancelled_owned()).await.map_err(|e| e.to_string()) }
+        }));
     }
-    if let Some(t) = udp.tftp {
-        udp_tasks.push(spawn_service("TFTP", t.serve(stop.clone().cancelled_owned())));
+    if let Some(t) = bound.udp.tftp {
+        let t = Arc::new(t);
+        let s = stop.clone();
+        tasks.push(services.spawn("tftp", stop.clone(), backoff, move || {
+            let (t, s) = (t.clone(), s.clone());
+            async move { t.serve(s.cancelled_owned()).await.map_err(|e| e.to_string()) }
+        }));
     }
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_loop(grpc, tls, stop.clone()));
-    let agent =
-        pb::agent_service_server::AgentServiceServer::new(api::agent::AgentApi::new(controller.clone()))
-            .max_decoding_message_size(MAX_AGENT_MESSAGE);
-    let admin =
-        pb::admin_service_server::AdminServiceServer::new(api::admin::AdminApi::new(controller.clone()))
-            .max_decoding_message_size(MAX_ADMIN_MESSAGE);
-    let grpc_stop = stop.clone();
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .layer(RpcMetricsLayer(controller.metrics().clone()))
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(agent)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned()),
-    );
-    let http_stop = stop.clone();
-    let mut router = api::http::router(controller.clone());
-    if let Some(b) = boot_routes {
+
+    let acceptor = tls::Acceptor {
+        config: bound.tls,
+        limiter: ConnLimiter::new("grpc", limits.grpc, metrics.clone()),
+        activity: Arc::default(),
+        handshake_timeout: limits.handshake_timeout,
+        idle_timeout: limits.grpc_idle_timeout,
+    };
+    {
+        let (c, s, listener) = (controller.clone(), stop.clone(), bound.grpc);
+        let max_header = limits.grpc_max_header_bytes;
+        tasks.push(services.spawn("grpc", stop.clone(), backoff, move || {
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(tls::accept_loop(
+                listener.clone(),
+                acceptor.clone(),
+                s.clone(),
+            ));
+            let agent =
+                pb::agent_service_server::AgentServiceServer::new(api::agent::AgentApi::new(c.clone()))
+                    .max_decoding_message_size(MAX_AGENT_MESSAGE);
+            let admin =
+                pb::admin_service_server::AdminServiceServer::new(api::admin::AdminApi::new(c.clone()))
+                    .max_decoding_message_size(MAX_ADMIN_MESSAGE);
+            let server = tonic::transport::Server::builder()
+                .layer(RpcMetricsLayer(c.metrics().clone()))
+                .layer(tls::ActivityLayer(acceptor.activity.clone()))
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .http2_max_header_list_size(max_header)
+                .add_service(agent)
+                .add_service(admin)
+                .serve_with_incoming_shutdown(incoming, s.clone().cancelled_owned());
+            async move { server.await.map_err(|e| e.to_string()) }
+        }));
+    }
+
+    let mut router = api::http::router(controller.clone(), services.clone());
+    if let Some(b) = bound.boot_routes {
         router = router.merge(b);
     }
-    let http_task = tokio::spawn(async move {
-        axum::serve(http_l, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(http_stop.cancelled_owned())
-            .await
-    });
-    let flusher = {
-        let c = controller.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(FLUSH_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = stop.cancelled() => break,
-                }
-                if let Err(e) = c.flush_last_seen().await {
-                    tracing::warn!(error = %e, "could not record heartbeats");
+    let http = api::http::HttpServing {
+        limiter: ConnLimiter::new("http", limits.http, metrics.clone()),
+        header_timeout: limits.http_header_timeout,
+        write_timeout: limits.http_write_timeout,
+        max_header_bytes: limits.http_max_header_bytes,
+    };
+    {
+        let (s, listener) = (stop.clone(), bound.http);
+        tasks.push(services.spawn("http", stop.clone(), backoff, move || {
+            let fut = api::http::serve(listener.clone(), router.clone(), http.clone(), s.clone());
+            async move {
+                fut.await;
+                Ok(())
+            }
+        }));
+    }
+
+    {
+        let (c, s) = (controller.clone(), stop.clone());
+        tasks.push(services.spawn("heartbeat-flush", stop.clone(), backoff, move || {
+            let (c, stop) = (c.clone(), s.clone());
+            async move {
+                let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = stop.cancelled() => return Ok(()),
+                    }
+                    if let Err(e) = c.flush_last_seen().await {
+                        tracing::warn!(error = %e, "could not record heartbeats");
+                    }
                 }
             }
-        })
-    };
+        }));
+    }
+
     let _ = shutdown.await;
     // Close agent streams so the gRPC server's graceful shutdown does not wait on them.
     controller.close_all_sessions(&Status::unavailable("controller is shutting down"));
     stop.cancel();
-    let _ = flusher.await;
-    for t in udp_tasks {
-        let _ = t.await;
+    for t in tasks {
+        t.await.map_err(|e| ServeError::Runtime(e.to_string()))?;
     }
     if let Err(e) = controller.flush_last_seen().await {
         tracing::warn!(error = %e, "could not record heartbeats at shutdown");
     }
-    grpc_task.await.map_err(|e| ServeError::Runtime(e.to_string()))??;
-    http_task
-        .await
-        .map_err(|e| ServeError::Runtime(e.to_string()))?
-        .map_err(|e| ServeError::Runtime(e.to_string()))?;
     Ok(())
 }

@@ -59,11 +59,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tftp_efi_file: muster_pxe::proxydhcp::IPXE_EFI_FILE.into(),
         };
         let p = muster_pxe::ProxyDhcp::bind(&cfg)?;
-        tasks.spawn(async move { p.serve(std::future::pending()).await.map_err(|e| e.to_string()) });
+        tasks.spawn(async move { p.serve(std::future::pending::<()>()).await.map_err(|e| e.to_string()) });
     }
     if let Some(root) = tftp {
         let t = muster_pxe::TftpServer::bind(root, SocketAddr::new(local.ip(), 69)).await?;
-        tasks.spawn(async move { t.serve(std::future::pending()).await.map_err(|e| e.to_string()) });
+        tasks.spawn(async move { t.serve(std::future::pending::<()>()).await.map_err(|e| e.to_string()) });
     }
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     tasks.spawn(async move { axum::serve(listener, app).await.map_err(|e| e.to_string()) });

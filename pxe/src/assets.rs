@@ -171,45 +171,65 @@ fn hash_file(mut f: std::fs::File) -> std::io::Result<[u8; 32]> {
     Ok(out)
 }
 
-/// Why a `Range` header cannot be served.
+/// What a `Range` header asks of a `len`-byte body (RFC 9110, section 14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unsatisfiable;
+pub enum RangeRequest {
+    /// Serve the whole body (`200`): the header is malformed, uses another unit or asks for
+    /// several ranges — RFC 9110 lets a server ignore all of these, and a malformed one must not
+    /// turn a download into an error.
+    Full,
+    /// Serve bytes `first..=last` (`206`); a last position past the end is clamped to it.
+    Partial { first: u64, last: u64 },
+    /// Valid, but no byte of it exists (`416`): a first position at or past the end, or a
+    /// suffix of length 0.
+    Unsatisfiable,
+}
 
-/// A single byte range `(first, last)` of a `len`-byte body: `Ok(None)` for the whole body (also
-/// for several ranges, which RFC 9110 allows), `Err` when unsatisfiable or malformed.
-pub fn parse_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
-    let spec = header.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
+/// Interprets one `Range` header for a `len`-byte body.
+pub fn parse_range(header: &str, len: u64) -> RangeRequest {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Full;
+    };
     if spec.contains(',') {
-        return Ok(None);
+        return RangeRequest::Full;
     }
-    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeRequest::Full;
+    };
     let (a, b) = (a.trim(), b.trim());
-    let num = |s: &str| -> Result<u64, Unsatisfiable> {
-        if s.bytes().all(|c| c.is_ascii_digit()) {
-            s.parse().map_err(|_| Unsatisfiable)
-        } else {
-            Err(Unsatisfiable)
-        }
+    // A position is 1*DIGIT; one too large for u64 is still a (huge) position.
+    let num = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse().unwrap_or(u64::MAX))
     };
-    let (start, end) = match (a.is_empty(), b.is_empty()) {
-        (true, true) => return Err(Unsatisfiable),
-        (true, false) => {
-            let n = num(b)?;
-            if n == 0 || len == 0 {
-                return Err(Unsatisfiable);
-            }
-            (len.saturating_sub(n), len - 1)
-        }
+    match (a.is_empty(), b.is_empty()) {
+        (true, true) => RangeRequest::Full,
+        // bytes=-N: the last N bytes (all of them if the body is shorter).
+        (true, false) => match num(b) {
+            None => RangeRequest::Full,
+            Some(0) => RangeRequest::Unsatisfiable,
+            Some(_) if len == 0 => RangeRequest::Full,
+            Some(n) => RangeRequest::Partial { first: len.saturating_sub(n), last: len - 1 },
+        },
         (false, _) => {
-            let s = num(a)?;
-            let e = if b.is_empty() { len.saturating_sub(1) } else { num(b)? };
-            if s >= len || e < s {
-                return Err(Unsatisfiable);
+            let Some(first) = num(a) else { return RangeRequest::Full };
+            let last = if b.is_empty() {
+                u64::MAX
+            } else {
+                match num(b) {
+                    Some(l) => l,
+                    None => return RangeRequest::Full,
+                }
+            };
+            if last < first {
+                // Invalid (RFC 9110 14.1.1): ignored like any malformed header.
+                RangeRequest::Full
+            } else if first >= len {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Partial { first, last: last.min(len - 1) }
             }
-            (s, e.min(len - 1))
         }
-    };
-    Ok(Some((start, end)))
+    }
 }
 
 #[cfg(test)]
@@ -223,18 +243,39 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));
-        assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
-        assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
-        assert_eq!(parse_range("bytes=-1000", 100), Ok(Some((0, 99))));
-        assert_eq!(parse_range("bytes=50-500", 100), Ok(Some((50, 99))));
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
-        assert_eq!(parse_range("bytes=100-", 100), Err(Unsatisfiable));
-        assert_eq!(parse_range("bytes=9-3", 100), Err(Unsatisfiable));
-        assert_eq!(parse_range("items=0-1", 100), Err(Unsatisfiable));
-        assert_eq!(parse_range("bytes=-0", 100), Err(Unsatisfiable));
-        assert_eq!(parse_range("bytes=+1-2", 100), Err(Unsatisfiable));
-        assert_eq!(parse_range("bytes=0-0", 0), Err(Unsatisfiable));
+        use RangeRequest::{Full, Partial, Unsatisfiable};
+        let p = |first, last| Partial { first, last };
+        assert_eq!(parse_range("bytes=0-9", 100), p(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), p(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), p(90, 99));
+        assert_eq!(parse_range("bytes=-1000", 100), p(0, 99));
+        assert_eq!(parse_range("bytes=-99999999999999999999999", 100), p(0, 99));
+        // An end past the end of the body is clamped, however large.
+        assert_eq!(parse_range("bytes=50-500", 100), p(50, 99));
+        assert_eq!(parse_range("bytes=5-99999999999999999999999", 100), p(5, 99));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Full);
+        // A start at or past the end: 416.
+        assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=100-200", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=99999999999999999999999-", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-0", 0), Unsatisfiable);
+        // Malformed or another unit: ignored, the whole body.
+        for bad in [
+            "bytes=9-3",
+            "items=0-1",
+            "bytes=+1-2",
+            "bytes=",
+            "bytes=-",
+            "bytes=a-b",
+            "bytes=1",
+            "bytes=0x1-2",
+            "bytes=1--2",
+            "bytes=-x",
+        ] {
+            assert_eq!(parse_range(bad, 100), Full, "{bad}");
+        }
+        assert_eq!(parse_range("bytes=-5", 0), Full);
     }
 
     #[tokio::test]

@@ -12,9 +12,9 @@ use axum::Router;
 use base64::Engine as _;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::assets::{parse_range, AssetError, Assets};
+use crate::assets::{parse_range, AssetError, Assets, RangeRequest};
 use crate::script::{entry_script, error_script, machine_script, BootRequest};
-use crate::BootPolicy;
+use crate::{BootPolicy, Untrusted};
 
 #[derive(Clone)]
 struct Boot {
@@ -51,7 +51,8 @@ async fn machine(State(b): State<Boot>, ext: axum::http::Extensions, RawQuery(q)
     let req = match BootRequest::from_query_str(q.as_deref().unwrap_or(""), remote) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(?remote, error = %e, "boot: bad request for a machine script");
+            // The error quotes the client's parameter name: escaped.
+            tracing::warn!(?remote, error = %Untrusted(&e.to_string()), "boot: bad request for a machine script");
             return (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, IPXE)], error_script(&e.to_string()))
                 .into_response();
         }
@@ -62,6 +63,7 @@ async fn machine(State(b): State<Boot>, ext: axum::http::Extensions, RawQuery(q)
     let script = match b.policy.decide(&req).await {
         Ok(action) => match machine_script(&action) {
             Ok(s) => {
+                // BootSpec's Debug hides the command line's secrets (the boot token's).
                 tracing::info!(?mac, uuid = ?req.uuid, serial = ?req.serial, arch = ?req.arch, ?remote, ?action, "boot: machine script");
                 s
             }
@@ -109,7 +111,7 @@ async fn asset(
     let mut a = match b.assets.open(&name).await {
         Ok(a) => a,
         Err(e @ (AssetError::NotFound(_) | AssetError::InvalidName(_))) => {
-            tracing::info!(?remote, asset = %name, "boot: no such asset");
+            tracing::info!(?remote, asset = %Untrusted(&name), "boot: no such asset");
             return text(StatusCode::NOT_FOUND, format!("{e}\n"));
         }
         Err(e) => {
@@ -138,33 +140,35 @@ async fn asset(
     }
     // A Range applies only if the client's copy (If-Range) is still current.
     let if_range_ok = header_str(header::IF_RANGE).is_none_or(|v| v.trim() == etag);
+    // RFC 9110: a malformed Range is ignored (the whole asset), an end past the end is clamped,
+    // a start past the end is 416.
     let range = match header_str(header::RANGE).filter(|_| if_range_ok) {
-        None => None,
-        Some(h) => match parse_range(h, len) {
-            Ok(r) => r,
-            Err(_) => {
-                let mut r =
-                    text(StatusCode::RANGE_NOT_SATISFIABLE, format!("range {h:?} of a {len}-byte asset\n"));
-                r.headers_mut().extend(common);
-                set(r.headers_mut(), header::CONTENT_RANGE, &format!("bytes */{len}"));
-                return r;
-            }
-        },
+        None => RangeRequest::Full,
+        Some(h) => parse_range(h, len),
     };
     let (status, start, count) = match range {
-        Some((s, e)) => {
-            set(&mut common, header::CONTENT_RANGE, &format!("bytes {s}-{e}/{len}"));
-            (StatusCode::PARTIAL_CONTENT, s, e - s + 1)
+        RangeRequest::Full => (StatusCode::OK, 0, len),
+        RangeRequest::Partial { first, last } => {
+            set(&mut common, header::CONTENT_RANGE, &format!("bytes {first}-{last}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, first, last - first + 1)
         }
-        None => (StatusCode::OK, 0, len),
+        RangeRequest::Unsatisfiable => {
+            let mut r = text(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("range not satisfiable: the asset has {len} bytes\n"),
+            );
+            r.headers_mut().extend(common);
+            set(r.headers_mut(), header::CONTENT_RANGE, &format!("bytes */{len}"));
+            return r;
+        }
     };
-    tracing::info!(?remote, asset = %name, %method, start, bytes = count, "boot: asset");
+    tracing::info!(?remote, asset = %Untrusted(&name), %method, start, bytes = count, "boot: asset");
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
         if start > 0 {
             if let Err(e) = a.file.seek(std::io::SeekFrom::Start(start)).await {
-                tracing::warn!(error = %e, asset = %name, "boot: seeking in an asset");
+                tracing::warn!(error = %e, asset = %Untrusted(&name), "boot: seeking in an asset");
                 return text(StatusCode::INTERNAL_SERVER_ERROR, format!("asset {name:?}: {e}\n"));
             }
         }
@@ -200,6 +204,12 @@ mod tests {
             match req.serial.as_deref() {
                 Some("fail") => Err(BootError("store unavailable".into())),
                 Some("disk") => Ok(BootAction::Exit { reason: "installed".into() }),
+                Some("token") => Ok(BootAction::Boot(BootSpec {
+                    profile: "discovery".into(),
+                    kernel: "vmlinuz".into(),
+                    initrd: "initramfs.img".into(),
+                    cmdline: "console=ttyS0 muster.token=abc123.s3cr3tS3CR3T muster.ca_hash=sha256:ab".into(),
+                })),
                 Some("evil") => Ok(BootAction::Boot(BootSpec {
                     profile: "x".into(),
                     kernel: "vmlinuz".into(),
@@ -352,5 +362,110 @@ mod tests {
             String::from_utf8(b).unwrap(),
             format!("{}  initramfs.img\n{}  vmlinuz\n", sha(b"initrd"), sha(KERNEL))
         );
+    }
+
+    /// Everything logged while it lives, as text.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    impl Captured {
+        /// Everything this test binary logs: a global subscriber, since a scoped one misses
+        /// events of callsites that other tests' threads hit first. Tests look for their own
+        /// markers in it.
+        fn global() -> &'static Captured {
+            static LOG: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+            LOG.get_or_init(|| {
+                let c = Captured::default();
+                let sub = tracing_subscriber::fmt()
+                    .with_writer(c.clone())
+                    .with_ansi(false)
+                    .with_max_level(tracing::Level::TRACE)
+                    .finish();
+                tracing::subscriber::set_global_default(sub).expect("no other global subscriber here");
+                c
+            })
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn untrusted_names_cannot_forge_log_lines() {
+        let (r, _, _d) = app();
+        let log = Captured::global();
+        let (s, _, _) = call(&r, "GET", "/boot/assets/x%0aFORGED", &[]).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, _, _) =
+            call(&r, "GET", "/boot/machine.ipxe?x%0aFORGED%1b[2J=1&x%0aFORGED%1b[2J=2", &[]).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let text = log.text();
+        assert!(!text.lines().any(|l| l.starts_with("FORGED")), "a forged log line:\n{text}");
+        assert!(!text.contains('\u{1b}'), "a terminal escape reached the log:\n{text}");
+        // Both requests were logged, escaped.
+        assert_eq!(text.matches("x\\nFORGED").count(), 2, "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_boot_token_secret_is_not_logged() {
+        let (r, _, _d) = app();
+        let log = Captured::global();
+        let (s, _, b) = call(&r, "GET", "/boot/machine.ipxe?mac=52-54-00-12-34-56&serial=token", &[]).await;
+        assert_eq!(s, StatusCode::OK);
+        // The machine gets the whole token; the log only its id.
+        assert!(String::from_utf8(b).unwrap().contains("muster.token=abc123.s3cr3tS3CR3T"));
+        let text = log.text();
+        assert!(
+            text.contains("boot: machine script") && text.contains("muster.token=abc123.<redacted>"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cr3t") && !text.contains("S3CR3T"), "the secret was logged:\n{text}");
+    }
+
+    #[tokio::test]
+    async fn malformed_ranges_are_ignored_and_long_ones_clamped() {
+        let (r, _, _d) = app();
+        // Malformed, invalid or another unit (RFC 9110): ignored, 200 with the whole asset.
+        for bad in ["bytes=9-3", "items=0-1", "bytes=x-", "bytes=1", "bytes=", "bytes=--5", "bytes=-5-"] {
+            let (s, h, b) = call(&r, "GET", "/boot/assets/vmlinuz", &[("range", bad)]).await;
+            assert_eq!((s, b.as_slice()), (StatusCode::OK, KERNEL), "{bad}");
+            assert!(h.get(header::CONTENT_RANGE).is_none(), "{bad}");
+            assert_eq!(h[header::CONTENT_LENGTH], "20", "{bad}");
+        }
+        // An end past the end of the file: 206 with the bytes there are.
+        for (range, first) in [
+            ("bytes=15-25", 15),
+            ("bytes=5-99999999999999999999999", 5),
+            ("bytes=-99999999999999999999999", 0),
+        ] {
+            let (s, h, b) = call(&r, "GET", "/boot/assets/vmlinuz", &[("range", range)]).await;
+            assert_eq!((s, b.as_slice()), (StatusCode::PARTIAL_CONTENT, &KERNEL[first..]), "{range}");
+            assert_eq!(h[header::CONTENT_RANGE].to_str().unwrap(), format!("bytes {first}-19/20"), "{range}");
+            assert_eq!(h[header::CONTENT_LENGTH].to_str().unwrap(), (20 - first).to_string(), "{range}");
+        }
+        // A start past the end: 416 with the length.
+        for range in ["bytes=20-", "bytes=25-30", "bytes=99999999999999999999999-"] {
+            let (s, h, _) = call(&r, "GET", "/boot/assets/vmlinuz", &[("range", range)]).await;
+            assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
+            assert_eq!(h[header::CONTENT_RANGE], "bytes */20", "{range}");
+        }
     }
 }

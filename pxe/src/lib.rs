@@ -8,7 +8,7 @@
 //! | --- | --- |
 //! | `GET /boot/start.ipxe` | the entry script ([`entry_script`]) every iPXE client chains (from the DHCP boot file name, ProxyDHCP, or an iPXE binary with an embedded script). It chains `/boot/machine.ipxe?mac=${net0/mac:hexhyp}&uuid=${uuid}&serial=…&arch=${buildarch:uristring}` — an absolute path without a host, so no host name has to be known. |
 //! | `GET /boot/machine.ipxe` | the per-machine script. The query (URL-decoded here) becomes a [`BootRequest`]; a bad value answers `400` with a message naming the parameter. The [`BootPolicy`] decides a [`BootAction`]: boot a kernel + initramfs with a command line ([`BootSpec`]), `exit` so the firmware goes on to the next boot device, or `sanboot` the first local disk. Rendered by [`machine_script`]. |
-//! | `GET,HEAD /boot/assets/{name}` | files directly in one directory ([`Assets`]): single `Range` (`206`, `416`), `Accept-Ranges`, `ETag: "<sha256 hex>"`, `X-Checksum-Sha256: <hex>`, `Digest: sha-256=<base64>`, `If-None-Match`, `If-Range`; streamed from disk. |
+//! | `GET,HEAD /boot/assets/{name}` | files directly in one directory ([`Assets`]): single `Range` (`206`, `416`; a malformed one is ignored, an end past the end clamped), `Accept-Ranges`, `ETag: "<sha256 hex>"`, `X-Checksum-Sha256: <hex>`, `Digest: sha-256=<base64>`, `If-None-Match`, `If-Range`; streamed from disk. |
 //! | `GET /boot/assets/SHA256SUMS` | `sha256sum`-format list of every servable asset. |
 //!
 //! When the policy fails, `/boot/machine.ipxe` still answers `200` with a script that prints
@@ -58,9 +58,11 @@
 //!     tftp_efi_file: muster_pxe::proxydhcp::IPXE_EFI_FILE.into(),
 //! };
 //! let dhcp = muster_pxe::ProxyDhcp::bind(&cfg)?; // bind errors surface at start-up
-//! tokio::spawn(dhcp.serve(shutdown.clone()));
-//! let tftp = muster_pxe::TftpServer::bind("/usr/lib/ipxe", "0.0.0.0:69".parse()?).await?;
-//! tokio::spawn(tftp.serve(shutdown));
+//! let stop = shutdown.clone();
+//! tokio::spawn(async move { dhcp.serve(stop).await });
+//! // Bind TFTP to the boot interface's address, not 0.0.0.0.
+//! let tftp = muster_pxe::TftpServer::bind("/usr/lib/ipxe", "10.0.0.1:69".parse()?).await?;
+//! tokio::spawn(async move { tftp.serve(shutdown).await });
 //! # Ok(()) }
 //! ```
 //!
@@ -70,26 +72,38 @@
 //! (`yiaddr` 0.0.0.0) — so it coexists with the LAN's own DHCP server: an OFFER on UDP 67 to a
 //! DISCOVER, an ACK on UDP 4011 to a REQUEST. iPXE (user class `iPXE`) gets the HTTP URL of
 //! `start.ipxe`; PXE ROMs get the iPXE binary over TFTP, by client architecture (option 93).
+//! Options are checked before the DHCP library decodes a packet, and a panic while handling one
+//! packet drops that packet only ([`proxydhcp::sanitize`], [`proxydhcp::answer_isolated`]).
 //!
 //! # TFTP ([`tftp`], optional)
 //!
 //! Read-only TFTP (RFC 1350 + options blksize/tsize/timeout) for the iPXE binaries, e.g. from
 //! Debian's `ipxe` package in `/usr/lib/ipxe` (`undionly.kpxe`, `undionly.kkpxe`, `ipxe.efi`,
-//! `snponly.efi`).
+//! `snponly.efi`), with slots per address and in all, bounded timeouts and deadlines, and a
+//! bound on what it sends to an address that has not acknowledged anything ([`TftpLimits`]).
+//!
+//! # Logs
+//!
+//! Names and other strings a client sent are logged through [`Untrusted`] (control characters
+//! escaped), and a [`BootSpec`]'s `Debug` hides the secrets on its command line
+//! ([`script::redact_cmdline`]): a boot token shows only its id.
 
 pub mod assets;
 pub mod http;
 pub mod proxydhcp;
 pub mod script;
 pub mod tftp;
+pub mod untrusted;
 
 pub use assets::{AssetError, Assets};
 pub use http::router;
 pub use proxydhcp::{ProxyDhcp, ProxyDhcpConfig};
 pub use script::{
-    entry_script, error_script, machine_script, BootAction, BootRequest, BootSpec, MacAddr, QueryError,
+    entry_script, error_script, machine_script, redact_cmdline, BootAction, BootRequest, BootSpec, MacAddr,
+    QueryError,
 };
-pub use tftp::TftpServer;
+pub use tftp::{TftpLimits, TftpServer};
+pub use untrusted::Untrusted;
 
 /// Decides what a machine asking to network-boot gets. The controller implements it.
 #[async_trait::async_trait]

@@ -11,9 +11,19 @@
 //!
 //! [`reply`] is the pure decision; [`ProxyDhcp`] the sockets (UDP 67 bound to the interface
 //! with `SO_BINDTODEVICE`, `SO_BROADCAST`, `SO_REUSEADDR`, and UDP 4011 likewise).
+//!
+//! # Hostile packets
+//!
+//! Anyone on the LAN can send anything to UDP 67. Before the DHCP library sees a packet,
+//! [`sanitize`] checks its header and rebuilds it with only the options this service reads
+//! (53, 60, 77, 93, 97), each checked for its length; the library (dhcproto 0.15) panics, in debug
+//! builds, on options such as 81 with length 1 and dozens of others that this service never
+//! needs. The whole handling of one packet also runs under `catch_unwind`: should the library
+//! still panic, that packet is dropped and logged, and the service answers the next one.
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::panic::AssertUnwindSafe;
 
 use dhcproto::v4::{Architecture, DhcpOption, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
@@ -91,7 +101,12 @@ pub enum Port {
 
 /// Why a packet gets no answer (logged at debug level).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Ignored {
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+    #[error("the answer cannot be encoded: {0}")]
+    Unencodable(String),
     #[error("not a BOOTREQUEST")]
     NotRequest,
     #[error("hardware address length {0} > 16")]
@@ -198,6 +213,131 @@ pub fn destination(req: &Message, port: Port, from: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The fixed BOOTP header's length, before the DHCP magic cookie.
+const BOOTP_HEADER: usize = 236;
+const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
+
+/// The options a request may keep: message type (53), vendor class (60), user class (77),
+/// client architecture (93) and client machine identifier (97). Everything else is dropped
+/// before decoding.
+pub const READ_OPTIONS: [u8; 5] = [53, 60, 77, 93, 97];
+
+/// Checks a request's raw bytes and rebuilds them with only [`READ_OPTIONS`], each (after
+/// RFC 3396 concatenation of repeated instances) checked for its length: 53 exactly 1 byte, 93
+/// a non-empty list of 16-bit values, the others at most 255 bytes. A truncated option, a missing
+/// magic cookie or `hlen` over 16 make the packet malformed. The result is what the DHCP library
+/// decodes, so it never sees an option it could choke on. Option overload (52) is not honoured:
+/// PXE clients do not use it.
+pub fn sanitize(buf: &[u8]) -> Result<Vec<u8>, Ignored> {
+    let malformed = |why: String| Err(Ignored::Malformed(why));
+    if buf.len() < BOOTP_HEADER + MAGIC_COOKIE.len() {
+        return malformed(format!("{} bytes, shorter than a DHCP header", buf.len()));
+    }
+    if buf[BOOTP_HEADER..BOOTP_HEADER + 4] != MAGIC_COOKIE {
+        return malformed("no DHCP magic cookie".into());
+    }
+    let hlen = buf[2];
+    if hlen > 16 {
+        return Err(Ignored::BadHlen(hlen));
+    }
+    let mut kept: Vec<(u8, Vec<u8>)> = Vec::new();
+    let mut i = BOOTP_HEADER + 4;
+    while let Some(&code) = buf.get(i) {
+        match code {
+            0 => {
+                i += 1;
+                continue;
+            }
+            255 => break,
+            _ => {}
+        }
+        let Some(&len) = buf.get(i + 1) else {
+            return malformed(format!("option {code} has no length"));
+        };
+        let Some(data) = buf.get(i + 2..i + 2 + usize::from(len)) else {
+            return malformed(format!("option {code} ({len} bytes) runs past the end of the packet"));
+        };
+        if READ_OPTIONS.contains(&code) {
+            match kept.iter_mut().find(|(c, _)| *c == code) {
+                Some((_, d)) => d.extend_from_slice(data),
+                None => kept.push((code, data.to_vec())),
+            }
+        }
+        i += 2 + usize::from(len);
+    }
+    let mut out = Vec::with_capacity(buf.len());
+    out.extend_from_slice(&buf[..BOOTP_HEADER + 4]);
+    for (code, data) in &kept {
+        let ok = match code {
+            53 => data.len() == 1,
+            93 => !data.is_empty() && data.len() % 2 == 0,
+            _ => true,
+        };
+        let len = match u8::try_from(data.len()) {
+            Ok(len) if ok => len,
+            _ => return malformed(format!("option {code} has length {}", data.len())),
+        };
+        out.push(*code);
+        out.push(len);
+        out.extend_from_slice(data);
+    }
+    out.push(255);
+    Ok(out)
+}
+
+/// Decodes a request: [`sanitize`]d, then through the DHCP library.
+pub fn decode_request(buf: &[u8]) -> Result<Message, Ignored> {
+    let clean = sanitize(buf)?;
+    Message::decode(&mut Decoder::new(&clean)).map_err(|e| Ignored::Malformed(e.to_string()))
+}
+
+/// An encoded answer and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub bytes: Vec<u8>,
+    pub to: SocketAddr,
+    /// The client's hardware address, `aa:bb:…`.
+    pub mac: String,
+    /// The boot file it was given.
+    pub file: String,
+}
+
+/// All the work one packet received on `port` from `from` causes, without I/O: decode, decide,
+/// encode.
+pub fn answer(info: &BootInfo, buf: &[u8], port: Port, from: SocketAddr) -> Result<Answer, Ignored> {
+    let req = decode_request(buf)?;
+    let ans = reply(info, &req, port)?;
+    let bytes = ans.to_vec().map_err(|e| Ignored::Unencodable(e.to_string()))?;
+    Ok(Answer {
+        bytes,
+        to: destination(&req, port, from),
+        mac: req.chaddr().iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
+        file: String::from_utf8_lossy(ans.fname().unwrap_or_default()).trim_end_matches('\0').to_owned(),
+    })
+}
+
+/// What a panic carried, as text.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+/// [`answer`], with a panic anywhere in it turned into an error for this packet only.
+pub fn answer_isolated(
+    info: &BootInfo,
+    buf: &[u8],
+    port: Port,
+    from: SocketAddr,
+) -> Result<Result<Answer, Ignored>, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| answer(info, buf, port, from)))
+        .map_err(|p| panic_message(p.as_ref()))
+}
+
 /// The first IPv4 address of `iface`.
 pub fn iface_ipv4(iface: &str) -> Result<Ipv4Addr, PxeError> {
     let addrs = nix::ifaddrs::getifaddrs()
@@ -251,8 +391,9 @@ impl ProxyDhcp {
         &self.info
     }
 
-    /// Answers until `shutdown` completes. Errors on single packets are logged, not returned.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), PxeError> {
+    /// Answers until `shutdown` completes. Errors on single packets are logged, not returned;
+    /// the sockets stay bound as long as `self` lives, so a supervisor can call this again.
+    pub async fn serve(&self, shutdown: impl Future<Output = ()>) -> Result<(), PxeError> {
         tracing::info!(iface = %self.iface, server_ip = %self.info.server_ip, http = %self.info.http_boot_url,
             bios = %self.info.tftp_bios_file, efi = %self.info.tftp_efi_file, "proxy DHCP serving");
         let mut b67 = vec![0u8; 1500];
@@ -276,33 +417,30 @@ impl ProxyDhcp {
     }
 
     async fn handle(&self, port: Port, buf: &[u8], from: SocketAddr) {
-        let req = match Message::decode(&mut Decoder::new(buf)) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(%from, ?port, error = %e, "proxy DHCP: undecodable packet");
+        let ans = match answer_isolated(&self.info, buf, port, from) {
+            Ok(Ok(a)) => a,
+            Ok(Err(e @ Ignored::Unencodable(_))) => {
+                tracing::warn!(%from, ?port, error = %e, "proxy DHCP: encoding the answer");
+                return;
+            }
+            Ok(Err(why)) => {
+                tracing::debug!(%from, ?port, reason = %why, "proxy DHCP: ignored");
+                return;
+            }
+            Err(panic) => {
+                tracing::warn!(%from, ?port, bytes = buf.len(), panic = %crate::Untrusted(&panic),
+                    "proxy DHCP: a packet crashed the DHCP decoder; dropped it");
                 return;
             }
         };
-        let ans = match reply(&self.info, &req, port) {
-            Ok(a) => a,
-            Err(why) => {
-                tracing::debug!(%from, ?port, xid = req.xid(), reason = %why, "proxy DHCP: ignored");
-                return;
-            }
-        };
-        let bytes = match ans.to_vec() {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "proxy DHCP: encoding the answer");
-                return;
-            }
-        };
-        let to = destination(&req, port, from);
         let sock = if port == Port::Dhcp { &self.dhcp } else { &self.pxe };
-        let mac = req.chaddr().iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-        match sock.send_to(&bytes, to).await {
-            Ok(_) => tracing::info!(%mac, ?port, %to, file = ?ans.fname_str(), "proxy DHCP: answered"),
-            Err(e) => tracing::warn!(%mac, %to, error = %e, "proxy DHCP: sending the answer"),
+        match sock.send_to(&ans.bytes, ans.to).await {
+            Ok(_) => {
+                tracing::info!(mac = %ans.mac, ?port, to = %ans.to, file = %ans.file, "proxy DHCP: answered")
+            }
+            Err(e) => {
+                tracing::warn!(mac = %ans.mac, to = %ans.to, error = %e, "proxy DHCP: sending the answer")
+            }
         }
     }
 }
@@ -493,5 +631,103 @@ mod tests {
         assert!(e.to_string().contains("http_boot_url"), "{e}");
         assert!(iface_ipv4("lo").unwrap().is_loopback());
         assert!(iface_ipv4("no-such-if0").unwrap_err().to_string().contains("no-such-if0"));
+    }
+
+    /// `bytes` (an encoded message) with `raw` inserted before its End option.
+    fn with_raw_option(bytes: &[u8], raw: &[u8]) -> Vec<u8> {
+        let i = end_index(bytes);
+        let mut out = bytes[..i].to_vec();
+        out.extend_from_slice(raw);
+        out.extend_from_slice(&bytes[i..]);
+        out
+    }
+
+    /// Where the End option of an encoded message is.
+    fn end_index(bytes: &[u8]) -> usize {
+        let mut i = BOOTP_HEADER + 4;
+        while bytes[i] != 255 {
+            i += if bytes[i] == 0 { 1 } else { 2 + usize::from(bytes[i + 1]) };
+        }
+        i
+    }
+
+    fn discover() -> Vec<u8> {
+        client(MessageType::Discover, Some(0), None, PXE).to_vec().unwrap()
+    }
+
+    const FROM: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68));
+
+    #[test]
+    fn the_option_81_packet_is_answered_without_its_poison() {
+        // The packet of issue #13: a PXE DISCOVER whose option 81 (client FQDN) has length 1.
+        let poisoned = with_raw_option(&discover(), &[81, 1, 0]);
+        let a = answer(&info(), &poisoned, Port::Dhcp, FROM).unwrap();
+        assert_eq!(a.file, "undionly.kpxe");
+        assert_eq!(a.to, "255.255.255.255:68".parse().unwrap());
+        assert_eq!(a.mac, "52:54:00:12:34:56");
+        let ans = wire(&Message::decode(&mut Decoder::new(&a.bytes)).unwrap());
+        assert_eq!(ans.opts().msg_type(), Some(MessageType::Offer));
+    }
+
+    #[test]
+    fn no_option_of_any_length_reaches_the_decoder_unchecked() {
+        // Every option code with every short length, once and repeated (RFC 3396 concatenation),
+        // decoded without catch_unwind: nothing may panic. Options this service does not read are
+        // dropped, so the DISCOVER is still answered.
+        let base = discover();
+        for code in 1..=254u8 {
+            for len in 0..=6u8 {
+                let one: Vec<u8> =
+                    [code, len].into_iter().chain((0..len).map(|b| b.wrapping_mul(37))).collect();
+                for raw in [one.clone(), [one.clone(), one.clone()].concat()] {
+                    let packet = with_raw_option(&base, &raw);
+                    let r = decode_request(&packet);
+                    if READ_OPTIONS.contains(&code) {
+                        continue; // checked for their lengths: malformed or accepted, never a panic
+                    }
+                    let m = r.unwrap_or_else(|e| panic!("option {code} length {len}: {e}"));
+                    assert!(reply(&info(), &m, Port::Dhcp).is_ok(), "option {code} length {len}");
+                }
+            }
+        }
+        // Lengths of the options that are read: checked.
+        for (raw, ok) in [
+            (&[53u8, 0][..], false),
+            (&[53, 2, 1, 1], false),
+            (&[93, 0], false),
+            (&[93, 1, 0], false),
+            (&[93, 3, 0, 0, 0], false),
+            (&[93, 4, 0, 7, 0, 0], true),
+            (&[97, 0], true),
+            (&[77, 0], true),
+        ] {
+            let mut b = client(MessageType::Discover, None, None, PXE);
+            b.opts_mut().remove(OptionCode::ClientSystemArchitecture);
+            if raw[0] == 53 {
+                b.opts_mut().remove(OptionCode::MessageType);
+            }
+            let packet = with_raw_option(&b.to_vec().unwrap(), raw);
+            assert_eq!(decode_request(&packet).is_ok(), ok, "{raw:?}: {:?}", decode_request(&packet));
+        }
+        // Truncated options, no cookie, short packets: malformed, never a panic.
+        let mut truncated = base[..end_index(&base)].to_vec();
+        truncated.push(81); // a code with no length
+        assert!(matches!(decode_request(&truncated), Err(Ignored::Malformed(_))));
+        truncated.extend_from_slice(&[200]); // length past the end
+        assert!(matches!(decode_request(&truncated), Err(Ignored::Malformed(_))));
+        let mut no_cookie = base.clone();
+        no_cookie[BOOTP_HEADER] = 0;
+        assert!(matches!(decode_request(&no_cookie), Err(Ignored::Malformed(_))));
+        for n in 0..base.len() {
+            let _ = answer(&info(), &base[..n], Port::Dhcp, FROM);
+        }
+    }
+
+    #[test]
+    fn a_panic_is_an_error_for_its_packet_only() {
+        let r = std::panic::catch_unwind(|| panic!("boom {}", 1)).map_err(|p| panic_message(p.as_ref()));
+        assert_eq!(r, Err("boom 1".to_owned()));
+        let a = answer_isolated(&info(), &discover(), Port::Dhcp, FROM).unwrap().unwrap();
+        assert_eq!(a.file, "undionly.kpxe");
     }
 }

@@ -145,8 +145,9 @@ impl BootRequest {
     }
 }
 
-/// What to boot.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What to boot. Its `Debug` (what logs show) hides the command line's secrets
+/// ([`redact_cmdline`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct BootSpec {
     /// Why this machine gets this (e.g. `registered`, `discovery`), shown on its console.
     pub profile: String,
@@ -155,6 +156,48 @@ pub struct BootSpec {
     pub initrd: String,
     /// The kernel command line (`muster.controller=… muster.ca_hash=… muster.token=…`).
     pub cmdline: String,
+}
+
+impl fmt::Debug for BootSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BootSpec")
+            .field("profile", &self.profile)
+            .field("kernel", &self.kernel)
+            .field("initrd", &self.initrd)
+            .field("cmdline", &redact_cmdline(&self.cmdline))
+            .finish()
+    }
+}
+
+/// What stands for a secret in a redacted command line.
+pub const REDACTED: &str = "<redacted>";
+
+/// Whether the kernel parameter `name` (e.g. `muster.token`) carries a secret: its last
+/// `.`-separated part is, or ends in, `token`, `secret`, `password`, `passwd` or `key`.
+fn secret_param(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name).to_ascii_lowercase();
+    ["token", "secret", "password", "passwd"].iter().any(|s| last.ends_with(s))
+        || last == "key"
+        || last.ends_with("_key")
+        || last.ends_with("-key")
+}
+
+/// A kernel command line for logs: the value of every parameter that carries a secret (see
+/// [`BootSpec`]'s `Debug`) is replaced by `<redacted>`, except what precedes its first `.` — a
+/// join token's public id (`muster.token=<id>.<secret>` → `muster.token=<id>.<redacted>`).
+/// Parameters are split at whitespace and joined by single spaces.
+pub fn redact_cmdline(cmdline: &str) -> String {
+    cmdline
+        .split_ascii_whitespace()
+        .map(|word| match word.split_once('=') {
+            Some((name, value)) if secret_param(name) => match value.split_once('.') {
+                Some((id, _)) => format!("{name}={id}.{REDACTED}"),
+                None => format!("{name}={REDACTED}"),
+            },
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The policy's answer.
@@ -401,5 +444,20 @@ mod tests {
         s.kernel = "vmlinuz".into();
         s.initrd = "a b".into();
         assert_eq!(machine_script(&BootAction::Boot(s)).unwrap_err().field, "initrd");
+    }
+
+    #[test]
+    fn logs_never_show_a_secret() {
+        let cmdline = "console=ttyS0 muster.controller=https://h:7443 muster.ca_hash=sha256:ab \
+                       muster.token=abc123.s3cr3tS3CR3T root.password=hunter2 keymap=us api_key=k.v";
+        assert_eq!(
+            redact_cmdline(cmdline),
+            "console=ttyS0 muster.controller=https://h:7443 muster.ca_hash=sha256:ab \
+             muster.token=abc123.<redacted> root.password=<redacted> keymap=us api_key=k.<redacted>"
+        );
+        let action = spec(cmdline);
+        let shown = format!("{action:?} {action:#?}");
+        assert!(!shown.contains("s3cr3t") && !shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("muster.token=abc123.<redacted>"), "{shown}");
     }
 }

@@ -1,5 +1,6 @@
-//! ProxyDHCP on real sockets, inside two network namespaces this test creates (a veth pair
-//! between them) and always deletes. Nothing touches this machine's own network. Needs root.
+//! ProxyDHCP on real sockets, inside network namespaces these tests create (two with a veth pair
+//! between them; one with only its loopback) and always delete. Nothing touches this machine's
+//! own network. Needs root.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -207,4 +208,93 @@ fn offers_and_acks_across_a_veth_pair() {
     drop(client_ns);
     drop(server_ns);
     assert!(!std::path::Path::new(&format!("/run/netns/{base}-s")).exists());
+}
+
+/// `packet` (an encoded message) with the raw option bytes `raw` inserted before its End option.
+fn with_raw_option(packet: &[u8], raw: &[u8]) -> Vec<u8> {
+    let mut i = 240;
+    while packet[i] != 255 {
+        i += if packet[i] == 0 { 1 } else { 2 + usize::from(packet[i + 1]) };
+    }
+    [&packet[..i], raw, &packet[i..]].concat()
+}
+
+#[test]
+fn a_poisoned_packet_does_not_stop_the_service() {
+    // Issue #13: a DISCOVER whose option 81 has length 1 tripped a debug assertion in the DHCP
+    // library and killed the service for good. Served on the loopback of a namespace of its own.
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    let ns = Netns::create(format!("mpxe-{}-{n}-p", std::process::id()));
+    let cfg = ProxyDhcpConfig {
+        iface: "lo".into(),
+        server_ip: None, // 127.0.0.1
+        http_boot_url: "http://127.0.0.1:8080/boot/start.ipxe".into(),
+        tftp_bios_file: "undionly.kpxe".into(),
+        tftp_efi_file: "ipxe.efi".into(),
+    };
+    let result = ns
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let p = ProxyDhcp::bind(&cfg).expect("binding UDP 67 and 4011 on lo (needs root)");
+                assert_eq!(p.info().server_ip, Ipv4Addr::LOCALHOST);
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+                let server = tokio::spawn(async move {
+                    p.serve(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                });
+                let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+                s.set_reuse_address(true).unwrap();
+                s.set_broadcast(true).unwrap();
+                s.bind_device(Some(b"lo")).unwrap();
+                s.set_nonblocking(true).unwrap();
+                s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into()).unwrap();
+                let sock = UdpSocket::from_std(s.into()).unwrap();
+                let to: SocketAddr = "127.0.0.1:67".parse().unwrap();
+                let pxe = b"PXEClient:Arch:00000:UNDI:002001";
+
+                // The exact packet, sent once: with the option dropped before decoding, it is
+                // even answered.
+                let poisoned = with_raw_option(&packet(MessageType::Discover, 0x81, pxe, None), &[81, 1, 0]);
+                let (offer, _) =
+                    ask(&sock, &poisoned, to, 0x81, 1).await.expect("no OFFER to the option-81 packet");
+                assert_eq!(bootfile(&offer), b"undionly.kpxe");
+                // More of the options that made the library panic, each sent once.
+                for (i, raw) in [
+                    &[80u8, 1, 0][..],
+                    &[152, 0],
+                    &[153, 1, 0],
+                    &[154, 2, 0, 0],
+                    &[155, 0],
+                    &[94, 1, 1],
+                    &[151, 0],
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let xid = 0x100 + i as u32;
+                    let _ = ask(
+                        &sock,
+                        &with_raw_option(&packet(MessageType::Discover, xid, pxe, None), raw),
+                        to,
+                        xid,
+                        1,
+                    )
+                    .await;
+                }
+                // Still serving: a valid PXE DISCOVER gets its OFFER.
+                let (offer, _) = ask(&sock, &packet(MessageType::Discover, 7, pxe, None), to, 7, 20)
+                    .await
+                    .expect("no OFFER after the poisoned packets: the service died");
+                assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+                assert!(!server.is_finished(), "the service stopped");
+                let _ = stop_tx.send(());
+                server.await.unwrap().unwrap();
+            })
+        })
+        .join();
+    drop(ns);
+    result.unwrap();
 }

@@ -93,6 +93,8 @@ pub struct TestController {
     pub running: Running,
     pub endpoint: String,
     pub mc: muster_machinery::musterconfig::MusterConfig,
+    /// Stand-in boot assets (`start_with_boot`), removed with the controller.
+    boot_assets: Option<tempfile::TempDir>,
 }
 
 /// A machine enrolled by a test: its id, certificate and key.
@@ -121,18 +123,14 @@ impl TestController {
         Self::start_full(opts, true).await
     }
 
-    async fn start_full(opts: ControllerOptions, boot: bool) -> Result<Self> {
-        init_crypto();
-        let dir = tempfile::tempdir()?;
-        let data_dir = dir.path().join("ctl");
-        let boot = if boot {
-            let assets = dir.path().join("assets");
-            std::fs::create_dir_all(&assets)?;
+    async fn start_full(opts: ControllerOptions, with_boot: bool) -> Result<Self> {
+        let assets = tempfile::tempdir()?;
+        let boot = if with_boot {
             for f in [muster_machinery::boot::KERNEL, muster_machinery::boot::INITRD] {
-                std::fs::write(assets.join(f), b"stand-in")?;
+                std::fs::write(assets.path().join(f), b"stand-in")?;
             }
             Some(muster_controller::fleet::boot::BootOptions {
-                assets,
+                assets: assets.path().to_owned(),
                 controller_url: None,
                 kernel_args: String::new(),
                 proxy_dhcp: None,
@@ -141,12 +139,35 @@ impl TestController {
         } else {
             None
         };
-        let running = Self::serve_with(&data_dir, "127.0.0.1:0".parse()?, opts, boot).await?;
+        let mut f = Self::start_serving(opts, Default::default(), boot).await?;
+        f.boot_assets = with_boot.then_some(assets);
+        Ok(f)
+    }
+
+    /// With these connection limits and, optionally, network boot from `boot`.
+    pub async fn start_serving(
+        opts: ControllerOptions,
+        net: muster_controller::api::limits::NetLimits,
+        boot: Option<muster_controller::fleet::boot::BootOptions>,
+    ) -> Result<Self> {
+        init_crypto();
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("ctl");
+        let running = serve::start(ServeOptions {
+            data_dir: data_dir.clone(),
+            grpc_listen: "127.0.0.1:0".parse()?,
+            http_listen: "127.0.0.1:0".parse()?,
+            sans: vec![],
+            controller: opts,
+            boot,
+            net,
+        })
+        .await?;
         let endpoint = format!("https://127.0.0.1:{}", running.ports.grpc.port());
         let mc = muster_machinery::musterconfig::MusterConfig::from_yaml(&std::fs::read_to_string(
             data_dir.join("musterconfig"),
         )?)?;
-        Ok(Self { dir, running, endpoint, mc })
+        Ok(Self { dir, running, endpoint, mc, boot_assets: None })
     }
 
     async fn serve(
@@ -170,6 +191,7 @@ impl TestController {
             sans: vec![],
             controller,
             boot,
+            net: Default::default(),
         })
         .await?)
     }

@@ -318,6 +318,7 @@ async fn the_data_dir_and_the_database_are_the_controllers_alone() {
         sans: vec![],
         controller: Default::default(),
         boot: None,
+        net: Default::default(),
     })
     .await
     .unwrap();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use muster_controller::api::limits::NetLimits;
 use muster_controller::fleet::boot::BootOptions;
 use muster_controller::fleet::health::Thresholds;
 use muster_controller::fleet::ControllerOptions;
@@ -65,6 +66,8 @@ enum Cmd {
         health: HealthArgs,
         #[command(flatten)]
         admission: AdmissionArgs,
+        #[command(flatten)]
+        net: Box<NetArgs>,
         #[command(flatten)]
         boot: Box<BootArgs>,
     },
@@ -157,6 +160,61 @@ impl BootArgs {
             proxy_dhcp: self.proxy_dhcp,
             tftp_root: self.tftp,
         }))
+    }
+}
+
+/// What one client may hold on the listeners. Connection caps default to shares of the
+/// open-files limit (gRPC half of it, HTTP a quarter; one client address a quarter of a
+/// listener's cap), so idle HTTP clients cannot starve agents of descriptors.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Connection limits")]
+struct NetArgs {
+    /// Connections the gRPC listener holds at once [default: half the open-files limit]
+    #[arg(long, value_name = "N")]
+    grpc_max_connections: Option<usize>,
+    /// gRPC connections from one client address (an IPv6 /64) at once; 0: no such cap, e.g. for
+    /// agents behind one NAT address [default: a quarter of --grpc-max-connections]
+    #[arg(long, value_name = "N")]
+    grpc_max_connections_per_address: Option<usize>,
+    /// Connections the HTTP listener holds at once [default: a quarter of the open-files limit]
+    #[arg(long, value_name = "N")]
+    http_max_connections: Option<usize>,
+    /// HTTP connections from one client address at once; 0: no such cap [default: a quarter of
+    /// --http-max-connections]
+    #[arg(long, value_name = "N")]
+    http_max_connections_per_address: Option<usize>,
+    /// gRPC: time from connecting to a finished TLS handshake and HTTP/2 preface.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
+    /// gRPC: a connection without a call in progress for this long is closed.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    grpc_idle_timeout: Duration,
+    /// HTTP: time from connecting, or from the end of the previous response, to a complete
+    /// request head (bounds idle and slow-header connections).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    http_header_timeout: Duration,
+    /// HTTP: a response the client does not read for this long ends its connection.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    http_write_timeout: Duration,
+    /// HTTP: the largest request head (request line and headers); larger gets 431.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024)]
+    http_max_header_bytes: usize,
+}
+
+impl From<NetArgs> for NetLimits {
+    fn from(a: NetArgs) -> Self {
+        NetLimits {
+            grpc_max_connections: a.grpc_max_connections,
+            grpc_max_per_address: a.grpc_max_connections_per_address,
+            http_max_connections: a.http_max_connections,
+            http_max_per_address: a.http_max_connections_per_address,
+            handshake_timeout: a.tls_handshake_timeout,
+            grpc_idle_timeout: a.grpc_idle_timeout,
+            http_header_timeout: a.http_header_timeout,
+            http_write_timeout: a.http_write_timeout,
+            http_max_header_bytes: a.http_max_header_bytes,
+            ..NetLimits::default()
+        }
     }
 }
 
@@ -285,6 +343,7 @@ fn run() -> Result<()> {
             machine_cert_ttl,
             health,
             admission,
+            net,
             boot,
         } => {
             let boot = boot.options()?;
@@ -302,6 +361,7 @@ fn run() -> Result<()> {
                         admission: admission.into(),
                     },
                     boot,
+                    net: NetLimits::from(*net),
                 })
                 .await
                 .with_context(|| format!("starting the controller with data dir {}", data_dir.display()))?;

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod auth;
 mod error;
 pub mod http;
+pub mod limits;
 pub mod tls;
 pub mod views;
 

@@ -216,11 +216,14 @@ pub struct Listeners {
 pub const TFTP_PORT: u16 = 69;
 
 /// Binds ProxyDHCP (its answers point iPXE at `http://<iface address>:<http_port>/boot/start.ipxe`)
-/// and TFTP when the options ask for them.
+/// and TFTP when the options ask for them. TFTP listens on the boot interface's address when
+/// ProxyDHCP names one (where its answers send PXE ROMs), else on every address.
 pub async fn listeners(b: &BootOptions, http_port: u16) -> Result<Listeners, muster_pxe::PxeError> {
     let mut out = Listeners::default();
+    let mut tftp_ip = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
     if let Some(iface) = &b.proxy_dhcp {
         let ip = muster_pxe::proxydhcp::iface_ipv4(iface)?;
+        tftp_ip = ip.into();
         let cfg = muster_pxe::ProxyDhcpConfig {
             iface: iface.clone(),
             server_ip: Some(ip),
@@ -232,7 +235,7 @@ pub async fn listeners(b: &BootOptions, http_port: u16) -> Result<Listeners, mus
         out.proxy_dhcp = Some(muster_pxe::ProxyDhcp::bind(&cfg)?);
     }
     if let Some(root) = &b.tftp_root {
-        let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, TFTP_PORT));
+        let addr = std::net::SocketAddr::new(tftp_ip, TFTP_PORT);
         out.tftp = Some(muster_pxe::TftpServer::bind(root.clone(), addr).await?);
     }
     Ok(out)
