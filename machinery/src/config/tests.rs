@@ -183,7 +183,8 @@ fn named_lists_merge_by_their_key_and_patch_delete_removes() {
     let vlans: Vec<u16> = eth0.vlans.iter().map(|v| v.id).collect();
     assert_eq!(vlans, [10, 20]);
     // Lists that are not named things still replace (RFC 7386).
-    let (c, _) = render(&[("a", &json!({"timeServers": ["a"]})), ("b", &json!({"timeServers": ["b"]}))]).unwrap();
+    let (c, _) =
+        render(&[("a", &json!({"timeServers": ["a"]})), ("b", &json!({"timeServers": ["b"]}))]).unwrap();
     assert_eq!(c.time_servers, ["b"]);
 }
 
