@@ -188,6 +188,11 @@ pub fn reply(info: &BootInfo, req: &Message, port: Port) -> Result<Message, Igno
     Ok(m)
 }
 
+/// Decodes a DHCP message as the server receives it (the one decode path of [`ProxyDhcp`]).
+pub fn decode(bytes: &[u8]) -> Result<Message, dhcproto::error::DecodeError> {
+    Message::decode(&mut Decoder::new(bytes))
+}
+
 /// Where an answer goes: an OFFER to the broadcast address (the client has no address yet),
 /// or to the relay; an ACK back to the sender.
 pub fn destination(req: &Message, port: Port, from: SocketAddr) -> SocketAddr {
@@ -276,7 +281,7 @@ impl ProxyDhcp {
     }
 
     async fn handle(&self, port: Port, buf: &[u8], from: SocketAddr) {
-        let req = match Message::decode(&mut Decoder::new(buf)) {
+        let req = match decode(buf) {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(%from, ?port, error = %e, "proxy DHCP: undecodable packet");
