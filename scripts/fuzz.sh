@@ -110,7 +110,7 @@ tmin)
     build "$t"
     mkdir -p "fuzz/regressions/$t"
     dest=fuzz/regressions/$t/$(sha1sum "$f" | cut -c1-12)
-    AFL_NO_AFFINITY=1 nice -n "$NICE" afl-tmin -i "$f" -o "$dest" -- "$BIN_DIR/fuzz-$t"
+    AFL_MAP_SIZE=${AFL_MAP_SIZE:-1048576} AFL_NO_AFFINITY=1 nice -n "$NICE" afl-tmin -i "$f" -o "$dest" -- "$BIN_DIR/fuzz-$t"
     echo "minimised into $dest ($(stat -c %s "$dest") bytes)"
     ;;
 *)
