@@ -15,7 +15,9 @@
 # crashed. Needs `afl-fuzz` (Debian: afl++). Never changes the host's settings (no core_pattern
 # or CPU governor changes: AFL++'s checks for those are skipped instead) and binds no CPU.
 #
-# Environment: FUZZ_MAX_SECONDS (a wall-clock cap per target, default 3600), FUZZ_JOBS (cargo
+# Environment: FUZZ_MAX_SECONDS (a wall-clock cap per target, default 3600), FUZZ_RESUME=1 (go
+# on from target/fuzz/out/TARGET's queue instead of the seeds; executions and time then count
+# from that first run's start), FUZZ_JOBS (cargo
 # build jobs), AFL_RT (the runtime object, default /usr/lib/afl/afl-compiler-rt.o), NICE
 # (niceness of the fuzzers, default 10).
 set -euo pipefail
@@ -69,12 +71,17 @@ field() { sed -n "s/^$1 *: *//p" "$2" | head -n1; }
 fuzz_one() {
     local t=$1 execs=$2
     local out=$TARGET_DIR/out/$t
-    rm -rf "$out"
-    mkdir -p "$out"
+    local input=fuzz/corpus/$t
+    if [ -n "${FUZZ_RESUME:-}" ] && [ -f "$out/default/fuzzer_stats" ]; then
+        input=- # go on from the last run's queue; EXECS counts from that run's start
+    else
+        rm -rf "$out"
+        mkdir -p "$out"
+    fi
     local log=$out.log
     local rc=0
     timeout --signal=INT --kill-after=30 "$MAX_SECONDS" \
-        nice -n "$NICE" afl-fuzz -i "fuzz/corpus/$t" -o "$out" -E "$execs" -t 1000 \
+        nice -n "$NICE" afl-fuzz -i "$input" -o "$out" -E "$execs" -t 1000 \
         -- "$BIN_DIR/fuzz-$t" >"$log" 2>&1 || rc=$?
     local stats=$out/default/fuzzer_stats
     if [ ! -f "$stats" ]; then
@@ -82,14 +89,13 @@ fuzz_one() {
         tail -n 30 "$log" >&2
         return 1
     fi
-    local done start last crashes hangs secs rate
+    local done crashes hangs secs rate
     done=$(field execs_done "$stats")
-    start=$(field start_time "$stats")
-    last=$(field last_update "$stats")
+    secs=$(field run_time "$stats")
+    [ -n "$secs" ] || secs=$(($(field last_update "$stats") - $(field start_time "$stats")))
+    ((secs > 0)) || secs=1
     crashes=$(find "$out/default/crashes" -type f -name 'id:*' 2>/dev/null | wc -l)
     hangs=$(find "$out/default/hangs" -type f -name 'id:*' 2>/dev/null | wc -l)
-    secs=$((last - start))
-    ((secs > 0)) || secs=1
     rate=$((done / secs))
     printf '%-12s %12s %10s %8s %6s %7ss\n' "$t" "$done" "$rate" "$crashes" "$hangs" "$secs"
     if ((crashes > 0)); then
