@@ -85,7 +85,10 @@ impl fmt::Display for KernelArgs {
         let mut put = |f: &mut fmt::Formatter<'_>, k: &str, v: &str| {
             let sep = if first { "" } else { " " };
             first = false;
-            if v.chars().any(char::is_whitespace) {
+            if k.chars().any(char::is_whitespace) {
+                // A key with spaces (only a quoted command line has one): quote the whole word.
+                write!(f, "{sep}\"muster.{k}={v}\"")
+            } else if v.chars().any(char::is_whitespace) {
                 write!(f, "{sep}muster.{k}=\"{v}\"")
             } else {
                 write!(f, "{sep}muster.{k}={v}")
@@ -153,5 +156,15 @@ mod tests {
         assert_eq!(k.get("novalue"), None);
         assert!(!format!("{k:?}").contains("a.b"), "{k:?}");
         assert_eq!(KernelArgs::parse(&k.to_string()).get("x"), Some("a b"), "quotes survive a round trip");
+    }
+
+    #[test]
+    fn a_quoted_key_with_spaces_survives_a_round_trip() {
+        // Found by fuzzing (fuzz/regressions/kernel_args/): shown unquoted, it parsed back as
+        // nothing.
+        let k = KernelArgs::parse("\"muster.a b=c\" muster.d=\"e f\"");
+        assert_eq!(k.other, [("a b".to_owned(), "c".to_owned()), ("d".to_owned(), "e f".to_owned())]);
+        assert_eq!(k.to_string(), "\"muster.a b=c\" muster.d=\"e f\"");
+        assert_eq!(KernelArgs::parse(&k.to_string()), k);
     }
 }

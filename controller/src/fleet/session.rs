@@ -82,7 +82,7 @@ pub fn sanitize(mut inv: pb::Inventory) -> pb::Inventory {
 }
 
 /// Bounds a health snapshot's lists and strings.
-fn sanitize_health(mut h: HealthSnapshot) -> HealthSnapshot {
+pub fn sanitize_health(mut h: HealthSnapshot) -> HealthSnapshot {
     h.filesystems.truncate(MAX_ITEMS);
     for f in &mut h.filesystems {
         clip(&mut f.mount_point);

@@ -1,0 +1,4 @@
+//! Fuzz target `config` (see `muster_fuzz::targets::config`).
+fn main() -> std::process::ExitCode {
+    muster_fuzz::harness::main("config")
+}
