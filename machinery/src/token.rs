@@ -147,9 +147,50 @@ mod tests {
     }
 
     #[test]
+    fn any_difference_from_the_stored_digest_is_a_mismatch() {
+        let t = JoinToken::parse(GOOD).unwrap();
+        let d = t.digest();
+        for i in 0..d.len() {
+            for bit in 0..8 {
+                let mut x = d;
+                x[i] ^= 1 << bit;
+                assert!(!t.matches_digest(&x), "byte {i} bit {bit}");
+            }
+        }
+        // Differences that cancel out when XORed together are differences all the same.
+        let mut x = d;
+        x[0] ^= 0x5a;
+        x[31] ^= 0x5a;
+        assert!(!t.matches_digest(&x));
+        let mut longer = d.to_vec();
+        longer.push(0);
+        assert!(!t.matches_digest(&longer));
+    }
+
+    #[test]
     fn debug_hides_secret() {
         let t = JoinToken::parse(GOOD).unwrap();
-        assert!(!format!("{t:?}").contains("0123456789"));
+        assert_eq!(format!("{t:?}"), "JoinToken(abc123.<redacted>)");
+    }
+
+    #[test]
+    fn redact_keeps_a_well_formed_id_and_nothing_else() {
+        assert_eq!(redact(GOOD), "abc123.<redacted>");
+        // Whatever follows the first dot goes, even more dots.
+        assert_eq!(redact("abc123.x.y"), "abc123.<redacted>");
+        // An id that is not one (wrong length, characters outside the alphabet) might be a
+        // secret pasted in the wrong place: all of it is hidden.
+        for odd in [
+            "0123456789abcdefghijklmnopqrstuv",
+            "abc12.0123456789abcdefghijklmnopqrstuv",
+            "abc1234.0123456789abcdefghijklmnopqrstuv",
+            "ABC123.0123456789abcdefghijklmnopqrstuv",
+            "abc-12.0123456789abcdefghijklmnopqrstuv",
+            ".0123456789abcdefghijklmnopqrstuv",
+            "",
+        ] {
+            assert_eq!(redact(odd), "<redacted>", "{odd:?}");
+        }
     }
 
     #[test]
