@@ -318,9 +318,18 @@ async fn duplicate_and_invalid_assignments_change_nothing() {
     admin.assign(assign(pb::Role::Worker, "lab", false)).await.unwrap();
     let err = admin.assign(assign(pb::Role::Worker, "lab", false)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert!(err.message().contains("already has role worker in cluster lab"), "{err}");
-    let err = admin.assign(assign(pb::Role::Controlplane, "other", false)).await.unwrap_err();
-    assert!(err.message().contains("--force"), "{err}");
+    assert!(err.message().ends_with("already has role worker in cluster lab"), "{err}");
+    // The same assignment again is refused as such, with --force too (nothing to move).
+    let err = admin.assign(assign(pb::Role::Worker, "lab", true)).await.unwrap_err();
+    assert!(err.message().ends_with("already has role worker in cluster lab"), "{err}");
+    // Another role, or the same role in another cluster, needs --force.
+    for (role, cluster) in
+        [(pb::Role::Controlplane, "other"), (pb::Role::Worker, "other"), (pb::Role::Controlplane, "lab")]
+    {
+        let err = admin.assign(assign(role, cluster, false)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        assert!(err.message().ends_with("pass --force to reassign it"), "{role:?} {cluster}: {err}");
+    }
     let err = admin.assign(assign(pb::Role::Unspecified, "lab", true)).await.unwrap_err();
     assert!(err.code() == Code::InvalidArgument && err.message().starts_with("role"), "{err}");
     let err = admin.assign(assign(pb::Role::Worker, "Bad_Name", true)).await.unwrap_err();
@@ -332,7 +341,9 @@ async fn duplicate_and_invalid_assignments_change_nothing() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     let got = admin.get_machine(pb::MachineRef { query: m.id.clone() }).await.unwrap().into_inner();
     assert_eq!((got.role, got.cluster.as_str()), (pb::Role::Worker as i32, "lab"));
-    // --force moves it.
+    // --force moves it: to another cluster with the same role, then to another role.
+    let moved = admin.assign(assign(pb::Role::Worker, "other", true)).await.unwrap().into_inner();
+    assert_eq!((moved.role, moved.cluster.as_str()), (pb::Role::Worker as i32, "other"));
     let moved = admin.assign(assign(pb::Role::Controlplane, "other", true)).await.unwrap().into_inner();
     assert_eq!((moved.role, moved.cluster.as_str()), (pb::Role::Controlplane as i32, "other"));
     f.still_serving().await.unwrap();

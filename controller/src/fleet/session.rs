@@ -296,6 +296,18 @@ mod tests {
     }
 
     #[test]
+    fn clipping_backs_off_to_a_char_boundary() {
+        // "a" then 2-byte characters: byte 128 falls inside one, so 127 bytes are kept.
+        let mut s = format!("a{}", "é".repeat(100));
+        clip(&mut s);
+        assert_eq!(s.len(), MAX_STR - 1);
+        assert!(s.starts_with("aé") && s.ends_with('é'));
+        let mut exact = "x".repeat(MAX_STR);
+        clip(&mut exact);
+        assert_eq!(exact.len(), MAX_STR, "a string of exactly the limit is kept whole");
+    }
+
+    #[test]
     fn hostnames_are_checked() {
         for (reported, kept) in [
             ("node-1", "node-1"),

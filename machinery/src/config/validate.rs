@@ -189,7 +189,8 @@ fn check_path(p: &str) -> Result<(), String> {
     if p.len() > 4096 || p.contains('\0') {
         return Err("is not a usable path".into());
     }
-    if p == "/" || p.ends_with('/') || p.split('/').skip(1).any(|c| c.is_empty() || c == "." || c == "..") {
+    // An empty component is a `//`, a trailing `/` or the root itself.
+    if p.split('/').skip(1).any(|c| c.is_empty() || c == "." || c == "..") {
         return Err("must be a normalised file path (no '.', '..', '//' or trailing '/')".into());
     }
     if ["/proc", "/sys", "/dev"].iter().any(|d| p == *d || p.starts_with(&format!("{d}/"))) {
