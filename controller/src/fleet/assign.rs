@@ -6,7 +6,7 @@ use tonic::Status;
 
 use super::session::assignment_msg;
 use super::{Controller, FleetError, Unadmitted};
-use crate::store::{MachineRecord, StoreError};
+use crate::store::MachineRecord;
 
 impl Controller {
     /// Gives the machine `query` names its role in `cluster`; `force` moves one that has a role.
@@ -74,31 +74,12 @@ impl Controller {
             })
             .await?
         } else {
-            let declined = std::sync::Arc::new(std::sync::Mutex::new(None));
-            let why = declined.clone();
-            let r = self
-                .inner
-                .store
-                .update_machine_with_registrations(
-                    &m.id,
-                    Box::new(move |m, regs| {
-                        if let Err(e) = check(m) {
-                            *why.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                            return Err(StoreError::Aborted);
-                        }
-                        super::registration::approve_claim(m, regs, now_ms);
-                        m.revision += 1;
-                        Ok(())
-                    }),
-                )
-                .await;
-            let taken = declined.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            let updated = match (r, taken) {
-                (Err(StoreError::Aborted), Some(e)) => return Err(e),
-                (r, _) => r?,
-            };
-            self.cache(&updated);
-            updated
+            self.update_machine_with_registrations(&m.id, move |m, regs| {
+                check(m)?;
+                super::registration::approve_claim(m, regs, now_ms);
+                Ok(())
+            })
+            .await?
         };
         if !m.claim.is_empty() {
             // Its registration's role, cluster and config now apply to it.

@@ -37,7 +37,7 @@ use health::{Health, Thresholds};
 
 use crate::metrics::{FleetSnapshot, MachineSample, Metrics};
 use crate::pki::Pki;
-use crate::store::{MachineRecord, MeteredStore, Store, StoreError, TokenRecord};
+use crate::store::{MachineRecord, MeteredStore, Registration, Store, StoreError, TokenRecord};
 
 /// Heartbeat interval assumed for a machine that has not said its own.
 pub const DEFAULT_HEARTBEAT_MS: u32 = 5_000;
@@ -151,29 +151,31 @@ pub struct SdTargetGroup {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Runs a store update whose step may decline with a [`FleetError`]: the store rolls back and
-/// sees [`StoreError::Aborted`]; the caller gets the step's own error.
-macro_rules! declinable {
-    ($call:expr, $f:expr) => {{
-        let slot: Arc<Mutex<Option<FleetError>>> = Arc::new(Mutex::new(None));
-        let inside = slot.clone();
-        let f = $f;
-        let step = Box::new(move |r: &mut _| {
-            f(r).map_err(|e| {
-                *inside.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                StoreError::Aborted
-            })
-        });
-        match $call(step).await {
-            Ok(r) => Ok(r),
+/// Carries the reason a store update's step declined out of the store's transaction: the step
+/// returns [`StoreError::Aborted`] (the store rolls back) and the caller gets the step's own
+/// [`FleetError`].
+#[derive(Clone, Default)]
+struct Decline(Arc<Mutex<Option<FleetError>>>);
+
+impl Decline {
+    /// Keeps `e` for [`Decline::result`]; what the step returns to the store.
+    fn set(&self, e: FleetError) -> StoreError {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+        StoreError::Aborted
+    }
+
+    /// The store's result, with a declined step's own error in place of `Aborted`.
+    fn result<T>(&self, r: Result<T, StoreError>) -> Result<T, FleetError> {
+        match r {
+            Ok(v) => Ok(v),
             Err(StoreError::Aborted) => {
-                Err(slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take().unwrap_or_else(
+                Err(self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take().unwrap_or_else(
                     || FleetError::Internal("an update was declined without a reason".into()),
                 ))
             }
             Err(e) => Err(FleetError::Store(e)),
         }
-    }};
+    }
 }
 
 impl Controller {
@@ -259,12 +261,33 @@ impl Controller {
         id: &MachineId,
         f: impl FnOnce(&mut MachineRecord) -> Result<(), FleetError> + Send + 'static,
     ) -> Result<MachineRecord, FleetError> {
-        let f = move |m: &mut MachineRecord| {
-            f(m)?;
+        let d = Decline::default();
+        let inside = d.clone();
+        let step = Box::new(move |m: &mut MachineRecord| {
+            f(m).map_err(|e| inside.set(e))?;
             m.revision += 1;
             Ok(())
-        };
-        let m: MachineRecord = declinable!(|step| self.inner.store.update_machine(id, step), f)?;
+        });
+        let m = d.result(self.inner.store.update_machine(id, step).await)?;
+        self.cache(&m);
+        Ok(m)
+    }
+
+    /// [`Self::update_machine`] with every registration in the same transaction (`f` may mark
+    /// them claimed; changed ones are saved with the machine).
+    pub async fn update_machine_with_registrations(
+        &self,
+        id: &MachineId,
+        f: impl FnOnce(&mut MachineRecord, &mut [Registration]) -> Result<(), FleetError> + Send + 'static,
+    ) -> Result<MachineRecord, FleetError> {
+        let d = Decline::default();
+        let inside = d.clone();
+        let step = Box::new(move |m: &mut MachineRecord, regs: &mut [Registration]| {
+            f(m, regs).map_err(|e| inside.set(e))?;
+            m.revision += 1;
+            Ok(())
+        });
+        let m = d.result(self.inner.store.update_machine_with_registrations(id, step).await)?;
         self.cache(&m);
         Ok(m)
     }
@@ -275,7 +298,10 @@ impl Controller {
         id: &str,
         f: impl FnOnce(&mut TokenRecord) -> Result<(), FleetError> + Send + 'static,
     ) -> Result<TokenRecord, FleetError> {
-        declinable!(|step| self.inner.store.update_token(id, step), f)
+        let d = Decline::default();
+        let inside = d.clone();
+        let step = Box::new(move |t: &mut TokenRecord| f(t).map_err(|e| inside.set(e)));
+        d.result(self.inner.store.update_token(id, step).await)
     }
 
     /// Writes heartbeat times gathered in memory to the store.
