@@ -90,6 +90,8 @@ async fn pending_machines_are_capped_per_token_and_in_total() {
     let f = TestController::start_with(with(AdmissionOptions {
         max_pending: 5,
         max_pending_per_token: 3,
+        // MACs reported from loopback count as evidence, for the registered machine below.
+        trust_reported_macs: vec!["127.0.0.1/32".parse().unwrap()],
         ..Default::default()
     }))
     .await
@@ -111,6 +113,20 @@ async fn pending_machines_are_capped_per_token_and_in_total() {
     let err = f.enroll_with(&b, inventory("b", "52:54:00:cd:00:09")).await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("the limit is 5"), "{err:?}");
+    // A registered machine is not capped: it claims its registration and is approved. Another
+    // machine is not let through by someone else's registration.
+    let mut admin = f.admin().await.unwrap();
+    for mac in ["52:54:00:dd:00:01", "52:54:00:dd:00:02"] {
+        let registration = pb::Registration { mac: mac.into(), ..Default::default() };
+        admin
+            .register_machine(pb::RegisterMachineRequest { registration: Some(registration), force: false })
+            .await
+            .unwrap();
+    }
+    let err = f.enroll_with(&b, inventory("b", "52:54:00:cd:00:07")).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    f.enroll_with(&b, inventory("reg", "52:54:00:dd:00:01")).await.unwrap().unwrap();
+    assert_eq!(f.machine_count().await.unwrap(), 6, "5 pending and the registered one");
     // A machine approved leaves the queue: one more may wait.
     f.admin().await.unwrap().approve(pb::MachineRef { query: ids[0].clone() }).await.unwrap();
     f.enroll_with(&b, inventory("b", "52:54:00:cd:00:08")).await.unwrap().unwrap();
