@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use muster_agent::settings::Flags;
+use muster_agent::settings::{Flags, Sources};
 use muster_agent::{Agent, AgentError};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -75,11 +75,17 @@ fn main() -> ExitCode {
     if let Some(file) = &flags.apply_once {
         return apply_once(file, &flags.root, flags.report_only);
     }
-    let cmdline = std::fs::read_to_string(&flags.cmdline_file).unwrap_or_default();
+    let sources = match Sources::read(&flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let no_apply_config = flags.no_apply_config;
     let config_root = flags.config_root.clone();
     let namespaced_sysctls_only = flags.namespaced_sysctls_only;
-    let (cfg, svc) = match flags.resolve(&cmdline) {
+    let (cfg, svc) = match flags.resolve_with(&sources) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

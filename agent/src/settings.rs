@@ -1,6 +1,18 @@
-//! The agent's settings: command-line flags, else the kernel command line (`muster.controller=`,
-//! `muster.token=`, `muster.ca_hash=`, `muster.heartbeat=`), else defaults. Flags win.
+//! The agent's settings. Each one is taken from the first of these that has it:
+//!
+//! 1. command-line flags (and `MUSTER_TOKEN` in the process environment);
+//! 2. the kernel command line (`muster.controller=`, `muster.token=`, `muster.ca_hash=`,
+//!    `muster.heartbeat=`, `muster.state_dir=`, `muster.service_checks=`);
+//! 3. QEMU's fw_cfg (`opt/muster/controller`, `opt/muster/token`, … the same names; Proxmox
+//!    passes them with `args: -fw_cfg name=opt/muster/controller,string=https://…`), read from
+//!    `/sys/firmware/qemu_fw_cfg/by_name` (the `qemu_fw_cfg` module);
+//! 4. `/etc/muster/agent.env` (`MUSTER_CONTROLLER=…`, `MUSTER_TOKEN=…`, … one per line, the
+//!    format of a systemd `EnvironmentFile`), what an image has baked in;
+//! 5. defaults.
+//!
+//! What is specific to this boot or this VM comes before what every clone of an image shares.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,9 +68,11 @@ pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:7481";
 /// muster-agent: runs on every node. Enrolls with the controller using a join token, keeps one
 /// mutual-TLS stream open, reports inventory and health, and serves its own /metrics.
 ///
-/// Every setting can also come from the kernel command line (muster.controller=,
-/// muster.token=, muster.ca_hash=, muster.heartbeat=, muster.state_dir=), so a network-booted
-/// node needs no files. Flags win over the kernel command line.
+/// The enrollment settings (controller, token, ca_hash, heartbeat, state_dir, service_checks)
+/// are taken from the first of: these flags; the kernel command line (muster.controller=, ...),
+/// so a network-booted node needs no files; QEMU's fw_cfg (opt/muster/controller, ...), so a VM
+/// cloned from a template gets its own; the env file (MUSTER_CONTROLLER=..., ...), what an
+/// image has baked in.
 #[derive(Parser, Debug, Clone, Default)]
 #[command(name = "muster-agent", version, about, long_about)]
 pub struct Flags {
@@ -102,6 +116,18 @@ pub struct Flags {
     /// Read the kernel command line from this file.
     #[arg(long, value_name = "PATH", default_value = "/proc/cmdline", hide = true)]
     pub cmdline_file: PathBuf,
+    /// Settings baked into the node's image: MUSTER_CONTROLLER=, MUSTER_TOKEN=, MUSTER_CA_HASH=,
+    /// MUSTER_HEARTBEAT=, MUSTER_STATE_DIR=, MUSTER_SERVICE_CHECKS= (one per line; # comments).
+    /// Read last, after the kernel command line and fw_cfg; a missing file is fine.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ENV_FILE)]
+    pub env_file: PathBuf,
+    /// Where the kernel shows QEMU's fw_cfg entries by name.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_FW_CFG_DIR, hide = true)]
+    pub fw_cfg_dir: PathBuf,
+    /// Take settings from the flags only: no kernel command line, fw_cfg or env file (labs and
+    /// tests, whose agents share the host's).
+    #[arg(long, hide = true)]
+    pub only_flags: bool,
     /// Report this hostname instead of the system's (labs and tests).
     #[arg(long, value_name = "NAME", hide = true)]
     pub hint_hostname: Option<String>,
@@ -129,42 +155,220 @@ pub struct Flags {
     pub report_only: bool,
 }
 
-/// A setting that is missing or malformed; names the flag and the kernel parameter.
+/// Default env file.
+pub const DEFAULT_ENV_FILE: &str = "/etc/muster/agent.env";
+/// Where Linux shows fw_cfg entries (module `qemu_fw_cfg`).
+pub const DEFAULT_FW_CFG_DIR: &str = "/sys/firmware/qemu_fw_cfg/by_name";
+
+/// The settings the kernel command line, fw_cfg and the env file can carry: the key
+/// (`muster.KEY=`, `opt/muster/KEY`) and the env file's name.
+pub const KEYS: &[(&str, &str)] = &[
+    ("controller", "MUSTER_CONTROLLER"),
+    ("token", "MUSTER_TOKEN"),
+    ("ca_hash", "MUSTER_CA_HASH"),
+    ("heartbeat", "MUSTER_HEARTBEAT"),
+    ("state_dir", "MUSTER_STATE_DIR"),
+    ("service_checks", "MUSTER_SERVICE_CHECKS"),
+];
+
+/// A setting that is missing or malformed; names the flag and the kernel parameter, and where
+/// a bad value came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("--{flag} (muster.{kernel}=): {problem}")]
 pub struct SettingError {
     pub flag: &'static str,
+    /// The kernel parameter's key, or empty for a flag that has none.
     pub kernel: &'static str,
     pub problem: String,
+}
+
+impl std::fmt::Display for SettingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kernel {
+            "" => write!(f, "--{}: {}", self.flag, self.problem),
+            k => write!(f, "--{} (muster.{k}=): {}", self.flag, self.problem),
+        }
+    }
 }
 
 fn err(flag: &'static str, kernel: &'static str, problem: impl Into<String>) -> SettingError {
     SettingError { flag, kernel, problem: problem.into() }
 }
 
-impl Flags {
-    /// Merges flags over the kernel command line and checks every value.
-    pub fn resolve(self, cmdline: &str) -> Result<(AgentConfig, ServiceSettings), SettingError> {
+/// Where a setting's value came from (after the flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    KernelCmdline,
+    FwCfg(PathBuf),
+    EnvFile { path: PathBuf, line: usize },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::KernelCmdline => write!(f, "the kernel command line"),
+            Origin::FwCfg(p) => write!(f, "fw_cfg {}", p.display()),
+            Origin::EnvFile { path, line } => write!(f, "{} line {line}", path.display()),
+        }
+    }
+}
+
+/// The settings found on this machine outside the flags, by key, in the order they count.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    layers: Vec<BTreeMap<&'static str, (String, Origin)>>,
+}
+
+impl Sources {
+    /// Reads the kernel command line, fw_cfg and the env file as `flags` name them (nothing
+    /// with `--only-flags`). A missing file is no setting; an unreadable or malformed one is
+    /// an error.
+    pub fn read(flags: &Flags) -> Result<Self, SettingError> {
+        if flags.only_flags {
+            return Ok(Self::default());
+        }
+        let cmdline = match std::fs::read_to_string(&flags.cmdline_file) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(SettingError {
+                    flag: "cmdline-file",
+                    kernel: "",
+                    problem: format!("{}: {e}", flags.cmdline_file.display()),
+                })
+            }
+        };
+        let mut s = Self::kernel(&cmdline);
+        s.layers.push(read_fw_cfg(&flags.fw_cfg_dir)?);
+        s.layers.push(read_env_file(&flags.env_file)?);
+        Ok(s)
+    }
+
+    /// Only the kernel command line `cmdline`.
+    pub fn kernel(cmdline: &str) -> Self {
         let kernel = KernelArgs::parse(cmdline);
-        let k = |name: &str| match name {
-            "controller" => kernel.controller.clone(),
-            "token" => kernel.token.clone(),
-            "ca_hash" => kernel.ca_hash.clone(),
-            other => kernel.get(other).map(str::to_owned),
+        let mut m = BTreeMap::new();
+        for (key, _) in KEYS {
+            let v = match *key {
+                "controller" => kernel.controller.clone(),
+                "token" => kernel.token.clone(),
+                "ca_hash" => kernel.ca_hash.clone(),
+                other => kernel.get(other).map(str::to_owned),
+            };
+            if let Some(v) = v {
+                m.insert(*key, (v, Origin::KernelCmdline));
+            }
+        }
+        Self { layers: vec![m] }
+    }
+
+    /// The first source's value of `key`, with where it came from.
+    pub fn get(&self, key: &str) -> Option<(String, Origin)> {
+        self.layers.iter().find_map(|l| l.get(key).cloned())
+    }
+}
+
+fn read_fw_cfg(dir: &std::path::Path) -> Result<BTreeMap<&'static str, (String, Origin)>, SettingError> {
+    let mut m = BTreeMap::new();
+    if !dir.is_dir() {
+        return Ok(m);
+    }
+    for (key, _) in KEYS {
+        let p = dir.join("opt/muster").join(key).join("raw");
+        match std::fs::read(&p) {
+            Ok(raw) => {
+                let v = String::from_utf8(raw).map_err(|_| SettingError {
+                    flag: "fw-cfg-dir",
+                    kernel: key,
+                    problem: format!("{} is not UTF-8 text", p.display()),
+                })?;
+                m.insert(*key, (v.trim().to_owned(), Origin::FwCfg(p)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(SettingError {
+                    flag: "fw-cfg-dir",
+                    kernel: key,
+                    problem: format!("{}: {e}", p.display()),
+                })
+            }
+        }
+    }
+    Ok(m)
+}
+
+fn read_env_file(path: &std::path::Path) -> Result<BTreeMap<&'static str, (String, Origin)>, SettingError> {
+    let mut m = BTreeMap::new();
+    let bad = |problem: String| SettingError { flag: "env-file", kernel: "", problem };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(m),
+        Err(e) => return Err(bad(format!("{}: {e}", path.display()))),
+    };
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((name, value)) = line.split_once('=') else {
+            return Err(bad(format!("{}: expected NAME=VALUE", at())));
+        };
+        let name = name.trim();
+        let Some(key) = KEYS.iter().find(|(_, env)| *env == name).map(|(k, _)| *k) else {
+            let known: Vec<&str> = KEYS.iter().map(|(_, e)| *e).collect();
+            return Err(bad(format!("{}: unknown setting {name:?} (known: {})", at(), known.join(", "))));
+        };
+        let value = value.trim();
+        let value = ['"', '\'']
+            .iter()
+            .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
+            .unwrap_or(value);
+        m.insert(key, (value.to_owned(), Origin::EnvFile { path: path.to_owned(), line: i + 1 }));
+    }
+    Ok(m)
+}
+
+/// `problem`, said of a value that came from `origin` (flags: nothing added).
+fn from(origin: &Option<Origin>, problem: String) -> String {
+    match origin {
+        Some(o) => format!("{problem} (from {o})"),
+        None => problem,
+    }
+}
+
+impl Flags {
+    /// Merges flags over the kernel command line (only) and checks every value.
+    pub fn resolve(self, cmdline: &str) -> Result<(AgentConfig, ServiceSettings), SettingError> {
+        self.resolve_with(&Sources::kernel(cmdline))
+    }
+
+    /// Merges flags over `sources` (see the module's docs for the order) and checks every value.
+    pub fn resolve_with(self, sources: &Sources) -> Result<(AgentConfig, ServiceSettings), SettingError> {
+        // A flag's value, else the first source's, with where it came from (None: a flag).
+        let pick = |flag: Option<String>, key: &str| -> Option<(String, Option<Origin>)> {
+            flag.map(|v| (v, None)).or_else(|| sources.get(key).map(|(v, o)| (v, Some(o))))
         };
 
-        let controller = self
-            .controller
-            .or_else(|| k("controller"))
-            .ok_or_else(|| err("controller", "controller", "required: the controller's https://HOST:PORT"))?;
+        let (controller, origin) = pick(self.controller, "controller").ok_or_else(|| {
+            err(
+                "controller",
+                "controller",
+                format!(
+                    "required: the controller's https://HOST:PORT, as this flag, muster.controller= on \
+                     the kernel command line, fw_cfg opt/muster/controller, or MUSTER_CONTROLLER= in {}",
+                    self.env_file.display()
+                ),
+            )
+        })?;
         let uri: tonic::transport::Uri = controller
             .parse()
-            .map_err(|e| err("controller", "controller", format!("{controller:?}: {e}")))?;
+            .map_err(|e| err("controller", "controller", from(&origin, format!("{controller:?}: {e}"))))?;
         if uri.scheme_str() != Some("https") || uri.host().is_none() {
             return Err(err(
                 "controller",
                 "controller",
-                format!("{controller:?} must look like https://HOST:PORT"),
+                from(&origin, format!("{controller:?} must look like https://HOST:PORT")),
             ));
         }
         let from_file = match &self.token_file {
@@ -182,28 +386,28 @@ impl Flags {
             .map(Some)?,
             None => None,
         };
-        let token = self
-            .token
-            .or(from_file)
-            .or_else(|| k("token"))
-            .filter(|t| !t.is_empty())
-            .map(|t| JoinToken::parse(&t).map_err(|e| err("token", "token", e.to_string())))
+        let token = pick(self.token.or(from_file), "token")
+            .filter(|(t, _)| !t.is_empty())
+            .map(|(t, o)| JoinToken::parse(&t).map_err(|e| err("token", "token", from(&o, e.to_string()))))
             .transpose()?;
-        let ca_pin = self
-            .ca_hash
-            .or_else(|| k("ca_hash"))
-            .filter(|p| !p.is_empty())
-            .map(|p| p.parse::<CaPin>().map_err(|e| err("ca-hash", "ca_hash", e.to_string())))
+        let ca_pin = pick(self.ca_hash, "ca_hash")
+            .filter(|(p, _)| !p.is_empty())
+            .map(|(p, o)| p.parse::<CaPin>().map_err(|e| err("ca-hash", "ca_hash", from(&o, e.to_string()))))
             .transpose()?;
-        let state_dir =
-            self.state_dir.or_else(|| k("state_dir").map(PathBuf::from)).unwrap_or(DEFAULT_STATE_DIR.into());
-        let heartbeat = match self.heartbeat.or_else(|| k("heartbeat")) {
+        let state_dir = pick(self.state_dir.map(|p| p.display().to_string()), "state_dir")
+            .map(|(p, _)| PathBuf::from(p))
+            .unwrap_or(DEFAULT_STATE_DIR.into());
+        let heartbeat = match pick(self.heartbeat, "heartbeat") {
             None => Duration::from_secs(5),
-            Some(s) => {
+            Some((s, o)) => {
                 let d = humantime::parse_duration(&s)
-                    .map_err(|e| err("heartbeat", "heartbeat", format!("{s:?}: {e}")))?;
+                    .map_err(|e| err("heartbeat", "heartbeat", from(&o, format!("{s:?}: {e}"))))?;
                 if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
-                    return Err(err("heartbeat", "heartbeat", format!("{s:?} is outside 100ms..10m")));
+                    return Err(err(
+                        "heartbeat",
+                        "heartbeat",
+                        from(&o, format!("{s:?} is outside 100ms..10m")),
+                    ));
                 }
                 d
             }
@@ -225,7 +429,7 @@ impl Flags {
         };
         let mut service_checks = self.service_checks;
         if service_checks.is_empty() {
-            if let Some(v) = k("service_checks") {
+            if let Some((v, _)) = sources.get("service_checks") {
                 service_checks = v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
             }
         }
@@ -339,5 +543,118 @@ mod tests {
         assert!(flags.resolve("").unwrap_err().to_string().starts_with("--token-file"));
         let both = Flags::try_parse_from(["muster-agent", "--token", TOKEN, "--token-file", "/x"]);
         assert!(both.is_err(), "one or the other");
+    }
+
+    /// A machine's settings outside the flags, under a temp dir: a kernel command line, fw_cfg
+    /// entries as the kernel shows them, and an env file.
+    struct Machine {
+        dir: tempfile::TempDir,
+    }
+
+    impl Machine {
+        fn new() -> Self {
+            Self { dir: tempfile::tempdir().unwrap() }
+        }
+        fn cmdline(&self, text: &str) -> &Self {
+            std::fs::write(self.dir.path().join("cmdline"), text).unwrap();
+            self
+        }
+        fn fw_cfg(&self, key: &str, value: &str) -> &Self {
+            let d = self.dir.path().join("fw_cfg/opt/muster").join(key);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("raw"), value).unwrap();
+            self
+        }
+        fn env(&self, text: &str) -> &Self {
+            std::fs::write(self.dir.path().join("agent.env"), text).unwrap();
+            self
+        }
+        fn flags(&self) -> Flags {
+            Flags {
+                cmdline_file: self.dir.path().join("cmdline"),
+                fw_cfg_dir: self.dir.path().join("fw_cfg"),
+                env_file: self.dir.path().join("agent.env"),
+                ..Default::default()
+            }
+        }
+        fn resolve(&self, flags: Flags) -> Result<(AgentConfig, ServiceSettings), SettingError> {
+            let sources = Sources::read(&flags)?;
+            flags.resolve_with(&sources)
+        }
+    }
+
+    #[test]
+    fn flags_then_kernel_then_fw_cfg_then_the_env_file() {
+        let m = Machine::new();
+        m.env(&format!(
+            "# baked into the image\nMUSTER_CONTROLLER=https://env:1\nMUSTER_TOKEN={TOKEN}\n\
+             export MUSTER_HEARTBEAT=\"7s\"\nMUSTER_STATE_DIR='/var/lib/x'\nMUSTER_SERVICE_CHECKS=a,b\n"
+        ));
+        let (cfg, svc) = m.resolve(m.flags()).unwrap();
+        assert_eq!(cfg.controller, "https://env:1");
+        assert_eq!(cfg.token.as_ref().map(ToString::to_string).as_deref(), Some(TOKEN));
+        assert_eq!(cfg.heartbeat, Duration::from_secs(7), "quotes and `export` as systemd takes them");
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(svc.service_checks, ["a", "b"]);
+        // fw_cfg (this VM's) over the env file (every clone's).
+        m.fw_cfg("controller", "https://vm:2\n").fw_cfg("ca_hash", PIN);
+        let (cfg, _) = m.resolve(m.flags()).unwrap();
+        assert_eq!(cfg.controller, "https://vm:2");
+        assert_eq!(cfg.ca_pin.map(|p| p.to_string()).as_deref(), Some(PIN));
+        assert_eq!(cfg.heartbeat, Duration::from_secs(7), "what fw_cfg lacks still comes from the file");
+        // The kernel command line (this boot's) over fw_cfg.
+        m.cmdline("quiet muster.controller=https://boot:3 muster.heartbeat=2s");
+        let (cfg, _) = m.resolve(m.flags()).unwrap();
+        assert_eq!((cfg.controller.as_str(), cfg.heartbeat), ("https://boot:3", Duration::from_secs(2)));
+        // Flags over everything.
+        let flags = Flags { controller: Some("https://flag:4".into()), ..m.flags() };
+        assert_eq!(m.resolve(flags).unwrap().0.controller, "https://flag:4");
+        // --only-flags reads none of them.
+        let flags = Flags { controller: Some("https://flag:4".into()), only_flags: true, ..m.flags() };
+        let (cfg, svc) = m.resolve(flags).unwrap();
+        assert!(cfg.token.is_none() && cfg.ca_pin.is_none() && svc.service_checks.is_empty());
+        assert_eq!(cfg.heartbeat, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn nothing_there_is_no_setting() {
+        let m = Machine::new();
+        let flags = Flags { controller: Some("https://x:1".into()), ..m.flags() };
+        let (cfg, _) = m.resolve(flags).unwrap();
+        assert!(cfg.token.is_none());
+        assert_eq!(m.resolve(m.flags()).unwrap_err().flag, "controller");
+    }
+
+    #[test]
+    fn a_bad_value_names_where_it_came_from() {
+        let m = Machine::new();
+        m.env("MUSTER_CONTROLLER=https://x:1\n\nMUSTER_HEARTBEAT=forever\n");
+        let e = m.resolve(m.flags()).unwrap_err().to_string();
+        assert!(e.starts_with("--heartbeat (muster.heartbeat=): \"forever\""), "{e}");
+        assert!(e.ends_with(&format!("(from {} line 3)", m.dir.path().join("agent.env").display())), "{e}");
+        m.fw_cfg("token", "nope");
+        let e = m.resolve(m.flags()).unwrap_err().to_string();
+        assert!(e.starts_with("--token (muster.token=): "), "{e}");
+        assert!(e.contains("(from fw_cfg ") && e.contains("opt/muster/token/raw"), "{e}");
+        m.cmdline(&format!("muster.token={TOKEN} muster.ca_hash=md5:1"));
+        let e = m.resolve(m.flags()).unwrap_err().to_string();
+        assert!(e.ends_with("(from the kernel command line)"), "{e}");
+    }
+
+    #[test]
+    fn a_malformed_env_file_is_an_error_naming_the_line() {
+        let m = Machine::new();
+        let path = m.dir.path().join("agent.env");
+        for (text, want) in [
+            (
+                "MUSTER_CONTROLER=https://x:1\n",
+                "line 1: unknown setting \"MUSTER_CONTROLER\" (known: MUSTER_CONTROLLER,",
+            ),
+            ("# ok\nMUSTER_CONTROLLER\n", "line 2: expected NAME=VALUE"),
+        ] {
+            m.env(text);
+            let e = m.resolve(m.flags()).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--env-file: {} {want}", path.display())), "{e}");
+        }
     }
 }

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 /// Drivers loaded by the init, in dependency order: virtio, VirtIO RNG (a VM's kernel has
 /// entropy at once instead of seconds later, so the agent's key and first TLS handshake do not
-/// wait; hardware with RDRAND needs nothing), then the NICs (virtio, e1000).
+/// wait; hardware with RDRAND needs nothing), the NICs (virtio, e1000), then QEMU's fw_cfg in
+/// sysfs (a VM's enrollment settings can come from it; elsewhere it does not load).
 pub const MODULES: &[(&str, &str)] = &[
     ("virtio_ring", "drivers/virtio/virtio_ring.ko"),
     ("virtio", "drivers/virtio/virtio.ko"),
@@ -31,6 +32,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("net_failover", "drivers/net/net_failover.ko"),
     ("virtio_net", "drivers/net/virtio_net.ko"),
     ("e1000", "drivers/net/ethernet/intel/e1000/e1000.ko"),
+    ("qemu_fw_cfg", "drivers/firmware/qemu_fw_cfg.ko"),
 ];
 
 /// The bundle's file names (the boot service serves these).
@@ -395,6 +397,9 @@ pub fn build_pxe(opts: &PxeOptions, progress: &mut dyn Progress) -> Result<Manif
         );
         h.update(INIT.as_bytes());
         h.update(UDHCPC.as_bytes());
+        for (name, _) in MODULES {
+            h.update(format!("module {name}\n").as_bytes());
+        }
         for (p, d) in &lib_data {
             h.update(format!("{} {}\n", p.display(), sha256(d)).as_bytes());
         }

@@ -176,7 +176,8 @@ pub fn start_agent(
     let mut cmd = Command::new(agent_bin()?);
     cmd.args(["--controller", &ctl.endpoint(), "--ca-hash", &ctl.pin()?, "--state-dir"])
         .arg(state_dir)
-        .args(["--cmdline-file", "/dev/null"])
+        // Settings from these flags only: not the host's kernel command line, fw_cfg or env file.
+        .arg("--only-flags")
         // Test agents run in this machine's namespaces: never apply configs to it.
         .arg("--no-apply-config")
         .args(extra);

@@ -77,6 +77,8 @@ pub struct VmSpec {
     pub net: Net,
     /// Runs QEMU through `ip netns exec NAME` (for tap networking in a test's namespace).
     pub netns: Option<String>,
+    /// fw_cfg entries (`-fw_cfg name=NAME,string=VALUE`), e.g. `opt/muster/controller`.
+    pub fw_cfg: Vec<(String, String)>,
 }
 
 impl VmSpec {
@@ -90,6 +92,7 @@ impl VmSpec {
             boot,
             net,
             netns: None,
+            fw_cfg: Vec::new(),
         }
     }
 }
@@ -133,6 +136,10 @@ pub fn qemu_args(spec: &VmSpec, dir: &Path) -> Result<(Vec<String>, PathBuf), La
     }
     if let Some(s) = &spec.serial {
         a.extend(["-smbios".into(), format!("type=1,serial={s}")]);
+    }
+    for (name, value) in &spec.fw_cfg {
+        // QEMU's option syntax: a comma in a value is written twice.
+        a.extend(["-fw_cfg".into(), format!("name={name},string={}", value.replace(',', ",,"))]);
     }
     let netdev = match &spec.net {
         Net::User { bootfile, forwards } => {

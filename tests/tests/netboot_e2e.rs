@@ -250,6 +250,32 @@ fn iso_boots_to_ready() {
     wait_machine(&ctl, &mut vm, &m, "ready from the ISO", |m| m["state"] == "ready").unwrap();
 }
 
+/// A VM template's path: no kernel arguments for Muster (the kernel and initramfs booted
+/// directly, as a disk's boot loader would), the enrollment settings in QEMU's fw_cfg as
+/// Proxmox's `args: -fw_cfg ...` passes them. The agent reads them from sysfs and enrolls.
+#[test]
+fn a_vm_enrolls_with_settings_from_fw_cfg_alone() {
+    let tmp = Keep::new();
+    let bundle = pxe_bundle().unwrap();
+    let ctl = boot_controller(tmp.path(), &bundle, None).unwrap();
+    let token = ctl.cli_ok(&["token", "create", "--description", "fw_cfg e2e"]).unwrap().trim().to_owned();
+    let m = mac(3, 2);
+    let boot = Boot::Kernel {
+        kernel: bundle.join(muster_machinery::boot::KERNEL),
+        initrd: bundle.join(muster_machinery::boot::INITRD),
+        append: "console=ttyS0 panic=-1".into(),
+    };
+    let mut spec = VmSpec::new("vm-fwcfg", &m, boot, user_net(&ctl, false));
+    spec.fw_cfg = vec![
+        ("opt/muster/controller".into(), format!("https://{GUEST_FWD_ADDR}:{GUEST_GRPC}")),
+        ("opt/muster/token".into(), token),
+        ("opt/muster/ca_hash".into(), ctl.pin().unwrap()),
+    ];
+    let mut vm = Vm::start(&spec, tmp.path()).unwrap();
+    wait_machine(&ctl, &mut vm, &m, "ready from fw_cfg settings", |m| m["state"] == "ready").unwrap();
+    assert!(!vm.serial().contains("muster.controller"), "no Muster kernel argument was given");
+}
+
 /// A plain HTTP GET on loopback.
 fn http_get(port: u16, path: &str) -> String {
     let out = Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}{path}")]).output().unwrap();
