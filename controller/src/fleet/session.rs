@@ -41,13 +41,11 @@ fn clip(s: &mut String) {
 }
 
 fn clip_to(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
     }
+    s.truncate(end);
 }
 
 /// Bounds what a node says about itself. A hostname that is not a valid one (RFC 1123: letters,
@@ -112,7 +110,8 @@ pub(super) fn assignment_msg(m: &MachineRecord) -> pb::ControllerMessage {
             approved: true,
         }
     } else {
-        pb::Assignment { approved: false, ..Default::default() }
+        // Not approved: the default, with nothing in it.
+        pb::Assignment::default()
     };
     pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Assignment(a)) }
 }
