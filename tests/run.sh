@@ -31,6 +31,9 @@ ensure_pkgs() {
 # `ip netns`, `unshare` and `nsenter` for the tests that run the agent's real effects (and the
 # lab) inside namespaces they create.
 ensure_pkgs curl jq prometheus victoria-metrics iproute2 util-linux
+# The Debian packages: dpkg-deb (dpkg), strip and readelf (binutils), lintian, and
+# systemd-analyze (systemd) to verify their units.
+ensure_pkgs dpkg binutils lintian systemd
 # Network boot, images and the QEMU lab: QEMU (from bookworm-backports), iPXE, busybox-static,
 # xorriso + isolinux, dnsmasq (the ProxyDHCP test's LAN DHCP server).
 scripts/install-netboot-deps.sh

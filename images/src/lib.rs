@@ -9,6 +9,8 @@
 
 pub mod cpio;
 
+pub mod deb;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -582,6 +584,26 @@ pub enum ImageCommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Build the Debian packages muster-agent and muster-controller (with the muster CLI), with
+    /// their systemd units, into DIR (`apt install ./DIR/muster-agent_*.deb`).
+    Deb {
+        /// Output directory.
+        #[arg(long, value_name = "DIR", default_value = "target/debian")]
+        out: PathBuf,
+        /// The muster-agent binary [default: target/agent/muster-agent or muster-agent next to
+        /// this binary]
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
+        /// The muster-controller binary [default: next to this binary]
+        #[arg(long, value_name = "PATH")]
+        controller: Option<PathBuf>,
+        /// The muster CLI binary [default: this binary]
+        #[arg(long, value_name = "PATH")]
+        cli: Option<PathBuf>,
+        /// Package version [default: the workspace's]
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
+    },
     /// Build a BIOS-bootable ISO (isolinux, also bootable from USB) with the same payload.
     Iso {
         #[command(flatten)]
@@ -651,6 +673,29 @@ pub fn run_command(cmd: ImageCommand) -> Result<(), Error> {
                 text.push_str(&format!("  {:<16} {:>10} bytes  sha256 {}\n", f.name, f.size, f.sha256));
             }
             (common.quiet, text)
+        }
+        ImageCommand::Deb { out, agent, controller, cli, version } => {
+            let exe = std::env::current_exe().map_err(io("finding this binary"))?;
+            let beside = |name: &str| exe.with_file_name(name);
+            let agent = match agent {
+                Some(a) => a,
+                None => default_agent().ok_or_else(|| {
+                    Error::Input("no muster-agent next to this binary: build it or pass --agent".into())
+                })?,
+            };
+            let opts = deb::DebOptions {
+                out,
+                agent,
+                controller: controller.unwrap_or_else(|| beside("muster-controller")),
+                cli: cli.unwrap_or(exe),
+                version: version.unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
+            };
+            let built = deb::build_debs(&opts)?;
+            let text: String = built
+                .iter()
+                .map(|b| format!("{} {:>10} bytes  {}\n", b.name, b.size, b.path.display()))
+                .collect();
+            (false, text)
         }
         ImageCommand::Iso { common, out, cmdline, bundle } => {
             let cache = common.cache.clone().unwrap_or_else(default_cache);

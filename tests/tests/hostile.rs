@@ -168,10 +168,14 @@ struct Stream {
 
 impl Stream {
     async fn open(f: &TestController, m: &Enrolled, inv: pb::Inventory) -> Self {
+        Self::open_with(f, m, inv, 5000).await
+    }
+
+    async fn open_with(f: &TestController, m: &Enrolled, inv: pb::Inventory, heartbeat_ms: u32) -> Self {
         let (up, rx) = tokio::sync::mpsc::channel(8);
         up.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-                heartbeat_interval_ms: 5000,
+                heartbeat_interval_ms: heartbeat_ms,
                 inventory: Some(inv),
                 ..Default::default()
             })),
@@ -273,6 +277,14 @@ async fn a_pending_machine_adds_no_series_and_hellos_write_only_on_change() {
     let s = Stream::open(&f, &m, changed).await;
     s.heartbeat(4, 2).await;
     wait_metrics(&f, "the changed hello written", |t| writes(t) == before + 1.0).await;
+    // The same inventory with another heartbeat interval is a change too.
+    drop(s);
+    let mut changed = inv.clone();
+    changed.kernel = "6.12.0".into();
+    let s = Stream::open_with(&f, &m, changed, 7000).await;
+    s.heartbeat(5, 3).await;
+    wait_metrics(&f, "the new interval written", |t| writes(t) == before + 2.0).await;
+    drop(s);
     f.still_serving().await.unwrap();
 }
 
