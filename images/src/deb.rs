@@ -94,24 +94,19 @@ WantedBy=multi-user.target
 ";
 
 const CONTROLLER_DEFAULTS: &str = "\
-# Extra arguments of `muster-controller serve` (see `muster-controller serve --help`), e.g.
-#   MUSTER_CONTROLLER_ARGS=\"--grpc-listen 0.0.0.0:7443 --boot-assets /var/lib/muster/boot\"
+# Extra arguments of `muster-controller serve` (see `muster-controller serve --help`). The
+# package does not start the controller: set the names agents reach it by (--san, used when the
+# data dir is initialised on the first start), then `systemctl start muster-controller`. E.g.
+#   MUSTER_CONTROLLER_ARGS=\"--san controller.lan --boot-assets /var/lib/muster/boot\"
 MUSTER_CONTROLLER_ARGS=\"\"
 ";
 
-/// What `dh_installsystemd` writes into postinst for `unit`.
-fn postinst_systemd(unit: &str) -> String {
-    format!(
-        r#"if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
-	# The following line should be removed in trixie or trixie+1
-	deb-systemd-helper unmask '{unit}' >/dev/null || true
-	if deb-systemd-helper --quiet was-enabled '{unit}'; then
-		deb-systemd-helper enable '{unit}' >/dev/null || true
-	else
-		deb-systemd-helper update-state '{unit}' >/dev/null || true
-	fi
-fi
-if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
+/// What `dh_installsystemd` writes into postinst for `unit` (with `--no-start`: `start` false,
+/// enabled but left stopped on a fresh install, restarted on upgrade if it runs).
+fn postinst_systemd(unit: &str, start: bool) -> String {
+    let run = if start {
+        format!(
+            r#"if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
 	if [ -d /run/systemd/system ]; then
 		systemctl --system daemon-reload >/dev/null || true
 		if [ -n "$2" ]; then
@@ -123,6 +118,27 @@ if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-decon
 	fi
 fi
 "#
+        )
+    } else {
+        format!(
+            r#"if [ "$1" = "configure" ] && [ -n "$2" ] && [ -d /run/systemd/system ]; then
+	systemctl --system daemon-reload >/dev/null || true
+	deb-systemd-invoke try-restart '{unit}' >/dev/null || true
+fi
+"#
+        )
+    };
+    format!(
+        r#"if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
+	# The following line should be removed in trixie or trixie+1
+	deb-systemd-helper unmask '{unit}' >/dev/null || true
+	if deb-systemd-helper --quiet was-enabled '{unit}'; then
+		deb-systemd-helper enable '{unit}' >/dev/null || true
+	else
+		deb-systemd-helper update-state '{unit}' >/dev/null || true
+	fi
+fi
+{run}"#
     )
 }
 
@@ -206,7 +222,7 @@ fn packages(o: &DebOptions) -> Vec<Package> {
                 ("lib/systemd/system/muster-agent.service", 0o644, AGENT_UNIT.to_owned()),
             ],
             conffiles: vec![],
-            postinst: format!("#!/bin/sh\nset -e\n{}", postinst_systemd(agent_unit)),
+            postinst: format!("#!/bin/sh\nset -e\n{}", postinst_systemd(agent_unit, true)),
             prerm: prerm_systemd(agent_unit),
             postrm: postrm_systemd(agent_unit),
         },
@@ -225,7 +241,7 @@ fn packages(o: &DebOptions) -> Vec<Package> {
             postinst: format!(
                 "#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n\
                  \tadduser --system --group --quiet --home /var/lib/muster --no-create-home muster\nfi\n{}",
-                postinst_systemd(ctl_unit)
+                postinst_systemd(ctl_unit, false)
             ),
             prerm: prerm_systemd(ctl_unit),
             postrm: postrm_systemd(ctl_unit),

@@ -92,7 +92,6 @@ fn packages_build_pass_lintian_and_their_units_verify() {
         }
         let postinst = read(&root.join("DEBIAN/postinst"));
         assert!(postinst.contains(&format!("deb-systemd-helper enable '{name}.service'")), "{postinst}");
-        assert!(postinst.contains(&format!("deb-systemd-invoke $_dh_action '{name}.service'")));
         assert!(
             read(&root.join("DEBIAN/prerm")).contains(&format!("deb-systemd-invoke stop '{name}.service'"))
         );
@@ -113,10 +112,19 @@ fn packages_build_pass_lintian_and_their_units_verify() {
         assert!(unit.lines().any(|l| l == line), "controller unit lacks {line:?}:\n{unit}");
     }
     assert!(read(&root.join("DEBIAN/conffiles")).contains("/etc/default/muster-controller"));
-    assert!(read(&root.join("DEBIAN/postinst")).contains("adduser --system --group"));
+    let postinst = read(&root.join("DEBIAN/postinst"));
+    assert!(postinst.contains("adduser --system --group"));
+    // Not started on a fresh install (its names go into /etc/default first), restarted on
+    // upgrade.
+    assert!(!postinst.contains("_dh_action=start"), "{postinst}");
+    assert!(postinst.contains("deb-systemd-invoke try-restart 'muster-controller.service'"), "{postinst}");
+    assert!(read(&root.join("etc/default/muster-controller")).contains("--san"));
     assert!(root.join("usr/bin/muster").is_file(), "the CLI comes with the controller");
     // The agent's unit reads no user setting itself: the agent finds agent.env, the kernel
     // command line or fw_cfg on its own.
     let agent_unit = read(&tmp.path().join("muster-agent/lib/systemd/system/muster-agent.service"));
     assert!(agent_unit.lines().any(|l| l == "ExecStart=/usr/bin/muster-agent"), "{agent_unit}");
+    // The agent starts on install (it finds its settings itself, or waits for them).
+    let postinst = read(&tmp.path().join("muster-agent/DEBIAN/postinst"));
+    assert!(postinst.contains("deb-systemd-invoke $_dh_action 'muster-agent.service'"), "{postinst}");
 }
