@@ -75,13 +75,10 @@ fn main() -> ExitCode {
     if let Some(file) = &flags.apply_once {
         return apply_once(file, &flags.root, flags.report_only);
     }
-    let sources = match Sources::read(&flags) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let sources = Sources::read(&flags);
+    for (key, origin) in sources.origins() {
+        tracing::info!(setting = key, from = %origin, "setting found");
+    }
     let no_apply_config = flags.no_apply_config;
     let config_root = flags.config_root.clone();
     let namespaced_sysctls_only = flags.namespaced_sysctls_only;

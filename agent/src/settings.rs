@@ -212,35 +212,42 @@ impl std::fmt::Display for Origin {
     }
 }
 
-/// The settings found on this machine outside the flags, by key, in the order they count.
+/// What one source says of one key: a value with where it came from, or why it could not be
+/// read (an error only if the key is used: flags may make the source irrelevant).
+type Entry = Result<(String, Origin), SettingError>;
+
+/// The settings found on this machine outside the flags, by key, in the order they count. An
+/// empty value counts as absent.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
-    layers: Vec<BTreeMap<&'static str, (String, Origin)>>,
+    layers: Vec<BTreeMap<&'static str, Entry>>,
 }
 
 impl Sources {
     /// Reads the kernel command line, fw_cfg and the env file as `flags` name them (nothing
-    /// with `--only-flags`). A missing file is no setting; an unreadable or malformed one is
-    /// an error.
-    pub fn read(flags: &Flags) -> Result<Self, SettingError> {
+    /// with `--only-flags`). A missing file is no setting; an unreadable or malformed one is an
+    /// error when a setting it would give is needed.
+    pub fn read(flags: &Flags) -> Self {
         if flags.only_flags {
-            return Ok(Self::default());
+            return Self::default();
         }
-        let cmdline = match std::fs::read_to_string(&flags.cmdline_file) {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        let mut s = match std::fs::read_to_string(&flags.cmdline_file) {
+            Ok(c) => Self::kernel(&c),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::default(),
             Err(e) => {
-                return Err(SettingError {
-                    flag: "cmdline-file",
-                    kernel: "",
-                    problem: format!("{}: {e}", flags.cmdline_file.display()),
-                })
+                let why = format!("reading {}: {e}", flags.cmdline_file.display());
+                Self {
+                    layers: vec![every_key(|k| SettingError {
+                        flag: "cmdline-file",
+                        kernel: k,
+                        problem: why.clone(),
+                    })],
+                }
             }
         };
-        let mut s = Self::kernel(&cmdline);
-        s.layers.push(read_fw_cfg(&flags.fw_cfg_dir)?);
-        s.layers.push(read_env_file(&flags.env_file)?);
-        Ok(s)
+        s.layers.push(read_fw_cfg(&flags.fw_cfg_dir));
+        s.layers.push(read_env_file(&flags.env_file));
+        s
     }
 
     /// Only the kernel command line `cmdline`.
@@ -254,79 +261,111 @@ impl Sources {
                 "ca_hash" => kernel.ca_hash.clone(),
                 other => kernel.get(other).map(str::to_owned),
             };
-            if let Some(v) = v {
-                m.insert(*key, (v, Origin::KernelCmdline));
+            if let Some(v) = v.filter(|v| !v.is_empty()) {
+                m.insert(*key, Ok((v, Origin::KernelCmdline)));
             }
         }
         Self { layers: vec![m] }
     }
 
-    /// The first source's value of `key`, with where it came from.
-    pub fn get(&self, key: &str) -> Option<(String, Origin)> {
-        self.layers.iter().find_map(|l| l.get(key).cloned())
+    /// The first source's value of `key`, with where it came from; an error if the first source
+    /// that might have it could not be read.
+    pub fn get(&self, key: &str) -> Result<Option<(String, Origin)>, SettingError> {
+        match self.layers.iter().find_map(|l| l.get(key)) {
+            None => Ok(None),
+            Some(Ok(v)) => Ok(Some(v.clone())),
+            Some(Err(e)) => Err(e.clone()),
+        }
+    }
+
+    /// Where each setting comes from, for the log (no values: one of them is a secret).
+    pub fn origins(&self) -> Vec<(&'static str, String)> {
+        KEYS.iter()
+            .filter_map(|(k, _)| match self.get(k) {
+                Ok(Some((_, o))) => Some((*k, o.to_string())),
+                _ => None,
+            })
+            .collect()
     }
 }
 
-fn read_fw_cfg(dir: &std::path::Path) -> Result<BTreeMap<&'static str, (String, Origin)>, SettingError> {
+/// The same error for every key.
+fn every_key(e: impl Fn(&'static str) -> SettingError) -> BTreeMap<&'static str, Entry> {
+    KEYS.iter().map(|(k, _)| (*k, Err(e(k)))).collect()
+}
+
+fn read_fw_cfg(dir: &std::path::Path) -> BTreeMap<&'static str, Entry> {
     let mut m = BTreeMap::new();
     if !dir.is_dir() {
-        return Ok(m);
+        return m;
     }
     for (key, _) in KEYS {
         let p = dir.join("opt/muster").join(key).join("raw");
-        match std::fs::read(&p) {
-            Ok(raw) => {
-                let v = String::from_utf8(raw).map_err(|_| SettingError {
-                    flag: "fw-cfg-dir",
-                    kernel: key,
-                    problem: format!("{} is not UTF-8 text", p.display()),
-                })?;
-                m.insert(*key, (v.trim().to_owned(), Origin::FwCfg(p)));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(SettingError {
-                    flag: "fw-cfg-dir",
-                    kernel: key,
-                    problem: format!("{}: {e}", p.display()),
-                })
-            }
+        let bad = |problem: String| SettingError { flag: "fw-cfg-dir", kernel: "", problem };
+        let entry = match std::fs::read(&p) {
+            // `file=` entries may end in a newline or a NUL; `string=` ones end in neither.
+            Ok(raw) => match String::from_utf8(raw) {
+                Ok(v) => Ok((
+                    v.trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_owned(),
+                    Origin::FwCfg(p),
+                )),
+                Err(_) => Err(bad(format!("{} is not UTF-8 text", p.display()))),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => Err(bad(format!("{}: {e}", p.display()))),
+        };
+        if entry.as_ref().map_or(true, |(v, _)| !v.is_empty()) {
+            m.insert(*key, entry);
         }
     }
-    Ok(m)
+    m
 }
 
-fn read_env_file(path: &std::path::Path) -> Result<BTreeMap<&'static str, (String, Origin)>, SettingError> {
+fn read_env_file(path: &std::path::Path) -> BTreeMap<&'static str, Entry> {
     let mut m = BTreeMap::new();
-    let bad = |problem: String| SettingError { flag: "env-file", kernel: "", problem };
+    let bad = |problem: String| {
+        move |_: &'static str| SettingError { flag: "env-file", kernel: "", problem: problem.clone() }
+    };
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(m),
-        Err(e) => return Err(bad(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return m,
+        Err(e) => return every_key(bad(format!("{}: {e}", path.display()))),
     };
     for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
+        let line = raw.trim().trim_start_matches('\u{feff}');
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
         let at = || format!("{} line {}", path.display(), i + 1);
+        // `export NAME=...` as a shell would take it (an extension: systemd does not).
         let line = line.strip_prefix("export ").unwrap_or(line);
         let Some((name, value)) = line.split_once('=') else {
-            return Err(bad(format!("{}: expected NAME=VALUE", at())));
+            return every_key(bad(format!("{}: expected NAME=VALUE", at())));
         };
         let name = name.trim();
         let Some(key) = KEYS.iter().find(|(_, env)| *env == name).map(|(k, _)| *k) else {
             let known: Vec<&str> = KEYS.iter().map(|(_, e)| *e).collect();
-            return Err(bad(format!("{}: unknown setting {name:?} (known: {})", at(), known.join(", "))));
+            return every_key(bad(format!(
+                "{}: unknown setting {name:?} (known: {})",
+                at(),
+                known.join(", ")
+            )));
         };
         let value = value.trim();
         let value = ['"', '\'']
             .iter()
             .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
             .unwrap_or(value);
-        m.insert(key, (value.to_owned(), Origin::EnvFile { path: path.to_owned(), line: i + 1 }));
+        if value.contains('\\') {
+            return every_key(bad(format!("{}: backslashes are not supported in values", at())));
+        }
+        if value.is_empty() {
+            m.remove(key);
+        } else {
+            m.insert(key, Ok((value.to_owned(), Origin::EnvFile { path: path.to_owned(), line: i + 1 })));
+        }
     }
-    Ok(m)
+    m
 }
 
 /// `problem`, said of a value that came from `origin` (flags: nothing added).
@@ -346,11 +385,15 @@ impl Flags {
     /// Merges flags over `sources` (see the module's docs for the order) and checks every value.
     pub fn resolve_with(self, sources: &Sources) -> Result<(AgentConfig, ServiceSettings), SettingError> {
         // A flag's value, else the first source's, with where it came from (None: a flag).
-        let pick = |flag: Option<String>, key: &str| -> Option<(String, Option<Origin>)> {
-            flag.map(|v| (v, None)).or_else(|| sources.get(key).map(|(v, o)| (v, Some(o))))
-        };
+        let pick =
+            |flag: Option<String>, key: &str| -> Result<Option<(String, Option<Origin>)>, SettingError> {
+                match flag {
+                    Some(v) => Ok(Some((v, None))),
+                    None => Ok(sources.get(key)?.map(|(v, o)| (v, Some(o)))),
+                }
+            };
 
-        let (controller, origin) = pick(self.controller, "controller").ok_or_else(|| {
+        let (controller, origin) = pick(self.controller, "controller")?.ok_or_else(|| {
             err(
                 "controller",
                 "controller",
@@ -386,18 +429,18 @@ impl Flags {
             .map(Some)?,
             None => None,
         };
-        let token = pick(self.token.or(from_file), "token")
+        let token = pick(self.token.or(from_file), "token")?
             .filter(|(t, _)| !t.is_empty())
             .map(|(t, o)| JoinToken::parse(&t).map_err(|e| err("token", "token", from(&o, e.to_string()))))
             .transpose()?;
-        let ca_pin = pick(self.ca_hash, "ca_hash")
+        let ca_pin = pick(self.ca_hash, "ca_hash")?
             .filter(|(p, _)| !p.is_empty())
             .map(|(p, o)| p.parse::<CaPin>().map_err(|e| err("ca-hash", "ca_hash", from(&o, e.to_string()))))
             .transpose()?;
-        let state_dir = pick(self.state_dir.map(|p| p.display().to_string()), "state_dir")
+        let state_dir = pick(self.state_dir.map(|p| p.display().to_string()), "state_dir")?
             .map(|(p, _)| PathBuf::from(p))
             .unwrap_or(DEFAULT_STATE_DIR.into());
-        let heartbeat = match pick(self.heartbeat, "heartbeat") {
+        let heartbeat = match pick(self.heartbeat, "heartbeat")? {
             None => Duration::from_secs(5),
             Some((s, o)) => {
                 let d = humantime::parse_duration(&s)
@@ -429,7 +472,7 @@ impl Flags {
         };
         let mut service_checks = self.service_checks;
         if service_checks.is_empty() {
-            if let Some((v, _)) = sources.get("service_checks") {
+            if let Some((v, _)) = sources.get("service_checks")? {
                 service_checks = v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
             }
         }
@@ -578,7 +621,7 @@ mod tests {
             }
         }
         fn resolve(&self, flags: Flags) -> Result<(AgentConfig, ServiceSettings), SettingError> {
-            let sources = Sources::read(&flags)?;
+            let sources = Sources::read(&flags);
             flags.resolve_with(&sources)
         }
     }
@@ -593,7 +636,7 @@ mod tests {
         let (cfg, svc) = m.resolve(m.flags()).unwrap();
         assert_eq!(cfg.controller, "https://env:1");
         assert_eq!(cfg.token.as_ref().map(ToString::to_string).as_deref(), Some(TOKEN));
-        assert_eq!(cfg.heartbeat, Duration::from_secs(7), "quotes and `export` as systemd takes them");
+        assert_eq!(cfg.heartbeat, Duration::from_secs(7), "quotes, and `export` as a shell takes it");
         assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/x"));
         assert_eq!(svc.service_checks, ["a", "b"]);
         // fw_cfg (this VM's) over the env file (every clone's).
@@ -656,5 +699,34 @@ mod tests {
             let e = m.resolve(m.flags()).unwrap_err().to_string();
             assert!(e.starts_with(&format!("--env-file: {} {want}", path.display())), "{e}");
         }
+    }
+
+    #[test]
+    fn empty_values_and_unreadable_sources_only_matter_when_used() {
+        let m = Machine::new();
+        // An empty kernel argument and an empty env line are absent: the next source counts.
+        m.cmdline("muster.token= muster.controller=https://k:1")
+            .fw_cfg("token", &format!("{TOKEN}\0"))
+            .env("MUSTER_CA_HASH=\n");
+        let (cfg, _) = m.resolve(m.flags()).unwrap();
+        assert_eq!(cfg.token.map(|t| t.to_string()).as_deref(), Some(TOKEN), "fw_cfg's, its NUL trimmed");
+        assert!(cfg.ca_pin.is_none());
+        // A malformed env file breaks nothing when the other sources give every setting...
+        m.env("; a comment\nMUSTER_HEARTBEAT=1s\\\n");
+        let flags = Flags {
+            heartbeat: Some("3s".into()),
+            ca_hash: Some(PIN.into()),
+            state_dir: Some("/s".into()),
+            service_checks: vec!["x".into()],
+            ..m.flags()
+        };
+        let (cfg, _) = m.resolve(flags).unwrap();
+        assert_eq!(cfg.heartbeat, Duration::from_secs(3));
+        // ...and is an error as soon as a setting is looked for in it.
+        let e = m.resolve(m.flags()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--env-file: ") && e.ends_with("line 2: backslashes are not supported in values"),
+            "{e}"
+        );
     }
 }

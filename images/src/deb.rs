@@ -3,9 +3,13 @@
 //! logging to journald) and `muster-controller` (the controller and the `muster` CLI, a unit
 //! that runs as the `muster` system user with systemd's sandboxing, state in `/var/lib/muster`).
 //!
-//! The maintainer scripts are the ones debhelper's `dh_installsystemd` and `adduser` would
-//! write: enable and start on install, restart on upgrade, stop on removal, forget the unit on
-//! purge (the controller's data dir is kept: it holds the fleet's CA and state).
+//! The maintainer scripts are the ones debhelper's `dh_installsystemd` (bookworm) and `adduser`
+//! would write. The agent is enabled and started on install and restarted on upgrade. The
+//! controller is neither enabled nor started on install (`--no-enable --no-start`): the names
+//! agents reach it by (`--san`) go into `/etc/default/muster-controller` before its first start
+//! makes its CA, then `systemctl enable --now muster-controller`; it is restarted on upgrade
+//! when it runs. Both are stopped on removal and forgotten on purge (the controller's data dir is
+//! kept: it holds the fleet's CA and state).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -41,6 +45,8 @@ Type=simple
 ExecStart=/usr/bin/muster-agent
 Restart=on-failure
 RestartSec=5s
+# 2: its settings are missing or wrong (fix them, then restart it); 3: the machine was revoked.
+RestartPreventExitStatus=2 3
 Environment=RUST_LOG=info
 
 [Install]
@@ -94,19 +100,30 @@ WantedBy=multi-user.target
 ";
 
 const CONTROLLER_DEFAULTS: &str = "\
-# Extra arguments of `muster-controller serve` (see `muster-controller serve --help`). The
-# package does not start the controller: set the names agents reach it by (--san, used when the
-# data dir is initialised on the first start), then `systemctl start muster-controller`. E.g.
+# Extra arguments of `muster-controller serve` (see `muster-controller serve --help`), split at
+# spaces (no quoting). The package neither enables nor starts the controller: set the names
+# agents reach it by (--san, used when the data dir is initialised on the first start), then
+# `systemctl enable --now muster-controller`. E.g.
 #   MUSTER_CONTROLLER_ARGS=\"--san controller.lan --boot-assets /var/lib/muster/boot\"
 MUSTER_CONTROLLER_ARGS=\"\"
 ";
 
-/// What `dh_installsystemd` writes into postinst for `unit` (with `--no-start`: `start` false,
-/// enabled but left stopped on a fresh install, restarted on upgrade if it runs).
-fn postinst_systemd(unit: &str, start: bool) -> String {
-    let run = if start {
+/// What `dh_installsystemd` writes into postinst for `unit`: enable, then start (restart on
+/// upgrade); with `enable_and_start` false (`--no-enable --no-start`), only keep an operator's
+/// enablement across upgrades and restart a running unit on upgrade.
+fn postinst_systemd(unit: &str, enable_and_start: bool) -> String {
+    if enable_and_start {
         format!(
             r#"if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
+	# The following line should be removed in trixie or trixie+1
+	deb-systemd-helper unmask '{unit}' >/dev/null || true
+	if deb-systemd-helper --quiet was-enabled '{unit}'; then
+		deb-systemd-helper enable '{unit}' >/dev/null || true
+	else
+		deb-systemd-helper update-state '{unit}' >/dev/null || true
+	fi
+fi
+if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
 	if [ -d /run/systemd/system ]; then
 		systemctl --system daemon-reload >/dev/null || true
 		if [ -n "$2" ]; then
@@ -121,25 +138,30 @@ fi
         )
     } else {
         format!(
-            r#"if [ "$1" = "configure" ] && [ -n "$2" ] && [ -d /run/systemd/system ]; then
-	systemctl --system daemon-reload >/dev/null || true
-	deb-systemd-invoke try-restart '{unit}' >/dev/null || true
+            r#"if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
+	if deb-systemd-helper debian-installed '{unit}'; then
+		# The following line should be removed in trixie or trixie+1
+		deb-systemd-helper unmask '{unit}' >/dev/null || true
+		if deb-systemd-helper --quiet was-enabled '{unit}'; then
+			# Create new symlinks, if any.
+			deb-systemd-helper enable '{unit}' >/dev/null || true
+		fi
+	fi
+	# Update the statefile to add new symlinks (if any), which need to be
+	# cleaned up on purge. Also remove old symlinks.
+	deb-systemd-helper update-state '{unit}' >/dev/null || true
+fi
+if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
+	if [ -d /run/systemd/system ]; then
+		systemctl --system daemon-reload >/dev/null || true
+		if [ -n "$2" ]; then
+			deb-systemd-invoke try-restart '{unit}' >/dev/null || true
+		fi
+	fi
 fi
 "#
         )
-    };
-    format!(
-        r#"if [ "$1" = "configure" ] || [ "$1" = "abort-upgrade" ] || [ "$1" = "abort-deconfigure" ] || [ "$1" = "abort-remove" ] ; then
-	# The following line should be removed in trixie or trixie+1
-	deb-systemd-helper unmask '{unit}' >/dev/null || true
-	if deb-systemd-helper --quiet was-enabled '{unit}'; then
-		deb-systemd-helper enable '{unit}' >/dev/null || true
-	else
-		deb-systemd-helper update-state '{unit}' >/dev/null || true
-	fi
-fi
-{run}"#
-    )
+    }
 }
 
 fn prerm_systemd(unit: &str) -> String {
@@ -276,6 +298,9 @@ pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
         }
     }
     std::fs::create_dir_all(&o.out).map_err(io(format!("creating {}", o.out.display())))?;
+    // The binaries are this machine's.
+    let arch =
+        String::from_utf8_lossy(&run(Command::new("dpkg").arg("--print-architecture"))?).trim().to_owned();
     let mut built = Vec::new();
     for pkg in packages(o) {
         let stage = tempfile::Builder::new()
@@ -311,7 +336,7 @@ pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
             .collect();
         write(&root.join("usr/share/lintian/overrides").join(pkg.name), 0o644, overrides.as_bytes())?;
         let control = format!(
-            "Package: {}\nVersion: {}\nArchitecture: amd64\nMaintainer: Muster developers <muster@example.org>\n\
+            "Package: {}\nVersion: {}\nArchitecture: {arch}\nMaintainer: Muster developers <muster@example.org>\n\
              Installed-Size: {}\nDepends: {}\nSection: admin\nPriority: optional\nHomepage: https://example.org/muster\n\
              Description: {}\n",
             pkg.name,
@@ -329,7 +354,7 @@ pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
             let text: String = pkg.conffiles.iter().map(|c| format!("{c}\n")).collect();
             write(&debian.join("conffiles"), 0o644, text.as_bytes())?;
         }
-        let path = o.out.join(format!("{}_{}_amd64.deb", pkg.name, o.version));
+        let path = o.out.join(format!("{}_{}_{arch}.deb", pkg.name, o.version));
         run(Command::new("dpkg-deb")
             .args(["--root-owner-group", "-Zxz", "--build"])
             .arg(root)

@@ -91,7 +91,10 @@ fn packages_build_pass_lintian_and_their_units_verify() {
             assert!(run(Command::new("sh").arg("-n").arg(&p)).0, "{name} {script} is not valid sh");
         }
         let postinst = read(&root.join("DEBIAN/postinst"));
-        assert!(postinst.contains(&format!("deb-systemd-helper enable '{name}.service'")), "{postinst}");
+        assert!(
+            postinst.contains(&format!("deb-systemd-helper update-state '{name}.service'")),
+            "{postinst}"
+        );
         assert!(
             read(&root.join("DEBIAN/prerm")).contains(&format!("deb-systemd-invoke stop '{name}.service'"))
         );
@@ -114,9 +117,13 @@ fn packages_build_pass_lintian_and_their_units_verify() {
     assert!(read(&root.join("DEBIAN/conffiles")).contains("/etc/default/muster-controller"));
     let postinst = read(&root.join("DEBIAN/postinst"));
     assert!(postinst.contains("adduser --system --group"));
-    // Not started on a fresh install (its names go into /etc/default first), restarted on
-    // upgrade.
+    // Neither enabled nor started on a fresh install (its names go into /etc/default first),
+    // restarted on upgrade.
     assert!(!postinst.contains("_dh_action=start"), "{postinst}");
+    assert!(
+        postinst.contains("if deb-systemd-helper debian-installed 'muster-controller.service'"),
+        "{postinst}"
+    );
     assert!(postinst.contains("deb-systemd-invoke try-restart 'muster-controller.service'"), "{postinst}");
     assert!(read(&root.join("etc/default/muster-controller")).contains("--san"));
     assert!(root.join("usr/bin/muster").is_file(), "the CLI comes with the controller");
@@ -124,7 +131,9 @@ fn packages_build_pass_lintian_and_their_units_verify() {
     // command line or fw_cfg on its own.
     let agent_unit = read(&tmp.path().join("muster-agent/lib/systemd/system/muster-agent.service"));
     assert!(agent_unit.lines().any(|l| l == "ExecStart=/usr/bin/muster-agent"), "{agent_unit}");
-    // The agent starts on install (it finds its settings itself, or waits for them).
+    // The agent is enabled and started on install (it finds its settings itself); missing
+    // settings (exit 2) or a revocation (exit 3) do not restart it in a loop.
     let postinst = read(&tmp.path().join("muster-agent/DEBIAN/postinst"));
     assert!(postinst.contains("deb-systemd-invoke $_dh_action 'muster-agent.service'"), "{postinst}");
+    assert!(agent_unit.lines().any(|l| l == "RestartPreventExitStatus=2 3"), "{agent_unit}");
 }
