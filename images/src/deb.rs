@@ -287,6 +287,13 @@ fn gzip(text: &str) -> Result<Vec<u8>, Error> {
     e.finish().map_err(io("compressing the changelog"))
 }
 
+/// `md5sum`'s lines for every file under `root` (paths relative to it), as dpkg keeps them.
+fn md5sums(root: &Path) -> Result<String, Error> {
+    let script = "find . -type f ! -path './DEBIAN/*' -printf '%P\\0' | LC_ALL=C sort -z | xargs -0r md5sum";
+    let out = run(Command::new("sh").arg("-c").arg(script).current_dir(root))?;
+    String::from_utf8(out).map_err(|_| Error::Input("md5sum printed something that is not text".into()))
+}
+
 /// Builds both packages into `o.out`; returns them.
 pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
     for (what, p) in [("agent", &o.agent), ("controller", &o.controller), ("muster CLI", &o.cli)] {
@@ -327,13 +334,25 @@ pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
         write(&doc.join("copyright"), 0o644, copyright().as_bytes())?;
         // A native package (no Debian revision): changelog.gz.
         write(&doc.join("changelog.gz"), 0o644, &gzip(&changelog(pkg.name, &o.version))?)?;
-        let overrides: String = pkg
-            .bins
-            .iter()
-            .map(|(name, _)| {
-                format!("# `{name} --help` is its manual.\n{}: no-manual-page [usr/bin/{name}]\n", pkg.name)
-            })
-            .collect();
+        let unit = format!("lib/systemd/system/{}.service", pkg.name);
+        let mut overrides = String::new();
+        for (name, _) in &pkg.bins {
+            overrides.push_str(&format!(
+                "# `{name} --help` is its manual.\n{p}: no-manual-page [usr/bin/{name}]\n\
+                 # Rust does not use the C library's fortified string functions.\n\
+                 {p}: hardening-no-fortify-functions [usr/bin/{name}]\n\
+                 # Words lintian finds in compiled data (symbols, tables) are not text.\n\
+                 {p}: spelling-error-in-binary * [usr/bin/{name}]\n",
+                p = pkg.name
+            ));
+        }
+        overrides.push_str(&format!(
+            "# A systemd service only: the nodes Muster makes run systemd.\n\
+             {p}: package-supports-alternative-init-but-no-init.d-script [{unit}]\n\
+             # Its manual is `--help` (no man page or URL to point at).\n\
+             {p}: systemd-service-file-missing-documentation-key [{unit}]\n",
+            p = pkg.name
+        ));
         write(&root.join("usr/share/lintian/overrides").join(pkg.name), 0o644, overrides.as_bytes())?;
         let control = format!(
             "Package: {}\nVersion: {}\nArchitecture: {arch}\nMaintainer: Muster developers <muster@example.org>\n\
@@ -346,6 +365,7 @@ pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
             pkg.description
         );
         let debian = root.join("DEBIAN");
+        write(&debian.join("md5sums"), 0o644, md5sums(root)?.as_bytes())?;
         write(&debian.join("control"), 0o644, control.as_bytes())?;
         write(&debian.join("postinst"), 0o755, pkg.postinst.as_bytes())?;
         write(&debian.join("prerm"), 0o755, pkg.prerm.as_bytes())?;
