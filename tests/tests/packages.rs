@@ -45,6 +45,7 @@ fn packages_build_pass_lintian_and_their_units_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("debian");
     let (ok, stdout, stderr) = run(Command::new(bin("muster").unwrap())
+        .env("TMPDIR", tmp.path())
         .args(["image", "deb", "--version", "1.2.3", "--agent"])
         .arg(muster_tests::agent_bin().unwrap())
         .arg("--out")
@@ -59,7 +60,9 @@ fn packages_build_pass_lintian_and_their_units_verify() {
     assert_eq!(leftovers.len(), 2, "only the two packages, no staging dirs: {leftovers:?}");
 
     // lintian: nothing at all (errors, warnings, info), overrides applied.
+    // (Its scratch files go into the test's temp dir, not /tmp.)
     let (ok, report, err) = run(Command::new(&lintian)
+        .env("TMPDIR", tmp.path())
         .args(["--tag-display-limit", "0", "--display-info"])
         .arg(&agent)
         .arg(&controller));
