@@ -108,6 +108,12 @@ pub struct Enrolled {
 pub type AdminClient = muster_proto::pb::admin_service_client::AdminServiceClient<Channel>;
 type AgentClient = muster_proto::pb::agent_service_client::AgentServiceClient<Channel>;
 
+/// A machine's raw agent stream: the sender of what it says, and what it is sent.
+pub type AgentStream = (
+    tokio::sync::mpsc::Sender<muster_proto::pb::AgentMessage>,
+    tonic::Streaming<muster_proto::pb::ControllerMessage>,
+);
+
 impl TestController {
     pub async fn start() -> Result<Self> {
         Self::start_with(ControllerOptions::default()).await
@@ -222,6 +228,20 @@ impl TestController {
 
     pub async fn machine_agent(&self, m: &Enrolled) -> Result<AgentClient> {
         Ok(AgentClient::new(channel(&self.endpoint, &self.mc.ca, Some((&m.cert, &m.key))).await?))
+    }
+
+    /// Opens `m`'s agent stream as an agent does: `hello` is its first message.
+    pub async fn open_stream(&self, m: &Enrolled, hello: muster_proto::pb::Hello) -> Result<AgentStream> {
+        use muster_proto::pb;
+        let (up, rx) = tokio::sync::mpsc::channel(8);
+        up.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await?;
+        let down = self
+            .machine_agent(m)
+            .await?
+            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok((up, down))
     }
 
     /// A join token (0 = default TTL / uses).

@@ -144,18 +144,7 @@ async fn open_stream(
     f: &TestController,
     m: &Enrolled,
 ) -> (mpsc::Sender<pb::AgentMessage>, tonic::Streaming<pb::ControllerMessage>) {
-    let (up, rx) = mpsc::channel(8);
-    let hello = pb::Hello { heartbeat_interval_ms: 5000, ..Default::default() };
-    up.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await.unwrap();
-    let down = f
-        .machine_agent(m)
-        .await
-        .unwrap()
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (up, down)
+    f.open_stream(m, pb::Hello { heartbeat_interval_ms: 5000, ..Default::default() }).await.unwrap()
 }
 
 /// Polls the admin API until `check` holds for the machine (10 s at most).

@@ -18,24 +18,9 @@ struct Stream {
 
 impl Stream {
     async fn open(f: &TestController, m: &Enrolled) -> Self {
-        let (tx, rx) = mpsc::channel(8);
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-                heartbeat_interval_ms: 5000,
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
-        let down = f
-            .machine_agent(m)
-            .await
-            .unwrap()
-            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { up: tx, down }
+        let hello = pb::Hello { heartbeat_interval_ms: 5000, ..Default::default() };
+        let (up, down) = f.open_stream(m, hello).await.unwrap();
+        Self { up, down }
     }
 
     /// The next config update pushed to this machine.

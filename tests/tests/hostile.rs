@@ -172,24 +172,9 @@ impl Stream {
     }
 
     async fn open_with(f: &TestController, m: &Enrolled, inv: pb::Inventory, heartbeat_ms: u32) -> Self {
-        let (up, rx) = tokio::sync::mpsc::channel(8);
-        up.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-                heartbeat_interval_ms: heartbeat_ms,
-                inventory: Some(inv),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
-        let down = f
-            .machine_agent(m)
-            .await
-            .unwrap()
-            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let hello =
+            pb::Hello { heartbeat_interval_ms: heartbeat_ms, inventory: Some(inv), ..Default::default() };
+        let (up, down) = f.open_stream(m, hello).await.unwrap();
         Self { up, _down: down }
     }
 

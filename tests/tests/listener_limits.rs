@@ -68,23 +68,8 @@ async fn idle_grpc_connections_close_but_an_open_stream_stays() {
     let mut idle_admin = f.admin().await.unwrap();
     idle_admin.list_tokens(pb::ListTokensRequest {}).await.unwrap();
     // … and the agent's stream on its own connection, fed by the test.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            heartbeat_interval_ms: 60_000,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut down = f
-        .machine_agent(&m)
-        .await
-        .unwrap()
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut down) =
+        f.open_stream(&m, pb::Hello { heartbeat_interval_ms: 60_000, ..Default::default() }).await.unwrap();
     assert!(down.message().await.unwrap().is_some(), "welcome");
     // The idle one is closed; only the agent's remains.
     let text = metrics_until(http, "closed the idle gRPC connection", |t| {

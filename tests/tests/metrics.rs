@@ -19,16 +19,12 @@ async fn connect(
     metrics_port: u32,
     health: pb::HealthSnapshot,
 ) -> tokio::sync::mpsc::Sender<pb::AgentMessage> {
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            inventory: Some(pb::Inventory { hostname: format!("host-{}", &m.id[..4]), ..Default::default() }),
-            heartbeat_interval_ms: 5000,
-            metrics_port,
-        })),
-    })
-    .await
-    .unwrap();
+    let hello = pb::Hello {
+        inventory: Some(pb::Inventory { hostname: format!("host-{}", &m.id[..4]), ..Default::default() }),
+        heartbeat_interval_ms: 5000,
+        metrics_port,
+    };
+    let (tx, mut down) = f.open_stream(m, hello).await.unwrap();
     tx.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
             seq: 1,
@@ -38,8 +34,6 @@ async fn connect(
     })
     .await
     .unwrap();
-    let mut agent = f.machine_agent(m).await.unwrap();
-    let mut down = agent.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     loop {
         let msg =
             tokio::time::timeout(Duration::from_secs(5), down.message()).await.unwrap().unwrap().unwrap();

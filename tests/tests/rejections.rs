@@ -405,23 +405,8 @@ async fn pending_machine_gets_no_role_config_or_cluster_secrets_until_approved()
         .await
         .unwrap();
 
-    let (up, rx) = tokio::sync::mpsc::channel(8);
-    up.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            heartbeat_interval_ms: 1000,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut down = f
-        .machine_agent(&m)
-        .await
-        .unwrap()
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (up, mut down) =
+        f.open_stream(&m, pb::Hello { heartbeat_interval_ms: 1000, ..Default::default() }).await.unwrap();
     // Everything queued for it on connect arrives before the ack of its first heartbeat.
     up.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { seq: 7, ..Default::default() })),
