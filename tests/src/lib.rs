@@ -230,6 +230,12 @@ impl TestController {
         Ok(AgentClient::new(channel(&self.endpoint, &self.mc.ca, Some((&m.cert, &m.key))).await?))
     }
 
+    /// The machine `query` names, as `muster machine get` shows it.
+    pub async fn machine(&self, query: &str) -> Result<muster_proto::pb::Machine> {
+        let r = self.admin().await?.get_machine(muster_proto::pb::MachineRef { query: query.into() }).await?;
+        Ok(r.into_inner())
+    }
+
     /// Opens `m`'s agent stream as an agent does: `hello` is its first message.
     pub async fn open_stream(&self, m: &Enrolled, hello: muster_proto::pb::Hello) -> Result<AgentStream> {
         use muster_proto::pb;

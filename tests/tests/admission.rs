@@ -21,14 +21,7 @@ fn assign(m: &Enrolled, role: pb::Role, cluster: &str, force: bool) -> pb::Assig
 }
 
 async fn role_and_cluster(f: &TestController, m: &Enrolled) -> (i32, String) {
-    let got = f
-        .admin()
-        .await
-        .unwrap()
-        .get_machine(pb::MachineRef { query: m.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = f.machine(&m.id).await.unwrap();
     (got.role, got.cluster)
 }
 
@@ -74,14 +67,7 @@ async fn reported_strings_are_cut_back_to_a_character_boundary() {
     let long = format!("a{}", "é".repeat(200));
     let inv = pb::Inventory { cpu_model: long, kernel: "x".repeat(300), ..Default::default() };
     let m = f.enroll_with(&f.token(0, 1).await.unwrap(), inv).await.unwrap().unwrap();
-    let got = f
-        .admin()
-        .await
-        .unwrap()
-        .get_machine(pb::MachineRef { query: m.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = f.machine(&m.id).await.unwrap();
     let inv = got.inventory.unwrap();
     assert_eq!(inv.cpu_model, format!("a{}", "é".repeat(63)));
     assert_eq!(inv.kernel, "x".repeat(128));
@@ -151,14 +137,7 @@ async fn open_stream(
 async fn wait_machine(f: &TestController, m: &Enrolled, what: &str, check: impl Fn(&pb::Machine) -> bool) {
     let start = Instant::now();
     loop {
-        let got = f
-            .admin()
-            .await
-            .unwrap()
-            .get_machine(pb::MachineRef { query: m.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let got = f.machine(&m.id).await.unwrap();
         if check(&got) {
             return;
         }

@@ -76,14 +76,10 @@ fn start_agent_with(
     RunningAgent { status, stop: Some(tx), task, state_dir }
 }
 
-async fn machine(f: &TestController, id: &str) -> pb::Machine {
-    f.admin().await.unwrap().get_machine(pb::MachineRef { query: id.into() }).await.unwrap().into_inner()
-}
-
 async fn wait_state(f: &TestController, id: &str, state: pb::MachineState, within: Duration) -> pb::Machine {
     let start = Instant::now();
     loop {
-        let m = machine(f, id).await;
+        let m = f.machine(id).await.unwrap();
         if m.state == state as i32 {
             return m;
         }
@@ -160,7 +156,7 @@ async fn missed_heartbeats_make_a_machine_unreachable() {
     a.stop().await;
     let stopped = Instant::now();
     // Still ready right after the last heartbeat...
-    assert_eq!(machine(&f, &id).await.state, pb::MachineState::Ready as i32);
+    assert_eq!(f.machine(&id).await.unwrap().state, pb::MachineState::Ready as i32);
     // ...and unreachable once 3 intervals have passed without one.
     let m = wait_state(&f, &id, pb::MachineState::Unreachable, Duration::from_secs(5)).await;
     assert!(
@@ -193,7 +189,7 @@ async fn revoke_closes_the_stream_and_stops_the_agent() {
     // It threw away the identity that no longer works.
     assert!(!a.state_dir.join("cert.pem").exists());
     assert!(!a.state_dir.join("key.pem").exists());
-    assert_eq!(machine(&f, &id).await.state, pb::MachineState::Revoked as i32);
+    assert_eq!(f.machine(&id).await.unwrap().state, pb::MachineState::Revoked as i32);
     f.still_serving().await.unwrap();
 }
 
@@ -208,7 +204,7 @@ async fn agent_renews_its_certificate_at_seventy_percent_and_stays_connected() {
     a.wait("connected with a renewal scheduled", |s| s.connected && s.renew_at > 0).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
     let (first, renew_at) = (a.status.borrow().cert_not_after, a.status.borrow().renew_at);
-    let serial = machine(&f, &id).await.cert_serial;
+    let serial = f.machine(&id).await.unwrap().cert_serial;
     // The schedule, from the certificate itself: 65-70 % of its validity (70 %, moved earlier by
     // up to 5 % of jitter), never later.
     let pem = std::fs::read_to_string(a.state_dir.join("cert.pem")).unwrap();
@@ -222,7 +218,7 @@ async fn agent_renews_its_certificate_at_seventy_percent_and_stays_connected() {
     );
     a.wait("a renewed certificate", |s| s.cert_not_after > first).await;
     // The controller signed the new one no earlier than the schedule and before the old expired.
-    let m = machine(&f, &id).await;
+    let m = f.machine(&id).await.unwrap();
     let signed_ms = m.cert_not_after_unix_ms - i64::try_from(ttl.as_millis()).unwrap();
     assert!(signed_ms >= renew_at * 1000, "renewed at {signed_ms} ms, before its time {renew_at} s");
     assert!(signed_ms < na * 1000, "renewed at {signed_ms} ms, after the old certificate expired ({na} s)");
@@ -230,7 +226,7 @@ async fn agent_renews_its_certificate_at_seventy_percent_and_stays_connected() {
     // Reconnected with the new certificate and still heartbeating; the controller knows it.
     let acked = a.status.borrow().heartbeats_acked;
     a.wait("heartbeats on the new certificate", |s| s.connected && s.heartbeats_acked > acked + 2).await;
-    assert_eq!(machine(&f, &id).await.state, pb::MachineState::Ready as i32);
+    assert_eq!(f.machine(&id).await.unwrap().state, pb::MachineState::Ready as i32);
     let on_disk = std::fs::read_to_string(a.state_dir.join("cert.pem")).unwrap();
     assert_ne!(on_disk, pem, "the new certificate is saved");
     a.stop().await;
@@ -303,7 +299,7 @@ async fn an_expired_certificate_needs_a_token_to_enroll_again() {
     a.wait("enrolled again and connected", |s| s.connected && s.heartbeats_acked > 0).await;
     let new_id = a.status.borrow().machine_id.clone().unwrap();
     assert_ne!(new_id, id, "a new enrollment makes a new machine");
-    assert_eq!(machine(&f, &new_id).await.state, pb::MachineState::Ready as i32);
+    assert_eq!(f.machine(&new_id).await.unwrap().state, pb::MachineState::Ready as i32);
     a.stop().await;
     f.still_serving().await.unwrap();
 }
@@ -368,7 +364,7 @@ async fn pending_token_lands_pending_until_approved() {
     let mut a = start_agent(&f, &token, "node-p", Duration::from_millis(200));
     a.wait("connected", |s| s.connected && s.heartbeats_acked > 0).await;
     let id = a.status.borrow().machine_id.clone().unwrap();
-    let m = machine(&f, &id).await;
+    let m = f.machine(&id).await.unwrap();
     assert_eq!(m.state, pb::MachineState::Pending as i32);
     assert_eq!(m.labels.get("rack").map(String::as_str), Some("r7"), "token labels are copied");
     assert!(a.status.borrow().assignment.as_ref().is_some_and(|x| !x.approved));
@@ -418,7 +414,7 @@ async fn config_apply_reaches_the_node_and_the_new_hostname_shows() {
             .await
             .unwrap()
             .into_inner();
-        let m = machine(&f, &id).await;
+        let m = f.machine(&id).await.unwrap();
         if cfg.applied_generation == 1 && m.hostname == "renamed-node" {
             assert_eq!(cfg.resources.len(), 3);
             assert!(

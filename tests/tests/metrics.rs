@@ -201,14 +201,7 @@ async fn health_snapshot_drives_status_reasons_and_metrics() {
     bad.services[0].up = false;
     bad.services[0].detail = "inactive".into();
     let _g = connect(&f, &a, 0, bad).await;
-    let m = f
-        .admin()
-        .await
-        .unwrap()
-        .get_machine(pb::MachineRef { query: a.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let m = f.machine(&a.id).await.unwrap();
     assert_eq!(m.health, "degraded");
     assert_eq!(m.health_reasons, ["filesystem / is 95% full", "service k3s is down (inactive)"]);
     let text = http_get(f.running.ports.http, "/metrics", &[]).await.unwrap().text();

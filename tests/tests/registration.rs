@@ -48,10 +48,6 @@ async fn boot_token(f: &TestController) -> String {
     r.token
 }
 
-async fn machine(f: &TestController, id: &str) -> pb::Machine {
-    f.admin().await.unwrap().get_machine(pb::MachineRef { query: id.into() }).await.unwrap().into_inner()
-}
-
 const CONFIG: &str = "apiVersion: muster/v1alpha1\nkind: MachineConfig\nfiles:\n  - path: /etc/motd\n    content: \"registered\\n\"\n";
 
 #[tokio::test]
@@ -59,7 +55,7 @@ async fn a_boot_token_alone_only_makes_pending_machines() {
     let f = TestController::start().await.unwrap();
     let token = boot_token(&f).await;
     let m = f.enroll_with(&token, inventory("stranger", "52:54:00:aa:00:01")).await.unwrap().unwrap();
-    let got = machine(&f, &m.id).await;
+    let got = f.machine(&m.id).await.unwrap();
     assert_eq!(got.state, pb::MachineState::Pending as i32);
     // Even asking for auto-accept does not make a boot token accept machines.
     let r = f
@@ -71,7 +67,7 @@ async fn a_boot_token_alone_only_makes_pending_machines() {
         .unwrap()
         .into_inner();
     let m = f.enroll_with(&r.token, inventory("stranger2", "52:54:00:aa:00:02")).await.unwrap().unwrap();
-    assert_eq!(machine(&f, &m.id).await.state, pb::MachineState::Pending as i32);
+    assert_eq!(f.machine(&m.id).await.unwrap().state, pb::MachineState::Pending as i32);
 }
 
 #[tokio::test]
@@ -106,7 +102,7 @@ async fn a_registered_machine_is_accepted_with_its_role_hostname_and_config_once
 
     let token = boot_token(&f).await;
     let m = f.enroll_with(&token, inventory("localhost", "52:54:00:aa:00:10")).await.unwrap().unwrap();
-    let got = machine(&f, &m.id).await;
+    let got = f.machine(&m.id).await.unwrap();
     assert_eq!(got.state, pb::MachineState::Ready as i32, "{got:?}");
     assert_eq!((got.hostname.as_str(), got.cluster.as_str()), ("node-reg", "lab"));
     assert_eq!(got.role, pb::Role::Worker as i32);
@@ -123,7 +119,7 @@ async fn a_registered_machine_is_accepted_with_its_role_hostname_and_config_once
 
     // A second machine with the same MAC: pending, flagged; the first keeps everything.
     let clone = f.enroll_with(&token, inventory("clone", "52:54:00:aa:00:10")).await.unwrap().unwrap();
-    let got = machine(&f, &clone.id).await;
+    let got = f.machine(&clone.id).await.unwrap();
     assert_eq!(got.state, pb::MachineState::Pending as i32);
     assert!(got.warnings.iter().any(|w| w.contains("already used")), "{:?}", got.warnings);
     assert_eq!(got.role, pb::Role::Unspecified as i32);
@@ -299,7 +295,7 @@ async fn a_reported_mac_alone_never_claims_a_registration() {
         .unwrap();
     let token = boot_token(&f).await;
     let m = f.enroll_with(&token, inventory("attacker", "52:54:00:aa:00:20")).await.unwrap().unwrap();
-    let got = machine(&f, &m.id).await;
+    let got = f.machine(&m.id).await.unwrap();
     assert_eq!(got.state, pb::MachineState::Pending as i32, "{got:?}");
     assert_eq!((got.role, got.cluster.as_str(), got.hostname.as_str()), (0, "", "attacker"));
     assert!(got.warnings.iter().any(|w| w.contains("muster approve")), "{:?}", got.warnings);
@@ -377,7 +373,7 @@ async fn lookups_cannot_be_hijacked_by_a_hostname() {
     // A MAC-shaped hostname is not a valid hostname: it is dropped.
     let hijack =
         f.enroll_with(&token, inventory("02:00:00:00:13:89", "02:00:00:00:99:99")).await.unwrap().unwrap();
-    assert_eq!(machine(&f, &hijack.id).await.hostname, "", "not a hostname");
+    assert_eq!(f.machine(&hijack.id).await.unwrap().hostname, "", "not a hostname");
     let got =
         admin.get_machine(pb::MachineRef { query: "02:00:00:00:13:89".into() }).await.unwrap().into_inner();
     assert_eq!(got.id, victim.id, "a MAC-shaped query resolves by MAC only");
@@ -387,11 +383,11 @@ async fn lookups_cannot_be_hijacked_by_a_hostname() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(machine(&f, &esc.id).await.hostname, "");
+    assert_eq!(f.machine(&esc.id).await.unwrap().hostname, "");
     // A hostname that is another machine's id prefix: ambiguous, refused.
     let prefix = victim.id[..4].to_owned();
     let squatter = f.enroll_with(&token, inventory(&prefix, "02:00:00:00:99:97")).await.unwrap().unwrap();
-    assert_eq!(machine(&f, &squatter.id).await.hostname, prefix);
+    assert_eq!(f.machine(&squatter.id).await.unwrap().hostname, prefix);
     let err = admin.approve(pb::MachineRef { query: prefix.clone() }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("ambiguous") && err.message().contains(&victim.id), "{err:?}");

@@ -175,14 +175,7 @@ async fn revoked_machine_is_rejected() {
     let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().pem().unwrap();
     let err = agent.renew(pb::RenewRequest { csr_pem: csr }).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    let listed = f
-        .admin()
-        .await
-        .unwrap()
-        .get_machine(pb::MachineRef { query: m.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = f.machine(&m.id).await.unwrap();
     assert_eq!(listed.state, pb::MachineState::Revoked as i32);
     f.still_serving().await.unwrap();
 }
