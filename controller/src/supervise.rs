@@ -167,38 +167,6 @@ mod tests {
     use muster_machinery::metrics::Format;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// Everything logged by this test binary (a global subscriber: scoped ones miss events of
-    /// callsites that other tests' threads hit first). Tests look for their own service names.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
-
-    fn captured() -> &'static Captured {
-        static LOG: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-        LOG.get_or_init(|| {
-            let c = Captured::default();
-            let sub = tracing_subscriber::fmt().with_writer(c.clone()).with_ansi(false).finish();
-            tracing::subscriber::set_global_default(sub).expect("no other global subscriber in these tests");
-            c
-        })
-    }
-
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::timeout(Duration::from_secs(10), async {
             while !done() {
@@ -219,7 +187,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_service_is_logged_shown_down_and_restarted() {
-        let log = captured();
+        let log = muster_util::test_log::global();
         let metrics = Arc::new(Metrics::new());
         let services = Services::new(metrics.clone());
         let stop = CancellationToken::new();
@@ -261,7 +229,7 @@ mod tests {
         let text = metrics.render(&Default::default(), Format::Prometheus).unwrap();
         assert!(text.contains("muster_service_up{service=\"proxy-dhcp\"} 1"), "{text}");
         assert!(text.contains("muster_service_restarts_total{service=\"proxy-dhcp\"} 2"), "{text}");
-        let logged = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let logged = log.text();
         let errors: Vec<_> = logged
             .lines()
             .filter(|l| l.contains("ERROR") && l.contains("service died") && l.contains("proxy-dhcp"))
@@ -278,7 +246,7 @@ mod tests {
 
     #[tokio::test]
     async fn down_while_waiting_to_restart() {
-        let _ = captured();
+        let _ = muster_util::test_log::global();
         let metrics = Arc::new(Metrics::new());
         let services = Services::new(metrics.clone());
         let stop = CancellationToken::new();

@@ -364,54 +364,10 @@ mod tests {
         );
     }
 
-    /// Everything logged while it lives, as text.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
-
-    impl Captured {
-        /// Everything this test binary logs: a global subscriber, since a scoped one misses
-        /// events of callsites that other tests' threads hit first. Tests look for their own
-        /// markers in it.
-        fn global() -> &'static Captured {
-            static LOG: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-            LOG.get_or_init(|| {
-                let c = Captured::default();
-                let sub = tracing_subscriber::fmt()
-                    .with_writer(c.clone())
-                    .with_ansi(false)
-                    .with_max_level(tracing::Level::TRACE)
-                    .finish();
-                tracing::subscriber::set_global_default(sub).expect("no other global subscriber here");
-                c
-            })
-        }
-
-        fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-        }
-    }
-
     #[tokio::test]
     async fn untrusted_names_cannot_forge_log_lines() {
         let (r, _, _d) = app();
-        let log = Captured::global();
+        let log = muster_util::test_log::global();
         let (s, _, _) = call(&r, "GET", "/boot/assets/x%0aFORGED", &[]).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         let (s, _, _) =
@@ -427,7 +383,7 @@ mod tests {
     #[tokio::test]
     async fn the_boot_token_secret_is_not_logged() {
         let (r, _, _d) = app();
-        let log = Captured::global();
+        let log = muster_util::test_log::global();
         let (s, _, b) = call(&r, "GET", "/boot/machine.ipxe?mac=52-54-00-12-34-56&serial=token", &[]).await;
         assert_eq!(s, StatusCode::OK);
         // The machine gets the whole token; the log only its id.

@@ -2,6 +2,9 @@
 //! sysctls, services) does not belong here: that goes through the agent's effects interface.
 //! Depends on no other Muster crate.
 
+#[cfg(feature = "test-log")]
+pub mod test_log;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
