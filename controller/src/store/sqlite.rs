@@ -212,11 +212,7 @@ impl Store for SqliteStore {
             let before = list_registrations_tx(&tx)?;
             let mut regs = before.clone();
             let machine = build(&record, &mut regs);
-            for (old, new) in before.iter().zip(&regs) {
-                if old != new {
-                    put_registration_tx(&tx, new)?;
-                }
-            }
+            put_changed_registrations_tx(&tx, &before, &regs)?;
             put_machine_tx(&tx, &machine, true)?;
             tx.commit().map_err(backend)?;
             Ok(machine)
@@ -358,11 +354,7 @@ impl Store for SqliteStore {
             if m.id != id {
                 return Err(corrupt("machine", id.as_str(), "an update changed its id"));
             }
-            for (old, new) in before.iter().zip(&regs) {
-                if old != new {
-                    put_registration_tx(&tx, new)?;
-                }
-            }
+            put_changed_registrations_tx(&tx, &before, &regs)?;
             put_machine_tx(&tx, &m, false)?;
             tx.commit().map_err(backend)?;
             Ok(m)
@@ -425,6 +417,21 @@ fn put_registration_tx(c: &Connection, r: &super::Registration) -> Result<(), St
         params![r.mac, to_json(r)?],
     )
     .map_err(backend)?;
+    Ok(())
+}
+
+/// Saves the registrations of `after` that differ from `before` (the same list, as read in this
+/// transaction, before a step changed some).
+fn put_changed_registrations_tx(
+    c: &Connection,
+    before: &[super::Registration],
+    after: &[super::Registration],
+) -> Result<(), StoreError> {
+    for (old, new) in before.iter().zip(after) {
+        if old != new {
+            put_registration_tx(c, new)?;
+        }
+    }
     Ok(())
 }
 
