@@ -34,18 +34,38 @@ pub struct ControllerProc {
 impl ControllerProc {
     /// Starts a controller on `grpc`/`http` (use port 0 for any) with `data_dir`.
     pub fn start(data_dir: &Path, grpc: &str, http: &str, extra: &[&str]) -> Result<Self, LabError> {
+        Self::start_wrapped(&[], data_dir, grpc, http, extra)
+    }
+
+    /// [`ControllerProc::start`] under a `wrapper` command that execs the rest (e.g. `prlimit
+    /// --nofile=N:N --` or `ip netns exec NS`), so the process it waits for is the controller.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        data_dir: &Path,
+        grpc: &str,
+        http: &str,
+        extra: &[&str],
+    ) -> Result<Self, LabError> {
         let ports_file = data_dir.join("ports.json");
         let _ = std::fs::remove_file(&ports_file);
         std::fs::create_dir_all(data_dir)
             .map_err(LabError::io(format!("creating {}", data_dir.display())))?;
         let log = data_dir.with_extension(format!("log.{}", now_nanos()));
-        let mut cmd = Command::new(find_bin("muster-controller")?);
+        let controller = find_bin("muster-controller")?;
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(controller);
+                c
+            }
+            None => Command::new(controller),
+        };
         cmd.args(["serve", "--grpc-listen", grpc, "--http-listen", http, "--data-dir"])
             .arg(data_dir)
             .args(extra);
         cmd.env("RUST_LOG", "info");
         let mut proc = Proc::spawn(&mut cmd, log)?;
-        let ports = wait_for("controller ports.json", Duration::from_secs(30), || {
+        let ports = wait_for("controller ports.json", Duration::from_secs(60), || {
             if !proc.alive() {
                 return Some(Err(LabError::Command {
                     command: "muster-controller serve".into(),

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use muster_tests::{bin, wait_for, Proc};
+use muster_tests::ControllerProc;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip (Debian package iproute2) must be installed");
@@ -105,13 +105,7 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-#[derive(serde::Deserialize)]
-struct Ports {
-    http: SocketAddr,
-    pid: u32,
-}
-
-fn start_controller(ns: &str, dir: &Path) -> (Proc, Ports) {
+fn start_controller(ns: &str, dir: &Path) -> ControllerProc {
     let assets = dir.join("assets");
     let tftp = dir.join("tftp");
     std::fs::create_dir_all(&assets).unwrap();
@@ -119,25 +113,24 @@ fn start_controller(ns: &str, dir: &Path) -> (Proc, Ports) {
     std::fs::write(assets.join("vmlinuz"), b"kernel").unwrap();
     std::fs::write(assets.join("initramfs.img"), b"initrd").unwrap();
     std::fs::write(tftp.join("undionly.kpxe"), vec![7u8; 3000]).unwrap();
-    let data = dir.join("ctl");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns])
-        .arg(bin("muster-controller").unwrap())
-        .args(["serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .arg("--boot-assets")
-        .arg(&assets)
-        .args(["--boot-controller-url", "https://127.0.0.1:7443", "--proxy-dhcp", "lo", "--tftp"])
-        .arg(&tftp)
-        .env("RUST_LOG", "info");
-    let mut proc = Proc::spawn(&mut cmd, dir.join("controller.log")).unwrap();
-    let ports = wait_for("controller ports.json", Duration::from_secs(60), || {
-        assert!(proc.alive(), "the controller exited: {}", proc.log_text());
-        let p: Ports = serde_json::from_str(&std::fs::read_to_string(data.join("ports.json")).ok()?).ok()?;
-        (p.pid == proc.pid()).then_some(p)
-    })
-    .unwrap();
-    (proc, ports)
+    let (assets, tftp) = (assets.display().to_string(), tftp.display().to_string());
+    ControllerProc::start_wrapped(
+        &["ip", "netns", "exec", ns],
+        &dir.join("ctl"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[
+            "--boot-assets",
+            &assets,
+            "--boot-controller-url",
+            "https://127.0.0.1:7443",
+            "--proxy-dhcp",
+            "lo",
+            "--tftp",
+            &tftp,
+        ],
+    )
+    .unwrap()
 }
 
 #[test]
@@ -147,7 +140,7 @@ fn boot_services_survive_a_poisoned_packet_and_tftp_binds_the_boot_address() {
     ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
     ip(&["-n", &ns.0, "addr", "add", "10.77.250.1/32", "dev", "lo"]);
     let tmp = tempfile::tempdir().unwrap();
-    let (mut proc, ports) = start_controller(&ns.0, tmp.path());
+    let ControllerProc { mut proc, ports, .. } = start_controller(&ns.0, tmp.path());
 
     in_netns(&ns.0, move || {
         // A client without an address, as a PXE ROM is: UDP 68 on the interface.

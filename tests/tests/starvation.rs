@@ -14,12 +14,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use muster_proto::pb;
-use muster_tests::{bin, channel, http_get, wait_for, Proc};
+use muster_tests::{channel, http_get, ControllerProc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_stream::StreamExt;
@@ -27,32 +26,17 @@ use tokio_stream::StreamExt;
 const OPEN_FILES: u32 = 256;
 const IDLE_PER_LISTENER: usize = 300;
 
-#[derive(serde::Deserialize)]
-struct Ports {
-    grpc: SocketAddr,
-    http: SocketAddr,
-    pid: u32,
-}
-
 /// `muster-controller serve` on 127.0.0.1 with at most `OPEN_FILES` descriptors.
-fn start_controller(dir: &Path) -> (Proc, Ports) {
-    let data = dir.join("ctl");
-    let mut cmd = Command::new("prlimit");
-    cmd.arg(format!("--nofile={OPEN_FILES}:{OPEN_FILES}"))
-        .arg("--")
-        .arg(bin("muster-controller").unwrap())
-        .args(["serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .env("RUST_LOG", "info");
-    let mut proc = Proc::spawn(&mut cmd, dir.join("controller.log"))
-        .expect("prlimit (Debian package util-linux) must be installed");
-    let ports = wait_for("controller ports.json", Duration::from_secs(60), || {
-        assert!(proc.alive(), "the controller exited: {}", proc.log_text());
-        let p: Ports = serde_json::from_str(&std::fs::read_to_string(data.join("ports.json")).ok()?).ok()?;
-        (p.pid == proc.pid()).then_some(p)
-    })
-    .unwrap();
-    (proc, ports)
+fn start_controller(dir: &Path) -> ControllerProc {
+    let nofile = format!("--nofile={OPEN_FILES}:{OPEN_FILES}");
+    ControllerProc::start_wrapped(
+        &["prlimit", &nofile, "--"],
+        &dir.join("ctl"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[],
+    )
+    .expect("prlimit (Debian package util-linux) must be installed")
 }
 
 /// A TCP connection from `from` (a 127.0.0.x address) to `to`, given up after 2 s (a starved
@@ -112,7 +96,7 @@ fn metric(text: &str, prefix: &str) -> f64 {
 async fn idle_connections_do_not_starve_agents_or_admins() {
     muster_tests::init_crypto();
     let tmp = tempfile::tempdir().unwrap();
-    let (mut proc, ports) = start_controller(tmp.path());
+    let ControllerProc { mut proc, ports, .. } = start_controller(tmp.path());
     let mc = muster_machinery::musterconfig::MusterConfig::from_yaml(
         &std::fs::read_to_string(tmp.path().join("ctl/musterconfig")).unwrap(),
     )
