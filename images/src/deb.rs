@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{io, run, Error};
+use crate::{gzip, io, run, Error};
 
 /// One package: its name, the binaries it installs into `/usr/bin`, and its text files.
 struct Package {
@@ -280,13 +280,6 @@ fn write(path: &Path, mode: u32, contents: &[u8]) -> Result<(), Error> {
         .map_err(io(format!("setting the mode of {}", path.display())))
 }
 
-fn gzip(text: &str) -> Result<Vec<u8>, Error> {
-    use std::io::Write;
-    let mut e = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
-    e.write_all(text.as_bytes()).map_err(io("compressing the changelog"))?;
-    e.finish().map_err(io("compressing the changelog"))
-}
-
 /// `md5sum`'s lines for every file under `root` (paths relative to it), as dpkg keeps them.
 fn md5sums(root: &Path) -> Result<String, Error> {
     let script = "find . -type f ! -path './DEBIAN/*' -printf '%P\\0' | LC_ALL=C sort -z | xargs -0r md5sum";
@@ -333,7 +326,11 @@ pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
         let doc = root.join("usr/share/doc").join(pkg.name);
         write(&doc.join("copyright"), 0o644, copyright().as_bytes())?;
         // A native package (no Debian revision): changelog.gz.
-        write(&doc.join("changelog.gz"), 0o644, &gzip(&changelog(pkg.name, &o.version))?)?;
+        write(
+            &doc.join("changelog.gz"),
+            0o644,
+            &gzip(changelog(pkg.name, &o.version).as_bytes(), 9, "the changelog")?,
+        )?;
         let unit = format!("lib/systemd/system/{}.service", pkg.name);
         let mut overrides = String::new();
         for (name, _) in &pkg.bins {

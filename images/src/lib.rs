@@ -361,9 +361,14 @@ fn initramfs(
     entries.dedup_by(|a, b| a.path() == b.path());
     let mut raw = Vec::new();
     cpio::write(&mut raw, &entries, EPOCH).map_err(io("writing the initramfs"))?;
-    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(6));
-    gz.write_all(&raw).map_err(io("compressing the initramfs"))?;
-    gz.finish().map_err(io("compressing the initramfs"))
+    gzip(&raw, 6, "the initramfs")
+}
+
+/// `data` gzip'd at `level` without a timestamp (the same input, the same bytes).
+fn gzip(data: &[u8], level: u32, what: &str) -> Result<Vec<u8>, Error> {
+    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(level));
+    gz.write_all(data).map_err(io(format!("compressing {what}")))?;
+    gz.finish().map_err(io(format!("compressing {what}")))
 }
 
 /// Writes `data` to `path` (temp + rename).
