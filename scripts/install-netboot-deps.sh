@@ -2,14 +2,17 @@
 # System packages for network boot, images and the QEMU lab (see ../shared/notes/netboot.md):
 # QEMU from bookworm-backports (bookworm's 7.2 would make apt remove the installed qemu-utils
 # 10.x), iPXE ROMs and binaries, busybox for the initramfs, xorriso + isolinux for the ISO,
-# dnsmasq for the ProxyDHCP test's LAN DHCP server. Idempotent; installs only what is missing.
+# dnsmasq for the ProxyDHCP test's LAN DHCP server, OVMF for UEFI VMs, and what
+# `muster image os` builds the node OS with: mmdebstrap, e2fsprogs (mke2fs -d), dosfstools and
+# mtools (the ESP, unmounted), fdisk (sfdisk), syslinux (BIOS boot), qemu-utils (qcow2).
+# Idempotent; installs only what is missing.
 set -euo pipefail
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
 
 missing=()
 for p in qemu-system-x86 ipxe-qemu ipxe busybox-static xorriso isolinux syslinux-common dnsmasq-base \
-    iproute2 util-linux; do
+    iproute2 util-linux ovmf mmdebstrap e2fsprogs dosfstools mtools fdisk syslinux qemu-utils; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 ((${#missing[@]})) || exit 0
@@ -51,6 +54,6 @@ echo "installing: ${missing[*]}" >&2
 $SUDO apt-get update -qq
 export DEBIAN_FRONTEND=noninteractive
 if [ "$codename" = bookworm ]; then
-    $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+    $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 fi
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -49,7 +49,7 @@ pub enum AgentError {
     #[error("machine {id} was revoked by the controller ({reason}); restart the agent with a new join token to enroll again")]
     Revoked { id: String, reason: String },
     #[error(
-        "no identity in {0} and no join token: pass --token (or muster.token= on the kernel command line)"
+        "no identity in {0} and no join token: pass --token, or set muster.token= on the kernel command line, opt/muster/token in QEMU's fw_cfg or MUSTER_TOKEN= in /etc/muster/agent.env"
     )]
     NoToken(String),
     #[error("refusing to enroll: no CA pin and no CA file, so the controller cannot be authenticated; pass --ca-hash sha256:... (printed by `muster-controller init`) or --ca-file")]
@@ -68,6 +68,14 @@ pub enum AgentError {
     Key(String),
 }
 
+impl AgentError {
+    /// The agent's settings are missing or wrong: restarting it changes nothing until they are
+    /// fixed (exit status 2, which the systemd unit does not restart on).
+    pub fn is_settings(&self) -> bool {
+        matches!(self, Self::NoToken(_) | Self::NoTrust | Self::CaFile { .. })
+    }
+}
+
 /// The agent. Build with [`Agent::new`], then [`Agent::run`].
 pub struct Agent {
     pub(crate) cfg: AgentConfig,
@@ -76,6 +84,7 @@ pub struct Agent {
     pub(crate) collector: Arc<Mutex<Collector>>,
     pub(crate) metrics_port: u16,
     pub(crate) rollout: Rollout,
+    pub(crate) installer: crate::install::Installer,
 }
 
 pub(crate) type Stop = watch::Receiver<bool>;
@@ -98,7 +107,18 @@ impl Agent {
         let state = StateDir::new(&cfg.state_dir);
         let collector = Arc::new(Mutex::new(Collector::new(Sources::default(), Vec::new())));
         let rollout = Rollout::new(None, &cfg.state_dir, cfg.boot_id_file.clone(), status.clone());
-        (Self { cfg, state, status, collector, metrics_port: 0, rollout }, rx)
+        (
+            Self {
+                cfg,
+                state,
+                status,
+                collector,
+                metrics_port: 0,
+                rollout,
+                installer: crate::install::Installer::new(None),
+            },
+            rx,
+        )
     }
 
     /// Applies configs through `effects` (the binary passes the real Linux implementation).
@@ -110,6 +130,13 @@ impl Agent {
             self.cfg.boot_id_file.clone(),
             self.status.clone(),
         );
+        self
+    }
+
+    /// Installs to and resets local disks when the controller says so (the binary passes the
+    /// real disks when it owns its node). Without, such requests are refused.
+    pub fn with_disks(mut self, disks: crate::effects::LinuxDisks) -> Self {
+        self.installer = crate::install::Installer::new(Some(disks));
         self
     }
 
@@ -158,7 +185,13 @@ impl Agent {
             s.assignment = ident.machine.assignment.clone();
             s.cert_not_after = validity(&ident.cert_pem).map_or(0, |v| v.1);
         });
-        tracing::info!(machine = %ident.machine.machine_id, controller = %self.cfg.controller, "identity ready");
+        tracing::info!(
+            machine = %ident.machine.machine_id,
+            controller = %self.cfg.controller,
+            "identity ready: machine {}, controller {}",
+            ident.machine.machine_id,
+            self.cfg.controller
+        );
         self.rollout.converge_at_start();
         tokio::select! {
             r = self.connect_loop(&mut ident, &mut stop) => r,
@@ -188,6 +221,9 @@ impl Agent {
                     return Ok(());
                 }
                 SessionEnd::Revoked(reason) => {
+                    // A reset ends with the controller forgetting the machine: the reset's own
+                    // thread reboots the node, and must not be cut short by this exit.
+                    self.installer.wait_idle().await;
                     let id = ident.machine.machine_id.clone();
                     tracing::error!(%reason, "machine {id} was revoked by the controller; restart with a new join token to enroll again");
                     self.state.wipe()?;

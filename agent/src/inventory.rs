@@ -37,7 +37,64 @@ fn sorted_dir(p: &Path) -> Vec<PathBuf> {
 
 /// Collects the inventory, with `hints` overriding the hostname and UUID.
 pub fn collect(hints: &Hints) -> pb::Inventory {
-    collect_from(&Roots::default(), hints)
+    let mut inv = collect_from(&Roots::default(), hints);
+    let addrs = interface_addresses();
+    for nic in &mut inv.nics {
+        if let Some(a) = addrs.get(&nic.name) {
+            nic.addresses = a.clone();
+        }
+    }
+    inv
+}
+
+/// Each interface's IPv4 and global IPv6 addresses as `ADDRESS/PREFIX`, sorted (getifaddrs).
+fn interface_addresses() -> std::collections::BTreeMap<String, Vec<String>> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list that stays valid until freeifaddrs; every
+    // pointer is checked for null and each sockaddr is read as the type its family names.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() || ifa.ifa_name.is_null() {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+            let (ip, prefix) = match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    let m = &*(ifa.ifa_netmask as *const libc::sockaddr_in);
+                    (
+                        IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
+                        u32::from_be(m.sin_addr.s_addr).count_ones(),
+                    )
+                }
+                libc::AF_INET6 => {
+                    let a = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    let m = &*(ifa.ifa_netmask as *const libc::sockaddr_in6);
+                    let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                    if ip.segments()[0] & 0xffc0 == 0xfe80 {
+                        continue;
+                    }
+                    (IpAddr::V6(ip), m.sin6_addr.s6_addr.iter().map(|b| b.count_ones()).sum())
+                }
+                _ => continue,
+            };
+            out.entry(name).or_default().push(format!("{ip}/{prefix}"));
+        }
+        libc::freeifaddrs(head);
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
 }
 
 pub fn collect_from(r: &Roots, hints: &Hints) -> pb::Inventory {
@@ -94,6 +151,10 @@ fn disks(block: &Path) -> Vec<pb::Disk> {
                 size_bytes: sectors * 512,
                 model: read(p.join("device/model")),
                 removable: read(p.join("removable")) == "1",
+                serial: match read(p.join("serial")) {
+                    s if s.is_empty() => read(p.join("device/serial")),
+                    s => s,
+                },
                 name,
             })
         })

@@ -29,6 +29,7 @@ mod enroll;
 pub mod generations;
 pub mod health;
 pub mod identity;
+pub mod install;
 pub mod inventory;
 pub mod metrics;
 pub mod reconcile;

@@ -75,9 +75,29 @@ fn main() -> ExitCode {
     if let Some(file) = &flags.apply_once {
         return apply_once(file, &flags.root, flags.report_only);
     }
+    // A system installed to disk by Muster: the identity its installer left comes first (it
+    // writes the controller's settings to the env file read below).
+    if !flags.only_flags && !flags.no_apply_config {
+        let state = muster_agent::identity::StateDir::new(
+            flags.state_dir.clone().unwrap_or_else(|| muster_agent::settings::DEFAULT_STATE_DIR.into()),
+        );
+        match muster_agent::install::import_identity(
+            std::path::Path::new("/sys/class/block"),
+            std::path::Path::new("/dev"),
+            &state,
+            &flags.env_file,
+        ) {
+            Ok(Some(id)) => {
+                tracing::info!(machine = %id, "took the identity this system's installer left: machine {id}")
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not take the installer's identity: {e}"),
+        }
+    }
     let sources = Sources::read(&flags);
     for (key, origin) in sources.origins() {
-        tracing::info!(setting = key, from = %origin, "setting found");
+        // The message repeats the fields: the journal shows a message without its fields.
+        tracing::info!(setting = key, from = %origin, "setting found: {key} from {origin}");
     }
     let no_apply_config = flags.no_apply_config;
     let config_root = flags.config_root.clone();
@@ -104,7 +124,9 @@ fn main() -> ExitCode {
             if namespaced_sysctls_only {
                 fx = fx.namespaced_sysctls_only();
             }
-            agent = agent.with_effects(std::sync::Arc::new(fx));
+            agent = agent
+                .with_effects(std::sync::Arc::new(fx))
+                .with_disks(muster_agent::effects::LinuxDisks::default());
         }
         if let Some(addr) = svc.metrics_listen {
             match muster_agent::metrics::spawn(addr, agent.collector(), status.clone()).await {
@@ -122,6 +144,10 @@ fn main() -> ExitCode {
         Err(e @ AgentError::Revoked { .. }) => {
             eprintln!("error: {e}");
             ExitCode::from(3)
+        }
+        Err(e) if e.is_settings() => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -97,6 +97,7 @@ impl Agent {
         self.status.send_modify(|s| s.connected = true);
         tracing::info!("connected to the controller");
         let mut outbox = self.rollout.outbox().await;
+        let mut install_outbox = self.installer.outbox().await;
         // A try waiting for automatic confirmation: this new connection is the proof.
         if let Some(proof) = self.rollout.proof_of_reach() {
             tracing::info!(
@@ -138,6 +139,9 @@ impl Agent {
             tokio::select! {
                 () = stopped(stop) => return SessionEnd::Shutdown,
                 Some(r) = outbox.recv() => send!(to_pb(r)),
+                Some(st) = install_outbox.recv() => send!(pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::InstallStatus(st)),
+                }),
                 _ = drift_check.tick() => {
                     if let Some(r) = self.rollout.drift_pass() {
                         send!(to_pb(r));
@@ -232,7 +236,15 @@ impl Agent {
             Some(pb::controller_message::Msg::Assignment(a)) => {
                 let a = Assignment::from(a);
                 if ident.machine.assignment.as_ref() != Some(&a) {
-                    tracing::info!(role = %a.role, cluster = %a.cluster, approved = a.approved, "assignment");
+                    tracing::info!(
+                        role = %a.role,
+                        cluster = %a.cluster,
+                        approved = a.approved,
+                        "assignment: role {} in cluster {} (approved: {})",
+                        a.role,
+                        a.cluster,
+                        a.approved
+                    );
                     ident.machine.assignment = Some(a.clone());
                     if let Err(e) = self.state.write_machine(&ident.machine) {
                         tracing::warn!(error = %e, "could not save the assignment");
@@ -254,6 +266,20 @@ impl Agent {
                         s.clock_offset_ms = off;
                     });
                 }
+            }
+            Some(pb::controller_message::Msg::Install(i)) => {
+                let identity = muster_machinery::install::Identity {
+                    machine_id: ident.machine.machine_id.clone(),
+                    key_pem: ident.key_pem.clone(),
+                    cert_pem: ident.cert_pem.clone(),
+                    ca_pem: ident.ca_pem.clone(),
+                    controller: self.cfg.controller.clone(),
+                    ca_hash: self.cfg.ca_pin.as_ref().map(ToString::to_string).unwrap_or_default(),
+                };
+                self.installer.start_install(i, identity, self.status.subscribe());
+            }
+            Some(pb::controller_message::Msg::Reset(r)) => {
+                self.installer.start_reset(r, self.state.clone(), self.status.subscribe());
             }
             None => {}
         }

@@ -58,6 +58,7 @@ pub fn inventory(i: usize) -> pb::Inventory {
             size_bytes: 512 << 30,
             model: "Simulated NVMe".into(),
             removable: false,
+            serial: format!("SIM{i:05}"),
         }],
         nics: vec![pb::Nic {
             name: "eth0".into(),

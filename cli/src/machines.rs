@@ -146,6 +146,46 @@ pub enum MachineCmd {
         /// The registered MAC address.
         mac: String,
     },
+    /// Install a node OS image to one of the machine's disks; the machine then boots from it.
+    ///
+    /// The machine must be approved and running the network-booted live image. Its agent
+    /// downloads the image from the controller (SHA-256 checked, resumed after a broken
+    /// connection), writes it, reads it back and compares, writes the partition table last and
+    /// the machine's identity into it, reports `installed` and reboots. From then on its boot
+    /// script says `exit`, so the firmware boots the disk, and it comes back as the same
+    /// machine. Nothing half-written is ever booted. Follow it with `muster machine get`.
+    ///
+    /// Disk selectors: a device path (/dev/sda, /dev/disk/by-id/...), `only-non-removable`,
+    /// or conditions joined by commas that must all hold: serial=S, model=M (M* for a prefix),
+    /// name=sda, size>=100G, size<=2T. A selector matching no disk or several is refused, as is
+    /// a disk smaller than the image.
+    Install {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        /// The target disk (see above).
+        #[arg(long, value_name = "SELECTOR")]
+        disk: String,
+        /// The image, as `muster-controller image add` named it (`muster machine images`).
+        #[arg(long, value_name = "NAME")]
+        image: String,
+    },
+    /// Undo an install: the machine's agent erases what it installed on its install disk (and
+    /// no other disk), forgets its identity and reboots into network boot, where it shows up
+    /// again as a new machine (pending, or as its MAC's registration says).
+    Reset {
+        /// Machine id, unique id prefix, hostname or MAC.
+        id: String,
+        /// Erase the disk's signatures and partition tables (else only the machine's identity
+        /// on it goes, and the next install overwrites the rest).
+        #[arg(long)]
+        wipe: bool,
+    },
+    /// List the node OS images the controller serves for install to disk.
+    Images {
+        /// Output format: a table for people, json or yaml for scripts.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 /// The verbs that act on one machine.
@@ -263,6 +303,78 @@ impl MachineCmd {
                         eprintln!("no registrations (add one with `muster machine register --mac M`)")
                     }
                     Output::Table => out!("{}", registrations_table(&view)),
+                    o => out!("{}", render(&view, o)?),
+                }
+            }
+            MachineCmd::Install { id, disk, image } => {
+                let m = a
+                    .client
+                    .install(pb::InstallRequest { query: id, image, disk })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                outln!(
+                    "machine {} ({}): installing {} to {}{}",
+                    m.id,
+                    escape(&m.hostname),
+                    escape(&m.install_image),
+                    escape(&m.install_disk),
+                    if m.connected { "" } else { " when its agent connects" }
+                );
+            }
+            MachineCmd::Reset { id, wipe } => {
+                let m = a
+                    .client
+                    .reset(pb::ResetRequest { query: id, wipe })
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner();
+                outln!(
+                    "machine {} ({}): {} {}; it reboots into network boot and shows up as a new machine",
+                    m.id,
+                    escape(&m.hostname),
+                    if wipe { "wiping" } else { "forgetting the install on" },
+                    escape(&m.install_disk)
+                );
+            }
+            MachineCmd::Images { output } => {
+                let images = a
+                    .client
+                    .list_images(pb::ListImagesRequest {})
+                    .await
+                    .map_err(|s| a.explain(s))?
+                    .into_inner()
+                    .images;
+                #[derive(serde::Serialize)]
+                struct ImageView<'a> {
+                    name: &'a str,
+                    size: u64,
+                    sha256: &'a str,
+                    raw_size: u64,
+                    raw_sha256: &'a str,
+                    added_unix_ms: i64,
+                }
+                let view: Vec<ImageView<'_>> = images
+                    .iter()
+                    .map(|i| ImageView {
+                        name: &i.name,
+                        size: i.size,
+                        sha256: &i.sha256,
+                        raw_size: i.raw_size,
+                        raw_sha256: &i.raw_sha256,
+                        added_unix_ms: i.added_unix_ms,
+                    })
+                    .collect();
+                match output {
+                    Output::Table if view.is_empty() => {
+                        eprintln!("no images (on the controller's host: `muster-controller image add FILE --name NAME`)")
+                    }
+                    Output::Table => {
+                        out!("{:<20} {:>14} {:>14}  SHA256\n", "NAME", "DOWNLOAD", "WRITES");
+                        for i in &view {
+                            out!("{:<20} {:>14} {:>14}  {}\n", escape(i.name), i.size, i.raw_size, i.sha256);
+                        }
+                    }
                     o => out!("{}", render(&view, o)?),
                 }
             }

@@ -39,6 +39,30 @@ pub struct MachineView {
     /// The machine's config, when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config: Option<ConfigSummary>,
+    /// Its install to disk, when one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub install: Option<InstallSummary>,
+}
+
+/// Where a machine's install to disk stands.
+#[derive(Debug, Serialize)]
+pub struct InstallSummary {
+    /// requested, writing, installed, failed, resetting.
+    pub state: String,
+    pub image: String,
+    pub disk: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// The agent's timings of the last install (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timings: Option<InstallTimings>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InstallTimings {
+    pub download_ms: u64,
+    pub write_ms: u64,
+    pub verify_ms: u64,
 }
 
 /// Where a machine's config stands: generations, state, what failed.
@@ -115,6 +139,17 @@ impl MachineView {
             inventory: if full { m.inventory.clone() } else { None },
             health_snapshot: if full { m.health_snapshot.clone() } else { None },
             config: ConfigSummary::of(m),
+            install: (!m.install_state.is_empty()).then(|| InstallSummary {
+                state: m.install_state.clone(),
+                image: m.install_image.clone(),
+                disk: m.install_disk.clone(),
+                error: m.install_error.clone(),
+                timings: (m.install_write_ms > 0).then_some(InstallTimings {
+                    download_ms: m.install_download_ms,
+                    write_ms: m.install_write_ms,
+                    verify_ms: m.install_verify_ms,
+                }),
+            }),
         }
     }
 }
@@ -198,6 +233,13 @@ pub fn machine_detail(m: &pb::Machine, now: SystemTime) -> String {
         format!("serial {}, expires {}", m.cert_serial, v.cert_expires.clone().unwrap_or_default()),
     );
     kv("Token:", v.token.clone());
+    if let Some(i) = &v.install {
+        let mut text = format!("{} ({} on {})", i.state, i.image, i.disk);
+        if !i.error.is_empty() {
+            text.push_str(&format!(": {}", i.error));
+        }
+        kv("Install:", text);
+    }
     match &v.config {
         None => kv("Config:", "-".into()),
         Some(c) => {

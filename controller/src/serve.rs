@@ -161,7 +161,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let controller = Controller::new(store, pki, opts.controller.clone(), Arc::new(Metrics::new())).await?;
     let boot_routes = match &opts.boot {
         Some(b) => Some(
-            boot::routes(&controller, dir.root(), b, grpc_addr.port())
+            boot::routes(&controller, dir.root(), b, grpc_addr.port(), http_addr.port())
                 .await
                 .map_err(|e| ServeError::Runtime(format!("network boot: {e}")))?,
         ),

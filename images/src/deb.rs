@@ -218,6 +218,8 @@ pub struct DebOptions {
     pub cli: PathBuf,
     /// Package version (the workspace's by default).
     pub version: String,
+    /// Build muster-agent only (`muster image os` needs nothing else).
+    pub agent_only: bool,
 }
 
 /// A built package.
@@ -290,6 +292,9 @@ fn md5sums(root: &Path) -> Result<String, Error> {
 /// Builds both packages into `o.out`; returns them.
 pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
     for (what, p) in [("agent", &o.agent), ("controller", &o.controller), ("muster CLI", &o.cli)] {
+        if o.agent_only && what != "agent" {
+            continue;
+        }
         if !p.is_file() {
             return Err(Error::Input(format!(
                 "the {what} binary {} does not exist (build it first)",
@@ -303,6 +308,9 @@ pub fn build_debs(o: &DebOptions) -> Result<Vec<Built>, Error> {
         String::from_utf8_lossy(&run(Command::new("dpkg").arg("--print-architecture"))?).trim().to_owned();
     let mut built = Vec::new();
     for pkg in packages(o) {
+        if o.agent_only && pkg.name != "muster-agent" {
+            continue;
+        }
         let stage = tempfile::Builder::new()
             .prefix(&format!("{}-", pkg.name))
             .tempdir_in(&o.out)

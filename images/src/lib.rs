@@ -11,6 +11,8 @@ pub mod cpio;
 
 pub mod deb;
 
+pub mod os;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,8 +23,10 @@ use serde::{Deserialize, Serialize};
 
 /// Drivers loaded by the init, in dependency order: virtio, VirtIO RNG (a VM's kernel has
 /// entropy at once instead of seconds later, so the agent's key and first TLS handshake do not
-/// wait; hardware with RDRAND needs nothing), the NICs (virtio, e1000), then QEMU's fw_cfg in
-/// sysfs (a VM's enrollment settings can come from it; elsewhere it does not load).
+/// wait; hardware with RDRAND needs nothing), the NICs (virtio, e1000), QEMU's fw_cfg in
+/// sysfs (a VM's enrollment settings can come from it; elsewhere it does not load), then the
+/// disks an install writes to: virtio-blk, NVMe, SATA (AHCI) with SCSI disks. A module whose
+/// hardware is absent loads and idles, or fails to load; neither stops the boot.
 pub const MODULES: &[(&str, &str)] = &[
     ("virtio_ring", "drivers/virtio/virtio_ring.ko"),
     ("virtio", "drivers/virtio/virtio.ko"),
@@ -35,6 +39,21 @@ pub const MODULES: &[(&str, &str)] = &[
     ("virtio_net", "drivers/net/virtio_net.ko"),
     ("e1000", "drivers/net/ethernet/intel/e1000/e1000.ko"),
     ("qemu_fw_cfg", "drivers/firmware/qemu_fw_cfg.ko"),
+    ("virtio_blk", "drivers/block/virtio_blk.ko"),
+    ("crct10dif_common", "crypto/crct10dif_common.ko"),
+    ("crct10dif_generic", "crypto/crct10dif_generic.ko"),
+    ("crc_t10dif", "lib/crc-t10dif.ko"),
+    ("crc64", "lib/crc64.ko"),
+    ("crc64_rocksoft", "lib/crc64-rocksoft.ko"),
+    ("t10_pi", "block/t10-pi.ko"),
+    ("nvme_core", "drivers/nvme/host/nvme-core.ko"),
+    ("nvme", "drivers/nvme/host/nvme.ko"),
+    ("scsi_common", "drivers/scsi/scsi_common.ko"),
+    ("scsi_mod", "drivers/scsi/scsi_mod.ko"),
+    ("libata", "drivers/ata/libata.ko"),
+    ("libahci", "drivers/ata/libahci.ko"),
+    ("ahci", "drivers/ata/ahci.ko"),
+    ("sd_mod", "drivers/scsi/sd_mod.ko"),
 ];
 
 /// The bundle's file names (the boot service serves these).
@@ -577,6 +596,33 @@ pub fn default_agent() -> Option<PathBuf> {
     [dir.join("../agent/muster-agent"), dir.join("muster-agent")].into_iter().find(|p| p.exists())
 }
 
+/// The agent's package beside this binary's target dir (`target/debian/`), built there when it
+/// is missing.
+fn default_agent_deb() -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe().map_err(io("finding this binary"))?;
+    let target = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let debs = target.join("debian");
+    let arch =
+        String::from_utf8_lossy(&run(Command::new("dpkg").arg("--print-architecture"))?).trim().to_owned();
+    let version = env!("CARGO_PKG_VERSION");
+    let path = debs.join(format!("muster-agent_{version}_{arch}.deb"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let agent = default_agent()
+        .ok_or_else(|| Error::Input(format!("{} is missing and there is no muster-agent binary to build it from: build it (`cargo build --profile agent -p muster-agent`) or pass --agent-deb", path.display())))?;
+    eprintln!("building {} (muster image deb --agent {})", path.display(), agent.display());
+    deb::build_debs(&deb::DebOptions {
+        out: debs,
+        agent,
+        controller: PathBuf::new(),
+        cli: PathBuf::new(),
+        version: version.to_owned(),
+        agent_only: true,
+    })?;
+    Ok(path)
+}
+
 /// `muster image …`.
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCommand {
@@ -608,6 +654,51 @@ pub enum ImageCommand {
         /// Package version [default: the workspace's]
         #[arg(long, value_name = "VERSION")]
         version: Option<String>,
+    },
+    /// Build the node OS: a Debian disk image (BIOS and UEFI) with systemd, the kernel's whole
+    /// module tree, what a Kubernetes node needs, and the agent from its .deb, enabled. Writes
+    /// muster-os.raw, muster-os.qcow2 (a VM template), muster-os.raw.gz (what machines install to
+    /// disk), manifest.json and SHA256SUMS. Runs as root (mmdebstrap, in private namespaces;
+    /// nothing is mounted on this machine). Packages come from this machine's apt sources; the
+    /// root file system is cached and reused until its inputs change (or --refresh).
+    ///
+    /// With no baked settings, a node finds its controller from the kernel command line
+    /// (muster.controller=…), QEMU's fw_cfg (opt/muster/controller, …) or an agent.env written
+    /// later; --controller/--ca-hash/--boot-token write /etc/muster/agent.env into the image.
+    Os {
+        /// Output directory.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The agent's Debian package [default: target/debian/muster-agent_VERSION_ARCH.deb
+        /// beside this binary's target dir, built when missing]
+        #[arg(long, value_name = "FILE")]
+        agent_deb: Option<PathBuf>,
+        /// Where the root file system is cached [default: $XDG_CACHE_HOME/muster or ~/.cache/muster]
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Debian suite [default: this machine's release]
+        #[arg(long, value_name = "NAME")]
+        suite: Option<String>,
+        /// apt sources to build from (deb822 .sources or one-line .list) [default: this machine's
+        /// Debian entries for the suite]
+        #[arg(long, value_name = "FILE")]
+        sources: Option<PathBuf>,
+        /// Bake the controller's URL into /etc/muster/agent.env.
+        #[arg(long, value_name = "URL")]
+        controller: Option<String>,
+        /// Bake the controller CA's pin (sha256:…, from `muster-controller init`).
+        #[arg(long, value_name = "PIN")]
+        ca_hash: Option<String>,
+        /// Bake a boot token (`muster token create --boot`): every machine from this image
+        /// enrolls pending (or as its MAC's registration says), never straight into a role.
+        #[arg(long, value_name = "TOKEN", env = "MUSTER_BOOT_TOKEN", hide_env_values = true)]
+        boot_token: Option<String>,
+        /// Build the root file system again (new package versions) even when one is cached.
+        #[arg(long)]
+        refresh: bool,
+        /// No progress output.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Build a BIOS-bootable ISO (isolinux, also bootable from USB) with the same payload.
     Iso {
@@ -694,6 +785,7 @@ pub fn run_command(cmd: ImageCommand) -> Result<(), Error> {
                 controller: controller.unwrap_or_else(|| beside("muster-controller")),
                 cli: cli.unwrap_or(exe),
                 version: version.unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
+                agent_only: false,
             };
             let built = deb::build_debs(&opts)?;
             let text: String = built
@@ -701,6 +793,46 @@ pub fn run_command(cmd: ImageCommand) -> Result<(), Error> {
                 .map(|b| format!("{} {:>10} bytes  {}\n", b.name, b.size, b.path.display()))
                 .collect();
             (false, text)
+        }
+        ImageCommand::Os {
+            out,
+            agent_deb,
+            cache,
+            suite,
+            sources,
+            controller,
+            ca_hash,
+            boot_token,
+            refresh,
+            quiet,
+        } => {
+            let agent_deb = match agent_deb {
+                Some(d) => d,
+                None => default_agent_deb()?,
+            };
+            let opts = os::OsOptions {
+                out: out.clone(),
+                cache: cache.unwrap_or_else(default_cache),
+                agent_deb,
+                suite,
+                sources,
+                baked: os::Baked { controller, ca_hash, boot_token },
+                refresh,
+            };
+            let mut progress: Box<dyn Progress> =
+                if quiet { Box::new(Quiet) } else { Box::new(Stderr(start)) };
+            let m = os::build_os(&opts, progress.as_mut())?;
+            let mut text = format!(
+                "node OS image in {} (Debian {}, kernel {}, {} packages):\n",
+                out.display(),
+                m.suite,
+                m.kernel_version,
+                m.packages.len()
+            );
+            for f in &m.files {
+                text.push_str(&format!("  {:<16} {:>11} bytes  sha256 {}\n", f.name, f.size, f.sha256));
+            }
+            (quiet, text)
         }
         ImageCommand::Iso { common, out, cmdline, bundle } => {
             let cache = common.cache.clone().unwrap_or_else(default_cache);

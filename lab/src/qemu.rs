@@ -53,6 +53,11 @@ pub enum Boot {
     Cdrom(PathBuf),
     /// Direct kernel boot (the baseline): `-kernel`, `-initrd`, `-append`.
     Kernel { kernel: PathBuf, initrd: PathBuf, append: String },
+    /// From the first disk only (a VM template's clone).
+    Disk,
+    /// Network boot first, then the first disk (as a bare-metal machine's firmware is set up
+    /// for network-boot provisioning: iPXE's `exit` falls through to the disk).
+    NetworkThenDisk,
 }
 
 /// How the VM is networked.
@@ -79,7 +84,17 @@ pub struct VmSpec {
     pub netns: Option<String>,
     /// fw_cfg entries (`-fw_cfg name=NAME,string=VALUE`), e.g. `opt/muster/controller`.
     pub fw_cfg: Vec<(String, String)>,
+    /// qcow2 disks, as virtio-blk devices with serials `muster-disk-N` (N from 0).
+    pub disks: Vec<PathBuf>,
+    /// UEFI firmware (OVMF) with this file as its variable store; BIOS (SeaBIOS) when `None`.
+    pub uefi_vars: Option<PathBuf>,
+    /// A guest reboot resets the VM (firmware again) instead of ending QEMU.
+    pub allow_reboot: bool,
 }
+
+/// OVMF's code and an empty variable store (Debian's `ovmf`, 4 MiB flash).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 impl VmSpec {
     pub fn new(name: &str, mac: &str, boot: Boot, net: Net) -> Self {
@@ -93,6 +108,9 @@ impl VmSpec {
             net,
             netns: None,
             fw_cfg: Vec::new(),
+            disks: Vec::new(),
+            uefi_vars: None,
+            allow_reboot: false,
         }
     }
 }
@@ -121,7 +139,6 @@ pub fn qemu_args(spec: &VmSpec, dir: &Path) -> Result<(Vec<String>, PathBuf), La
         &spec.memory_mb.to_string(),
         "-display",
         "none",
-        "-no-reboot",
         "-nodefaults",
         "-serial",
         &format!("file:{}", serial_log.display()),
@@ -131,6 +148,23 @@ pub fn qemu_args(spec: &VmSpec, dir: &Path) -> Result<(Vec<String>, PathBuf), La
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if !spec.allow_reboot {
+        a.push("-no-reboot".into());
+    }
+    if let Some(vars) = &spec.uefi_vars {
+        if !Path::new(OVMF_CODE).is_file() {
+            return Err(LabError::Vm {
+                name: spec.name.clone(),
+                detail: format!("{OVMF_CODE} is missing: apt-get install ovmf"),
+            });
+        }
+        a.extend([
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+        ]);
+    }
     if let Some(u) = &spec.uuid {
         a.extend(["-uuid".into(), u.clone()]);
     }
@@ -155,7 +189,24 @@ pub fn qemu_args(spec: &VmSpec, dir: &Path) -> Result<(Vec<String>, PathBuf), La
         Net::Tap { ifname } => format!("tap,id=n0,ifname={ifname},script=no,downscript=no"),
     };
     a.extend(["-netdev".into(), netdev]);
-    a.extend(["-device".into(), format!("virtio-net-pci,netdev=n0,mac={}", spec.mac)]);
+    let nic_boot = match spec.boot {
+        Boot::NetworkThenDisk => ",bootindex=1",
+        _ => "",
+    };
+    a.extend(["-device".into(), format!("virtio-net-pci,netdev=n0,mac={}{nic_boot}", spec.mac)]);
+    for (i, d) in spec.disks.iter().enumerate() {
+        let boot = match (&spec.boot, i) {
+            (Boot::Disk, 0) => ",bootindex=1",
+            (Boot::NetworkThenDisk, 0) => ",bootindex=2",
+            _ => "",
+        };
+        a.extend([
+            "-drive".into(),
+            format!("if=none,id=d{i},format=qcow2,file={}", d.display()),
+            "-device".into(),
+            format!("virtio-blk-pci,drive=d{i},serial=muster-disk-{i}{boot}"),
+        ]);
+    }
     // Entropy at once, as a CPU with RDRAND gives a real node: without it the kernel's CRNG
     // takes seconds to seed under TCG and the agent's first key or TLS handshake waits.
     a.extend(["-device".into(), "virtio-rng-pci".into()]);
@@ -172,6 +223,7 @@ pub fn qemu_args(spec: &VmSpec, dir: &Path) -> Result<(Vec<String>, PathBuf), La
             "-append".into(),
             append.clone(),
         ]),
+        Boot::Disk | Boot::NetworkThenDisk => {}
     }
     Ok((a, serial_log))
 }

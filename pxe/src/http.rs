@@ -33,8 +33,15 @@ pub fn router(policy: Arc<dyn BootPolicy>, assets: Arc<Assets>) -> Router {
         .route("/boot/start.ipxe", get(start))
         .route("/boot/machine.ipxe", get(machine))
         .route("/boot/assets/SHA256SUMS", get(sums))
-        .route("/boot/assets/{name}", get(asset).head(asset))
-        .with_state(Boot { policy, assets })
+        .with_state(Boot { policy, assets: assets.clone() })
+        .merge(files_router("/boot/assets", assets))
+}
+
+/// `PREFIX/{name}`: the files directly in `assets`' directory, with `Range`, `If-Range`,
+/// `If-None-Match` and their SHA-256 (`ETag`, `X-Checksum-Sha256`, `Digest`), as boot assets
+/// are served. The controller serves its node OS images (`/images/{name}`) so.
+pub fn files_router(prefix: &str, assets: Arc<Assets>) -> Router {
+    Router::new().route(&format!("{prefix}/{{name}}"), get(asset).head(asset)).with_state(assets)
 }
 
 fn remote_of(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
@@ -101,14 +108,14 @@ fn set(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
 }
 
 async fn asset(
-    State(b): State<Boot>,
+    State(assets): State<Arc<Assets>>,
     method: Method,
     ext: axum::http::Extensions,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let remote = remote_of(&ext);
-    let mut a = match b.assets.open(&name).await {
+    let mut a = match assets.open(&name).await {
         Ok(a) => a,
         Err(e @ (AssetError::NotFound(_) | AssetError::InvalidName(_))) => {
             tracing::info!(?remote, asset = %Untrusted(&name), "boot: no such asset");

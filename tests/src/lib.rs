@@ -14,6 +14,8 @@ use muster_controller::fleet::ControllerOptions;
 use muster_controller::serve::{self, Running, ServeOptions};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+pub mod e2e;
+
 pub use muster_lab::http::{http_get, HttpResponse};
 pub use muster_lab::muster::{agent_bin, cli, start_agent, ControllerProc};
 pub use muster_lab::process::{bin_dir, find_bin as bin, wait_for, Proc};
@@ -141,6 +143,7 @@ impl TestController {
                 kernel_args: String::new(),
                 proxy_dhcp: None,
                 tftp_root: None,
+                http_url: None,
             })
         } else {
             None

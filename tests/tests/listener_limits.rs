@@ -113,6 +113,7 @@ async fn http_idle_big_heads_and_stalled_readers_are_cut_off() {
         kernel_args: String::new(),
         proxy_dhcp: None,
         tftp_root: None,
+        http_url: None,
     };
     let net = NetLimits {
         http_header_timeout: Duration::from_secs(1),

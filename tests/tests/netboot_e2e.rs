@@ -13,128 +13,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use muster_machinery::KernelArgs;
+use muster_tests::e2e::{
+    boot_controller, pxe_bundle, strip_ansi, user_net, wait_machine, Keep, BOOT_TIMEOUT, GUEST_GRPC,
+};
 use muster_tests::vm::{mac, Boot, Net, Vm, VmSpec, GUEST_FWD_ADDR};
-use muster_tests::{bin, wait_for, ControllerProc};
-
-/// Ports the guest dials at 10.0.2.100.
-const GUEST_HTTP: u16 = 80;
-const GUEST_GRPC: u16 = 7443;
-/// TCG is slow and CI machines are loaded: generous, but a failure on the console stops at once.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// The PXE bundle, built once per target dir (a lock keeps parallel tests from racing).
-fn pxe_bundle() -> Result<PathBuf> {
-    let root = muster_tests::bin_dir().join("muster-e2e");
-    std::fs::create_dir_all(&root)?;
-    let out = root.join("pxe");
-    let lock = std::fs::File::create(root.join("build.lock"))?;
-    let status = Command::new("flock")
-        .arg(root.join("build.lock"))
-        .arg(bin("muster")?)
-        .args(["image", "pxe", "--quiet", "--agent"])
-        .arg(muster_tests::agent_bin()?)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .context("building the PXE bundle")?;
-    drop(lock);
-    if !status.success() {
-        bail!("muster image pxe failed ({status})");
-    }
-    Ok(out)
-}
-
-/// A controller serving network boot on loopback, its certificate valid for the guests' view.
-fn boot_controller(dir: &Path, bundle: &Path, ports: Option<(u16, u16)>) -> Result<ControllerProc> {
-    let data = dir.join("controller");
-    if !data.join("ca.crt").exists() {
-        muster_lab::muster::init_controller(&data, &["--san", GUEST_FWD_ADDR])?;
-    }
-    let (grpc, http) = match ports {
-        Some((g, h)) => (format!("127.0.0.1:{g}"), format!("127.0.0.1:{h}")),
-        None => ("127.0.0.1:0".into(), "127.0.0.1:0".into()),
-    };
-    let bundle = bundle.display().to_string();
-    let url = format!("https://{GUEST_FWD_ADDR}:{GUEST_GRPC}");
-    Ok(ControllerProc::start(
-        &data,
-        &grpc,
-        &http,
-        &[
-            "--boot-assets",
-            &bundle,
-            "--boot-controller-url",
-            &url,
-            "--boot-kernel-args",
-            "console=ttyS0 panic=-1",
-            // QEMU's user networking: every guest connects from loopback (see the top).
-            "--trust-reported-macs",
-            "127.0.0.1/32",
-        ],
-    )?)
-}
-
-fn user_net(ctl: &ControllerProc, boot: bool) -> Net {
-    Net::User {
-        bootfile: boot.then(|| format!("http://{GUEST_FWD_ADDR}/boot/start.ipxe")),
-        forwards: vec![(GUEST_HTTP, ctl.ports.http.port()), (GUEST_GRPC, ctl.ports.grpc.port())],
-    }
-}
-
-/// The machine with `mac`, once `ok` holds for it (checking the VM's console meanwhile).
-fn wait_machine(
-    ctl: &ControllerProc,
-    vm: &mut Vm,
-    mac: &str,
-    what: &str,
-    ok: impl Fn(&serde_json::Value) -> bool,
-) -> Result<serde_json::Value> {
-    let start = std::time::Instant::now();
-    loop {
-        vm.check()?;
-        let found = ctl
-            .machines()?
-            .into_iter()
-            .find(|m| m["macs"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str() == Some(mac))));
-        if let Some(m) = found.filter(|m| ok(m)) {
-            return Ok(m);
-        }
-        if start.elapsed() > BOOT_TIMEOUT {
-            bail!(
-                "VM {}: {what} not seen within {BOOT_TIMEOUT:?}; serial log at {}",
-                vm.name,
-                vm.serial_log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Keeps the temp dir (serial logs) when the test fails.
-struct Keep(Option<tempfile::TempDir>);
-impl Keep {
-    fn new() -> Self {
-        Self(Some(tempfile::Builder::new().prefix("muster-e2e-").tempdir().unwrap()))
-    }
-    fn path(&self) -> &Path {
-        self.0.as_ref().map(|d| d.path()).unwrap_or(Path::new("/nonexistent"))
-    }
-}
-impl Drop for Keep {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Some(d) = self.0.take() {
-                eprintln!("keeping serial logs in {}", d.keep().display());
-            }
-        }
-    }
-}
+use muster_tests::{bin, wait_for};
 
 #[test]
 fn registered_vm_netboots_enrolls_takes_role_hostname_and_config_and_survives_a_controller_restart() {
@@ -281,24 +168,6 @@ fn a_vm_enrolls_with_settings_from_fw_cfg_alone() {
             && l.contains("from=fw_cfg")),
         "{serial}"
     );
-}
-
-/// `text` without ANSI SGR sequences (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A plain HTTP GET on loopback.

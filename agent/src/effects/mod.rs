@@ -9,6 +9,7 @@
 //!
 //! Tests run the real implementation inside namespaces they create, never on the host.
 
+mod disks;
 mod linux;
 mod memory;
 mod netlink;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use disks::LinuxDisks;
 pub use linux::LinuxEffects;
 pub use memory::MemoryEffects;
 

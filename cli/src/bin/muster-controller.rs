@@ -76,6 +76,37 @@ enum Cmd {
         #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
     },
+    /// Node OS images for install to disk (`muster machine install NAME --image IMAGE`), kept
+    /// in DATA_DIR/images and served at http://HOST:HTTP_PORT/images/ while network boot is on.
+    /// Run on the controller's host; a running controller sees added images at once.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Add an image: `muster image os`'s muster-os.raw.gz (or a raw disk image, compressed
+    /// here). Replaces an image of the same name (machines installing it now fail their
+    /// checksum and report it).
+    Add {
+        /// The image file.
+        file: PathBuf,
+        /// Its name [default: the file name up to its first '.'].
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+        /// Print the image's record as JSON.
+        #[arg(long, short = 'o', value_name = "FORMAT", value_parser = ["json"])]
+        output: Option<String>,
+    },
+    /// List the images.
+    List {
+        #[arg(long, env = "MUSTER_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+        #[arg(long, short = 'o', value_name = "FORMAT", value_parser = ["json"])]
+        output: Option<String>,
+    },
 }
 
 /// Who may enroll, and how fast: what a public boot token can cost, and what counts as evidence
@@ -137,6 +168,10 @@ struct BootArgs {
     /// iPXE (Debian's `ipxe` package: /usr/lib/ipxe).
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "/usr/lib/ipxe", requires = "boot_assets")]
     tftp: Option<PathBuf>,
+    /// This HTTP service's URL as machines reach it, for node OS image downloads (install to
+    /// disk) [default: http://<the controller URL's host>:<HTTP port>]
+    #[arg(long, value_name = "URL", requires = "boot_assets")]
+    boot_http_url: Option<String>,
 }
 
 impl BootArgs {
@@ -153,12 +188,18 @@ impl BootArgs {
                 anyhow::bail!("--boot-controller-url {u:?}: must be https://HOST:PORT");
             }
         }
+        if let Some(u) = &self.boot_http_url {
+            if !u.starts_with("http://") && !u.starts_with("https://") {
+                anyhow::bail!("--boot-http-url {u:?}: must be http://HOST:PORT");
+            }
+        }
         Ok(Some(BootOptions {
             assets,
             controller_url: self.boot_controller_url,
             kernel_args: self.boot_kernel_args,
             proxy_dhcp: self.proxy_dhcp,
             tftp_root: self.tftp,
+            http_url: self.boot_http_url,
         }))
     }
 }
@@ -333,6 +374,49 @@ fn run() -> Result<()> {
         Cmd::Pin { data_dir } => {
             let pki = Pki::load(&DataDir::new(&data_dir)).context("loading the CA")?;
             println!("{}", pki.pin);
+            Ok(())
+        }
+        Cmd::Image(ImageCmd::Add { file, name, data_dir, output }) => {
+            use muster_controller::fleet::install;
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.split('.').next())
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .context("pass --name: the file name gives none")?,
+            };
+            let dir = install::images_dir(&data_dir);
+            let m = install::add_image(&dir, &file, &name, muster_util::now_ms())
+                .with_context(|| format!("adding {} as image {name:?}", file.display()))?;
+            if output.is_some() {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                println!(
+                    "image {} added: {} ({} bytes, sha256 {}), writes {} bytes (sha256 {})",
+                    m.name,
+                    dir.join(&m.file).display(),
+                    m.size,
+                    m.sha256,
+                    m.raw_size,
+                    m.raw_sha256
+                );
+            }
+            Ok(())
+        }
+        Cmd::Image(ImageCmd::List { data_dir, output }) => {
+            use muster_controller::fleet::install;
+            let images = install::list_images(&install::images_dir(&data_dir))?;
+            if output.is_some() {
+                println!("{}", serde_json::to_string_pretty(&images)?);
+            } else {
+                println!("{:<20} {:>14} {:>14}  SHA256", "NAME", "SIZE", "WRITES");
+                for m in images {
+                    println!("{:<20} {:>14} {:>14}  {}", m.name, m.size, m.raw_size, m.sha256);
+                }
+            }
             Ok(())
         }
         Cmd::Serve {

@@ -156,6 +156,43 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(self.machine(&m.id)?))
     }
 
+    async fn install(&self, req: Request<pb::InstallRequest>) -> Result<Response<pb::Machine>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.get_ref();
+        let m = self.c.install(&r.query, &r.image, &r.disk).await?;
+        tracing::info!(machine = %m.id, image = %m.install.image, disk = %m.install.disk, by = %admin, "install to disk asked for");
+        Ok(Response::new(self.machine(&m.id)?))
+    }
+
+    async fn reset(&self, req: Request<pb::ResetRequest>) -> Result<Response<pb::Machine>, Status> {
+        let admin = auth::require_admin(&req)?;
+        let r = req.get_ref();
+        let m = self.c.reset(&r.query, r.wipe).await?;
+        tracing::info!(machine = %m.id, wipe = r.wipe, by = %admin, "reset asked for");
+        Ok(Response::new(self.machine(&m.id)?))
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        auth::require_admin(&req)?;
+        let images = self
+            .c
+            .list_images()?
+            .into_iter()
+            .map(|i| pb::Image {
+                name: i.name,
+                size: i.size,
+                sha256: i.sha256,
+                raw_size: i.raw_size,
+                raw_sha256: i.raw_sha256,
+                added_unix_ms: i.added_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListImagesResponse { images }))
+    }
+
     async fn delete(&self, req: Request<pb::MachineRef>) -> Result<Response<pb::DeleteResponse>, Status> {
         let admin = auth::require_admin(&req)?;
         let m = self.c.delete(&req.get_ref().query).await?;

@@ -117,6 +117,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             }
                         }
                     }
+                    Ok(Some(pb::AgentMessage { msg: Some(Msg::InstallStatus(st)) })) => {
+                        c.on_heartbeat(&id, None);
+                        if let Err(e) = c.on_install_status(&id, st).await {
+                            tracing::warn!(machine = %id, error = %e, "install status refused");
+                        }
+                    }
                     Ok(Some(_)) => {
                         let _ = tx.send(Err(Status::invalid_argument("msg: empty agent message"))).await;
                         break;

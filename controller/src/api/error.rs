@@ -69,7 +69,8 @@ impl From<ApiError> for Status {
                 | FleetError::AlreadyAssigned { .. }
                 | FleetError::AssignedElsewhere { .. }
                 | FleetError::TokenAlreadyRevoked(_)
-                | FleetError::ConfigState { .. } => Status::failed_precondition(msg),
+                | FleetError::ConfigState { .. }
+                | FleetError::Install { .. } => Status::failed_precondition(msg),
                 FleetError::AlreadyRegistered { .. } => Status::already_exists(msg),
                 FleetError::RateLimited { .. } | FleetError::TooManyPending(_) => {
                     Status::resource_exhausted(msg)

@@ -50,6 +50,17 @@ pub fn machine(v: &MachineView) -> pb::Machine {
             })
             .collect(),
         config_error: m.config.error.clone(),
+        install_state: m.install.state.as_str().to_owned(),
+        install_image: m.install.image.clone(),
+        install_disk: if m.install.device.is_empty() {
+            m.install.disk.clone()
+        } else {
+            m.install.device.clone()
+        },
+        install_error: m.install.error.clone(),
+        install_download_ms: m.install.download_ms,
+        install_write_ms: m.install.write_ms,
+        install_verify_ms: m.install.verify_ms,
     }
 }
 

@@ -33,6 +33,9 @@ pub struct BootOptions {
     pub proxy_dhcp: Option<String>,
     /// Serve TFTP (iPXE binaries) from this directory.
     pub tftp_root: Option<PathBuf>,
+    /// The HTTP service as machines reach it, for image downloads (`http://HOST:PORT`);
+    /// `None`: the controller URL's host and the HTTP port.
+    pub http_url: Option<String>,
 }
 
 /// What a machine asking to boot gets.
@@ -112,7 +115,20 @@ impl Controller {
             })
             .collect();
         let revoked = !known.is_empty() && known.iter().all(|m| m.revoked);
+        let installed = known.iter().find(|m| {
+            !m.revoked
+                && matches!(
+                    m.install.state,
+                    crate::store::InstallState::Installed | crate::store::InstallState::Resetting
+                )
+        });
         let exit = match reg {
+            _ if installed.is_some() => Some(format!(
+                "{mac} is installed to disk{}",
+                installed
+                    .map(|m| format!(" ({} on {})", m.install.image, m.install.device))
+                    .unwrap_or_default()
+            )),
             Some(r) if r.boot_local => Some(format!("{mac} is registered to boot from its local disk")),
             _ if revoked => Some(format!("machine with {mac} was revoked")),
             _ => None,
@@ -180,6 +196,7 @@ pub async fn routes(
     data_dir: &Path,
     opts: &BootOptions,
     grpc_port: u16,
+    http_port: u16,
 ) -> Result<axum::Router, FleetError> {
     for f in [KERNEL, INITRD] {
         if !opts.assets.join(f).is_file() {
@@ -201,7 +218,16 @@ pub async fn routes(
         .after(&opts.kernel_args);
     tracing::info!(assets = %opts.assets.display(), controller_url = %url, "serving network boot at /boot/start.ipxe");
     let policy = std::sync::Arc::new(Policy { controller: controller.clone(), cmdline });
-    Ok(muster_pxe::router(policy, std::sync::Arc::new(muster_pxe::Assets::new(&opts.assets))))
+    // Node OS images for install to disk, beside the boot assets.
+    let http_url = opts.http_url.clone().unwrap_or_else(|| {
+        let host = url.strip_prefix("https://").and_then(|r| r.rsplit_once(':')).map(|(h, _)| h.to_owned());
+        format!("http://{}:{http_port}", host.unwrap_or_else(crate::pki::local_hostname))
+    });
+    let dir = super::install::images_dir(data_dir);
+    tracing::info!(images = %dir.display(), url = %http_url, "serving node OS images at /images/");
+    controller.set_images(super::install::Images { dir: dir.clone(), base_url: http_url });
+    Ok(muster_pxe::router(policy, std::sync::Arc::new(muster_pxe::Assets::new(&opts.assets)))
+        .merge(muster_pxe::http::files_router("/images", std::sync::Arc::new(muster_pxe::Assets::new(dir)))))
 }
 
 /// The optional UDP services of network boot, bound at start-up so that a port in use or a

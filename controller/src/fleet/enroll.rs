@@ -115,6 +115,7 @@ impl Controller {
                     revision: 0,
                     key_sha256,
                     claim: String::new(),
+                    install: Default::default(),
                 };
                 super::registration::claim(&mut m, regs, now_ms, &vouched);
                 m

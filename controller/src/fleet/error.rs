@@ -39,6 +39,9 @@ pub enum FleetError {
     /// A config operation that does not fit where the machine's generation stands.
     #[error("machine {id}: {reason}")]
     ConfigState { id: MachineId, reason: String },
+    /// An install to disk or a reset that does not fit the machine now.
+    #[error("machine {id}: {reason}")]
+    Install { id: MachineId, reason: String },
     /// Too many enrollments from one address.
     #[error("too many enrollments from {peer}; try again in {retry_after_s}s")]
     RateLimited { peer: std::net::IpAddr, retry_after_s: u64 },

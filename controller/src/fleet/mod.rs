@@ -13,6 +13,7 @@ pub mod boot;
 pub mod enroll;
 mod error;
 pub mod health;
+pub mod install;
 pub mod registration;
 mod resolve;
 pub mod rollout;
@@ -115,6 +116,8 @@ struct Inner {
     next_conn: std::sync::atomic::AtomicU64,
     rng: ring::rand::SystemRandom,
     enroll_rate: admission::RateLimiter,
+    /// Node OS images for install to disk (set when network boot is served).
+    images: std::sync::OnceLock<install::Images>,
 }
 
 /// Everything derived about one machine at one moment.
@@ -198,6 +201,7 @@ impl Controller {
                 live: Mutex::new(live),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
                 enroll_rate: admission::RateLimiter::default(),
+                images: std::sync::OnceLock::new(),
                 rng: ring::rand::SystemRandom::new(),
             }),
         })

@@ -216,6 +216,7 @@ mod tests {
             revision: 0,
             key_sha256: String::new(),
             claim: String::new(),
+            install: Default::default(),
         }
     }
 

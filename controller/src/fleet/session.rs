@@ -40,7 +40,7 @@ fn clip(s: &mut String) {
     clip_to(s, MAX_STR);
 }
 
-fn clip_to(s: &mut String, max: usize) {
+pub(super) fn clip_to(s: &mut String, max: usize) {
     let mut end = max.min(s.len());
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -161,6 +161,9 @@ impl Controller {
         let _ = tx.try_send(Ok(assignment_msg(&m)));
         if let Some(cfg) = super::rollout::config_msg(&m) {
             let _ = tx.try_send(Ok(cfg));
+        }
+        if let Some(msg) = self.install_msg(&m) {
+            let _ = tx.try_send(Ok(msg));
         }
         tracing::info!(machine = %id, conn = conn_id, "agent connected");
         Ok(Opened { conn_id, cancel })

@@ -73,6 +73,61 @@ pub struct MachineRecord {
     /// `muster approve` gives it the registration. Empty: none.
     #[serde(default)]
     pub claim: String,
+    /// Install to disk: what the operator asked for and where it stands.
+    #[serde(default)]
+    pub install: InstallRecord,
+}
+
+/// Where a machine's install to disk stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstallState {
+    /// No install asked for.
+    #[default]
+    None,
+    /// Asked for; sent to the agent when it is connected.
+    Requested,
+    /// The agent is downloading and writing.
+    Writing,
+    /// Written, verified, identity in place: the machine boots from its disk.
+    Installed,
+    /// The agent could not install (the error says why); the disk was not switched to.
+    Failed,
+    /// A reset was asked for; the agent wipes and reboots.
+    Resetting,
+}
+
+impl InstallState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "",
+            Self::Requested => "requested",
+            Self::Writing => "writing",
+            Self::Installed => "installed",
+            Self::Failed => "failed",
+            Self::Resetting => "resetting",
+        }
+    }
+}
+
+/// A machine's install target and its progress.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InstallRecord {
+    pub state: InstallState,
+    /// The image's name among the controller's images.
+    pub image: String,
+    /// The disk as the operator selected it (a path or a selector).
+    pub disk: String,
+    /// The device the agent wrote (`/dev/vda`).
+    pub device: String,
+    pub error: String,
+    /// A reset wipes the disk (else it only forgets the install).
+    pub wipe: bool,
+    pub updated_ms: i64,
+    pub download_ms: u64,
+    pub write_ms: u64,
+    pub verify_ms: u64,
 }
 
 /// A machine's config: its own layer, the current rendered generation, history, and what the
