@@ -223,6 +223,7 @@ impl Agent {
                 SessionEnd::Revoked(reason) => {
                     // A reset ends with the controller forgetting the machine: the reset's own
                     // thread reboots the node, and must not be cut short by this exit.
+                    self.installer.forgotten();
                     self.installer.wait_idle().await;
                     let id = ident.machine.machine_id.clone();
                     tracing::error!(%reason, "machine {id} was revoked by the controller; restart with a new join token to enroll again");

@@ -54,7 +54,9 @@ pub struct Installed {
     pub timings: Timings,
 }
 
-/// Picks the disk `selector` names (a path's by-id link resolved), checking the image fits.
+/// Picks the disk `selector` names (a path's by-id link resolved), checking the image fits with
+/// a MiB to spare (so the image's backup partition table never lands on the disk's last
+/// sectors, where firmware would find it before the install is done).
 pub fn pick_disk(disks: &LinuxDisks, selector: &str, need: u64) -> Result<String, String> {
     let sel = DiskSelector::parse(selector).map_err(|e| e.to_string())?;
     let all = disks.disks().map_err(|e| e.to_string())?;
@@ -66,9 +68,12 @@ pub fn pick_disk(disks: &LinuxDisks, selector: &str, need: u64) -> Result<String
         other => other,
     };
     let d = sel.select(selector, &all).map_err(|e| e.to_string())?;
-    check_fits(d, need).map_err(|e| e.to_string())?;
+    check_fits(d, need.saturating_add(MIB)).map_err(|e| e.to_string())?;
     Ok(d.name.clone())
 }
+
+/// Attempts after a failure without progress in between.
+const RETRIES: u32 = 5;
 
 /// An HTTP/1.1 GET body that reconnects with `Range` from where it broke off (a few times).
 struct Download {
@@ -99,7 +104,7 @@ fn split_url(url: &str) -> Result<(String, String), String> {
 impl Download {
     fn new(url: &str, len: u64) -> Result<Self, String> {
         let (host, path) = split_url(url)?;
-        Ok(Self { host, path, len, at: 0, body: None, retries_left: 5, waited: Duration::ZERO })
+        Ok(Self { host, path, len, at: 0, body: None, retries_left: RETRIES, waited: Duration::ZERO })
     }
 
     fn connect(&mut self) -> std::io::Result<()> {
@@ -162,7 +167,15 @@ impl Read for Download {
                 return Ok(0);
             }
             if self.body.is_none() {
-                self.connect()?;
+                if let Err(e) = self.connect() {
+                    if self.retries_left == 0 {
+                        return Err(e);
+                    }
+                    self.retries_left -= 1;
+                    tracing::warn!(error = %e, at = self.at, "image download: connecting failed; trying again");
+                    std::thread::sleep(Duration::from_secs(2));
+                    continue;
+                }
             }
             let t = Instant::now();
             let r = match self.body.as_mut() {
@@ -173,6 +186,8 @@ impl Read for Download {
             match r {
                 Ok(n) if n > 0 => {
                     self.at += n as u64;
+                    // Progress: a later break gets its retries again.
+                    self.retries_left = RETRIES;
                     return Ok(n);
                 }
                 // Cut short or broken: again from here, a few times.
@@ -231,10 +246,14 @@ pub fn install(
     mut progress: impl FnMut(&str),
 ) -> Result<Installed, String> {
     let device = format!("/dev/{name}");
-    let mut f = disks.open(name).map_err(|e| e.to_string())?;
+    // Exclusively: a disk with a mounted or otherwise held partition is refused (EBUSY).
+    let mut f = disks.open_exclusive(name).map_err(|e| e.to_string())?;
     let disk_len = f.seek(SeekFrom::End(0)).map_err(|e| format!("sizing {device}: {e}"))?;
-    if disk_len < req.raw_size {
-        return Err(format!("{device} has {disk_len} bytes; the image needs {}", req.raw_size));
+    if disk_len < req.raw_size.saturating_add(MIB) {
+        return Err(format!(
+            "{device} has {disk_len} bytes; the image needs {} and a MiB to spare",
+            req.raw_size
+        ));
     }
     progress("writing");
     // Not bootable from here on until the end: no old boot code or partition table survives.
@@ -278,6 +297,10 @@ pub fn install(
             head.extend_from_slice(&chunk[..take]);
             chunk = &chunk[take..];
             at += take as u64;
+            if at == MIB {
+                // Not a Muster node OS image: stop before writing any of it.
+                identity_range(&head)?;
+            }
         }
         if !chunk.is_empty() {
             let t = Instant::now();
@@ -324,7 +347,8 @@ pub fn install(
     if back != req.raw_sha256 {
         return Err(format!("verify failed: {device} reads back sha256 {back}, wrote {}", req.raw_sha256));
     }
-    // The switch: boot code and partition table, checked too.
+    // The identity, then the switch: boot code and partition table, checked too.
+    write_identity(disks, &mut f, &device, &head, identity)?;
     write_at(&mut f, 0, &head, &device)?;
     disks.flush(&f, &device).map_err(|e| e.to_string())?;
     let mut check = vec![0u8; head.len()];
@@ -334,7 +358,6 @@ pub fn install(
         return Err(format!("verify failed: {device}'s first MiB reads back differently"));
     }
     let verify = t.elapsed();
-    write_identity(disks, &mut f, &device, &head, identity)?;
     Ok(Installed {
         device,
         timings: Timings {
@@ -353,7 +376,7 @@ fn identity_range(head: &[u8]) -> Result<(u64, u64), String> {
         .iter()
         .find(|p| p.name == layout::IDENTITY_NAME)
         .ok_or("the image has no muster-identity partition: not a Muster node OS image")?;
-    Ok((p.first_lba * 512, (p.last_lba + 1 - p.first_lba) * 512))
+    Ok(p.bytes())
 }
 
 fn write_identity(
@@ -392,8 +415,8 @@ pub fn reset(disks: &LinuxDisks, device: &str, wipe: bool) -> Result<(), String>
     let zeros = vec![0u8; MIB as usize];
     if wipe {
         for p in &parts {
-            let start = p.first_lba * 512;
-            let n = ((p.last_lba + 1 - p.first_lba) * 512).min(MIB) as usize;
+            let (start, n) = p.bytes();
+            let n = n.min(MIB) as usize;
             write_at(&mut f, start, &zeros[..n], device)?;
         }
         write_at(&mut f, len.saturating_sub(MIB), &zeros[..MIB.min(len) as usize], device)?;
@@ -405,17 +428,41 @@ pub fn reset(disks: &LinuxDisks, device: &str, wipe: bool) -> Result<(), String>
     disks.flush(&f, device).map_err(|e| e.to_string())
 }
 
-/// The identity partition's device, found by its GPT name in `sys_class_block`'s uevents.
-fn identity_partition(sys_class_block: &Path, dev: &Path) -> Option<std::path::PathBuf> {
+/// The disk (its name in `sys_class_block`) holding the partition whose device number is
+/// `root_dev` (`MAJOR:MINOR`), i.e. the disk the running system's `/` is on.
+fn disk_of(sys_class_block: &Path, root_dev: &str) -> Option<String> {
+    let rd = std::fs::read_dir(sys_class_block).ok()?;
+    rd.flatten().find_map(|e| {
+        let dev = std::fs::read_to_string(e.path().join("dev")).ok()?;
+        if dev.trim() != root_dev {
+            return None;
+        }
+        // /sys/class/block/vda3 -> .../block/vda/vda3: the parent directory is the disk.
+        let real = std::fs::canonicalize(e.path()).ok()?;
+        Some(real.parent()?.file_name()?.to_string_lossy().into_owned())
+    })
+}
+
+/// The identity partition's device: a partition named `muster-identity` on the same disk as
+/// the running system's root (never one on another disk, say a USB stick someone plugged in).
+fn identity_partition(sys_class_block: &Path, dev: &Path, root_dev: &str) -> Option<std::path::PathBuf> {
+    let root_disk = disk_of(sys_class_block, root_dev)?;
     let mut entries: Vec<_> = std::fs::read_dir(sys_class_block).ok()?.flatten().collect();
     entries.sort_by_key(|e| e.file_name());
     entries.into_iter().find_map(|e| {
         let uevent = std::fs::read_to_string(e.path().join("uevent")).ok()?;
-        uevent
-            .lines()
-            .any(|l| l == format!("PARTNAME={}", layout::IDENTITY_NAME))
-            .then(|| dev.join(e.file_name()))
+        let named = uevent.lines().any(|l| l == format!("PARTNAME={}", layout::IDENTITY_NAME));
+        let real = std::fs::canonicalize(e.path()).ok()?;
+        let on_root_disk = real.parent()?.file_name()?.to_string_lossy() == root_disk.as_str();
+        (named && on_root_disk).then(|| dev.join(e.file_name()))
     })
+}
+
+/// `MAJOR:MINOR` of the file system holding `/`.
+pub fn root_device() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let d = std::fs::metadata("/").ok()?.dev();
+    Some(format!("{}:{}", libc::major(d), libc::minor(d)))
 }
 
 /// At the installed system's first boot: takes the identity the installer left (key,
@@ -425,10 +472,11 @@ fn identity_partition(sys_class_block: &Path, dev: &Path) -> Option<std::path::P
 pub fn import_identity(
     sys_class_block: &Path,
     dev: &Path,
+    root_dev: &str,
     state: &StateDir,
     env_file: &Path,
 ) -> Result<Option<String>, String> {
-    let Some(part) = identity_partition(sys_class_block, dev) else { return Ok(None) };
+    let Some(part) = identity_partition(sys_class_block, dev, root_dev) else { return Ok(None) };
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -452,14 +500,26 @@ pub fn import_identity(
             })
             .map_err(|e| e.to_string())?;
     }
-    if !env_file.exists() {
-        let mut text = format!(
-            "# Written by muster-agent from the identity its installer left (install to disk).\nMUSTER_CONTROLLER={}\n",
+    // The controller's settings go into the env file unless it names them (an image may have
+    // baked some settings, e.g. only a boot token).
+    let existing = std::fs::read_to_string(env_file).unwrap_or_default();
+    let has = |key: &str| {
+        existing.lines().any(|l| l.trim_start().trim_start_matches("export ").starts_with(&format!("{key}=")))
+    };
+    let mut text = existing.clone();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    if !has("MUSTER_CONTROLLER") {
+        text.push_str(&format!(
+            "# From the identity this system's installer left.\nMUSTER_CONTROLLER={}\n",
             id.controller
-        );
-        if !id.ca_hash.is_empty() {
-            text.push_str(&format!("MUSTER_CA_HASH={}\n", id.ca_hash));
-        }
+        ));
+    }
+    if !id.ca_hash.is_empty() && !has("MUSTER_CA_HASH") {
+        text.push_str(&format!("MUSTER_CA_HASH={}\n", id.ca_hash));
+    }
+    if text != existing {
         if let Some(d) = env_file.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
         }
@@ -479,13 +539,43 @@ pub(crate) struct Installer {
     tx: tokio::sync::mpsc::UnboundedSender<muster_proto::pb::InstallStatus>,
     rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<muster_proto::pb::InstallStatus>>,
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The last `installed` or `reset` report: sent again on every new stream until the node
+    /// reboots (a report lost with a broken stream is not lost).
+    last: std::sync::Arc<std::sync::Mutex<Option<muster_proto::pb::InstallStatus>>>,
+    /// The controller forgot this machine (the end of a reset): reboot now.
+    forgotten: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Clears `busy` however the installer's thread ends (a panic included).
+struct Busy(std::sync::Arc<std::sync::atomic::AtomicBool>);
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Installer {
     /// `disks: None`: this agent does not own its node (lab, `--no-apply-config`) and refuses.
     pub(crate) fn new(disks: Option<LinuxDisks>) -> Self {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        Self { disks, tx, rx: tokio::sync::Mutex::new(rx), busy: Default::default() }
+        Self {
+            disks,
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+            busy: Default::default(),
+            last: Default::default(),
+            forgotten: Default::default(),
+        }
+    }
+
+    /// The final report to send again on a new stream, if one is waiting for the reboot.
+    pub(crate) fn unconfirmed(&self) -> Option<muster_proto::pb::InstallStatus> {
+        self.last.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// The controller ended this machine's stream for good (it forgot the machine).
+    pub(crate) fn forgotten(&self) {
+        self.forgotten.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Returns once no install or reset runs (one that succeeded reboots the node first).
@@ -531,8 +621,10 @@ impl Installer {
             tracing::info!(image = %req.image, "an install or reset is already running");
             return;
         }
-        let (tx, busy) = (self.tx.clone(), self.busy.clone());
+        let (tx, busy, last, forgotten) =
+            (self.tx.clone(), self.busy.clone(), self.last.clone(), self.forgotten.clone());
         std::thread::spawn(move || {
+            let _busy = Busy(busy);
             let image = req.image.clone();
             let r = Request {
                 url: req.url,
@@ -566,7 +658,7 @@ impl Installer {
                         "installed to {}; rebooting from it",
                         done.device
                     );
-                    let _ = tx.send(muster_proto::pb::InstallStatus {
+                    let report = muster_proto::pb::InstallStatus {
                         image,
                         phase: "installed".into(),
                         disk: done.device,
@@ -574,8 +666,12 @@ impl Installer {
                         write_ms: done.timings.write_ms,
                         verify_ms: done.timings.verify_ms,
                         ..Default::default()
-                    });
-                    reboot_after_ack(&disks, status);
+                    };
+                    if let Ok(mut l) = last.lock() {
+                        *l = Some(report.clone());
+                    }
+                    let _ = tx.send(report);
+                    reboot_after_ack(&disks, status, &forgotten);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "install failed: {e}");
@@ -587,7 +683,6 @@ impl Installer {
                     });
                 }
             }
-            busy.store(false, std::sync::atomic::Ordering::SeqCst);
         });
     }
 
@@ -607,20 +702,26 @@ impl Installer {
         if self.busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let (tx, busy) = (self.tx.clone(), self.busy.clone());
+        let (tx, busy, last, forgotten) =
+            (self.tx.clone(), self.busy.clone(), self.last.clone(), self.forgotten.clone());
         std::thread::spawn(move || {
+            let _busy = Busy(busy);
             tracing::info!(disk = %req.disk, wipe = req.wipe, "resetting {} (wipe: {})", req.disk, req.wipe);
             match reset(&disks, &req.disk, req.wipe) {
                 Ok(()) => {
                     if let Err(e) = state.wipe() {
                         tracing::warn!(error = %e, "could not clear the state dir");
                     }
-                    let _ = tx.send(muster_proto::pb::InstallStatus {
+                    let report = muster_proto::pb::InstallStatus {
                         phase: "reset".into(),
                         disk: req.disk,
                         ..Default::default()
-                    });
-                    reboot_after_ack(&disks, status);
+                    };
+                    if let Ok(mut l) = last.lock() {
+                        *l = Some(report.clone());
+                    }
+                    let _ = tx.send(report);
+                    reboot_after_ack(&disks, status, &forgotten);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reset failed: {e}");
@@ -632,19 +733,23 @@ impl Installer {
                     });
                 }
             }
-            busy.store(false, std::sync::atomic::Ordering::SeqCst);
         });
     }
 }
 
-/// Waits (at most 2 minutes) until two more heartbeats are acknowledged, or the stream ends
-/// (a reset's controller closes it once it has recorded the reset), then reboots.
-fn reboot_after_ack(disks: &LinuxDisks, mut status: tokio::sync::watch::Receiver<crate::AgentStatus>) {
+/// Waits until the controller has the report: two more heartbeats acknowledged (it handles a
+/// stream's messages in order; a new stream sends the report again first), or the controller
+/// forgot the machine (a reset's end). After 5 minutes without either it reboots anyway.
+fn reboot_after_ack(
+    disks: &LinuxDisks,
+    mut status: tokio::sync::watch::Receiver<crate::AgentStatus>,
+    forgotten: &std::sync::atomic::AtomicBool,
+) {
     let start = status.borrow().heartbeats_acked;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline {
         let s = status.borrow_and_update().clone();
-        if s.heartbeats_acked >= start + 2 || !s.connected {
+        if s.heartbeats_acked >= start + 2 || forgotten.load(std::sync::atomic::Ordering::SeqCst) {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -809,32 +914,43 @@ mod tests {
         assert!(pick_disk(&disks, "serial=nope", 1).unwrap_err().contains("no disk matches"));
         assert!(pick_disk(&disks, "only-non-removable", 1).unwrap_err().contains("several disks"));
 
-        // The installed system takes the identity and clears the partition.
-        let sys = dir.path().join("sys/class/block/vda2");
-        std::fs::create_dir_all(&sys).unwrap();
-        std::fs::write(
-            sys.join("uevent"),
-            format!("MAJOR=254\nDEVNAME=vda2\nPARTNAME={}\n", layout::IDENTITY_NAME),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("dev/vda2"), &disk[id_start..id_start + MIB as usize]).unwrap();
+        // The installed system takes the identity and clears the partition; only from the disk
+        // its root is on (sysfs as the kernel lays it out: class links into the devices tree).
+        let blob = disk[id_start..id_start + MIB as usize].to_vec();
+        let class = dir.path().join("sys/class/block");
+        std::fs::create_dir_all(&class).unwrap();
+        for (disk_name, part, dev, name) in [
+            ("vda", "vda2", "254:2", layout::IDENTITY_NAME),
+            ("vda", "vda3", "254:3", "root"),
+            ("sdz", "sdz1", "8:1", layout::IDENTITY_NAME),
+        ] {
+            let real = dir.path().join("sys/devices").join(disk_name).join(part);
+            std::fs::create_dir_all(&real).unwrap();
+            std::fs::write(real.join("dev"), format!("{dev}\n")).unwrap();
+            std::fs::write(real.join("uevent"), format!("DEVNAME={part}\nPARTNAME={name}\n")).unwrap();
+            std::os::unix::fs::symlink(&real, class.join(part)).unwrap();
+            std::fs::write(dir.path().join("dev").join(part), &blob).unwrap();
+        }
+        let devs = dir.path().join("dev");
         let state = StateDir::new(dir.path().join("state"));
         let env = dir.path().join("etc/muster/agent.env");
-        let got = import_identity(&dir.path().join("sys/class/block"), &dir.path().join("dev"), &state, &env)
-            .unwrap();
+        // Root on a disk without an identity partition: nothing is taken.
+        assert_eq!(import_identity(&class, &devs, "9:9", &state, &env).unwrap(), None);
+        // An image that baked only a boot token: the controller's lines are added.
+        std::fs::create_dir_all(env.parent().unwrap()).unwrap();
+        std::fs::write(&env, "MUSTER_TOKEN=t").unwrap();
+        let got = import_identity(&class, &devs, "254:3", &state, &env).unwrap();
         assert_eq!(got.as_deref(), Some("0123456789abcdef"));
         assert_eq!(state.load_key().unwrap().as_deref(), Some(identity().key_pem.as_str()));
         let text = std::fs::read_to_string(&env).unwrap();
+        assert!(text.starts_with("MUSTER_TOKEN=t\n"), "{text}");
         assert!(
             text.contains("\nMUSTER_CONTROLLER=https://10.0.2.100:7443\nMUSTER_CA_HASH=sha256:00\n"),
             "{text}"
         );
-        assert!(std::fs::read(dir.path().join("dev/vda2")).unwrap().iter().all(|&b| b == 0));
-        assert_eq!(
-            import_identity(&dir.path().join("sys/class/block"), &dir.path().join("dev"), &state, &env)
-                .unwrap(),
-            None
-        );
+        assert!(std::fs::read(devs.join("vda2")).unwrap().iter().all(|&b| b == 0));
+        assert_eq!(std::fs::read(devs.join("sdz1")).unwrap(), blob, "another disk's is left alone");
+        assert_eq!(import_identity(&class, &devs, "254:3", &state, &env).unwrap(), None);
     }
 
     #[test]

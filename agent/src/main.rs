@@ -81,9 +81,11 @@ fn main() -> ExitCode {
         let state = muster_agent::identity::StateDir::new(
             flags.state_dir.clone().unwrap_or_else(|| muster_agent::settings::DEFAULT_STATE_DIR.into()),
         );
+        let root = muster_agent::install::root_device().unwrap_or_default();
         match muster_agent::install::import_identity(
             std::path::Path::new("/sys/class/block"),
             std::path::Path::new("/dev"),
+            &root,
             &state,
             &flags.env_file,
         ) {

@@ -98,6 +98,16 @@ impl Agent {
         tracing::info!("connected to the controller");
         let mut outbox = self.rollout.outbox().await;
         let mut install_outbox = self.installer.outbox().await;
+        if let Some(st) = self.installer.unconfirmed() {
+            // Sent before any heartbeat of this stream: its acks then prove the controller has it.
+            if tx
+                .send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::InstallStatus(st)) })
+                .await
+                .is_err()
+            {
+                return SessionEnd::Lost("stream closed".into());
+            }
+        }
         // A try waiting for automatic confirmation: this new connection is the proof.
         if let Some(proof) = self.rollout.proof_of_reach() {
             tracing::info!(

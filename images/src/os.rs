@@ -476,17 +476,25 @@ WantedBy=local-fs.target
 
 const GROWROOT: &str = r#"#!/bin/sh
 # Grows the root partition (the disk's last) to the end of its disk, then its ext4 file system,
-# online. A clone with a bigger disk, or an image written to a bigger disk, gets all of it.
+# online. A clone with a bigger disk, or an image written to a bigger disk, gets all of it. The
+# partition table is written only when there is room to grow into.
 set -eu
 src=$(findmnt -no SOURCE /)
 name=$(basename "$src")
 part=$(cat "/sys/class/block/$name/partition")
-disk=/dev/$(lsblk -no PKNAME "$src" | head -n1)
+diskname=$(lsblk -no PKNAME "$src" | head -n1)
+disk=/dev/$diskname
+start=$(cat "/sys/class/block/$name/start")
+size=$(cat "/sys/class/block/$name/size")
+total=$(cat "/sys/class/block/$diskname/size")
 before=$(blockdev --getsize64 "$src")
-# The backup GPT goes to the disk's end first (it sits at the image's end).
-sfdisk --quiet --relocate gpt-bak-std "$disk" 2>/dev/null || true
-echo ", +" | sfdisk --quiet --no-reread --no-tell-kernel -N "$part" "$disk" 2>/dev/null || true
-partx -u -n "$part" "$disk" 2>/dev/null || true
+# More than 1 MiB past the partition's end (the backup GPT takes 33 sectors).
+if [ $((total - start - size)) -gt 2048 ]; then
+    # The backup GPT goes to the disk's end first (it sits at the image's end).
+    sfdisk --quiet --relocate gpt-bak-std "$disk" 2>/dev/null || true
+    echo ", +" | sfdisk --quiet --no-reread --no-tell-kernel -N "$part" "$disk" 2>/dev/null || true
+    partx -u -n "$part" "$disk" 2>/dev/null || true
+fi
 after=$(blockdev --getsize64 "$src")
 resize2fs "$src" >/dev/null 2>&1 || true
 if [ "$after" -gt "$before" ]; then

@@ -190,12 +190,20 @@ pub mod layout {
     pub const IDENTITY_MIB: u64 = 1;
 }
 
-/// A partition as the GPT describes it (512-byte sectors).
+/// A partition as the GPT describes it (512-byte sectors; `first_lba <= last_lba` and its byte
+/// range fits in 64 bits, as [`parse_gpt`] checks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GptPartition {
     pub name: String,
     pub first_lba: u64,
     pub last_lba: u64,
+}
+
+impl GptPartition {
+    /// Byte offset and length.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.first_lba * 512, (self.last_lba - self.first_lba + 1) * 512)
+    }
 }
 
 /// The disk GUID (as text, upper case) and partitions of a GPT read from a disk's first bytes
@@ -226,17 +234,20 @@ pub fn parse_gpt(head: &[u8]) -> Option<(String, Vec<GptPartition>)> {
     let start = usize::try_from(entries_lba).ok()?.checked_mul(512)?;
     let mut parts = Vec::new();
     for i in 0..count {
-        let e = head.get(start + i * size..start + (i + 1) * size)?;
+        let from = start.checked_add(i.checked_mul(size)?)?;
+        let e = head.get(from..from.checked_add(size)?)?;
         if e[..16].iter().all(|&b| b == 0) {
             continue;
         }
         let units: Vec<u16> =
             e[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
-        parts.push(GptPartition {
-            name: String::from_utf16_lossy(&units),
-            first_lba: u64_at(e, 32)?,
-            last_lba: u64_at(e, 40)?,
-        });
+        let (first_lba, last_lba) = (u64_at(e, 32)?, u64_at(e, 40)?);
+        // A partition that ends before it starts, or whose byte range does not fit in 64 bits,
+        // is not one: the table is refused as a whole.
+        if first_lba > last_lba || last_lba.checked_add(1)?.checked_mul(512).is_none() {
+            return None;
+        }
+        parts.push(GptPartition { name: String::from_utf16_lossy(&units), first_lba, last_lba });
     }
     Some((disk_guid, parts))
 }
@@ -274,7 +285,10 @@ impl Identity {
             .and_then(|i| std::str::from_utf8(&rest[..i]).ok()?.parse::<usize>().ok().map(|n| (i, n)))
             .ok_or_else(|| "the identity's length line is malformed".to_owned())
             .and_then(|(i, n)| {
-                rest.get(i + 1..i + 1 + n).ok_or_else(|| "the identity is cut short".to_owned())
+                (i + 1)
+                    .checked_add(n)
+                    .and_then(|end| rest.get(i + 1..end))
+                    .ok_or_else(|| "the identity is cut short".to_owned())
             })
             .and_then(|json| serde_json::from_slice(json).map_err(|e| format!("the identity: {e}")));
         Some(parsed)

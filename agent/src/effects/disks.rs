@@ -102,6 +102,21 @@ impl LinuxDisks {
         OpenOptions::new().read(true).write(true).open(&p).map_err(fail(format!("opening {}", p.display())))
     }
 
+    /// Opens the disk for an install: exclusively, so a disk with a mounted (or otherwise held)
+    /// partition is refused with EBUSY instead of being overwritten under a running system.
+    pub fn open_exclusive(&self, name: &str) -> Result<File, EffectError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.device(name);
+        OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(&p).map_err(|e| {
+            let busy = e.raw_os_error() == Some(libc::EBUSY);
+            fail(if busy {
+                format!("opening {} (it is in use: a partition on it is mounted or held)", p.display())
+            } else {
+                format!("opening {}", p.display())
+            })(e)
+        })
+    }
+
     /// Makes what was written durable and drops it from the page cache, so the next read comes
     /// from the disk.
     pub fn flush(&self, f: &File, what: &str) -> Result<(), EffectError> {

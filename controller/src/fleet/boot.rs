@@ -115,13 +115,9 @@ impl Controller {
             })
             .collect();
         let revoked = !known.is_empty() && known.iter().all(|m| m.revoked);
-        let installed = known.iter().find(|m| {
-            !m.revoked
-                && matches!(
-                    m.install.state,
-                    crate::store::InstallState::Installed | crate::store::InstallState::Resetting
-                )
-        });
+        // Installed: the disk is what boots. Not while resetting: the disk may be wiped already.
+        let installed =
+            known.iter().find(|m| !m.revoked && m.install.state == crate::store::InstallState::Installed);
         let exit = match reg {
             _ if installed.is_some() => Some(format!(
                 "{mac} is installed to disk{}",

@@ -383,6 +383,16 @@ impl Controller {
                     ))
                 }
             };
+            if !st.image.is_empty() && st.image != r.install.image {
+                return Err(FleetError::Install {
+                    id: r.id.clone(),
+                    reason: format!(
+                        "reported on image {:?} while {:?} is asked for",
+                        clip(&st.image),
+                        r.install.image
+                    ),
+                });
+            }
             if !matches!(r.install.state, InstallState::Requested | InstallState::Writing) {
                 return Err(FleetError::Install {
                     id: r.id.clone(),
