@@ -17,6 +17,11 @@
 //! Nothing is mounted or attached on the building machine: mmdebstrap runs in private mount,
 //! PID, UTS and IPC namespaces, the file systems are made from directories (`mke2fs -d`,
 //! `mcopy`), the partition table by `sfdisk` on the image file.
+//!
+//! Reproducible: the root file system (mmdebstrap's tarball, `rootfs_sha256` in the manifest)
+//! is the same for the same package versions. The disk image's bytes are not: bookworm's
+//! `mke2fs -d` (e2fsprogs 1.47.0) copies each inode's change time from the unpacked tree, which
+//! is the time of the build.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
@@ -728,12 +733,26 @@ pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest
         format!("DEFAULT muster\nPROMPT 0\nTIMEOUT 0\nSERIAL 0 115200\nLABEL muster\n  LINUX /vmlinuz-{v}\n  INITRD /initrd.img-{v}\n  APPEND {cmd}\n"),
     )
     .map_err(io("writing syslinux.cfg"))?;
+    // Every file dated no later than the epoch (Muster's own files and the enablement links
+    // were made just now), so the same packages give the same file systems.
+    run(Command::new("find").arg(&root).args([
+        "-newermt",
+        &format!("@{EPOCH}"),
+        "-exec",
+        "touch",
+        "-h",
+        "-d",
+        &format!("@{EPOCH}"),
+        "{}",
+        "+",
+    ]))?;
     progress.step(4, STEPS, "file systems: ext4 root (mke2fs -d), FAT32 ESP (mcopy)");
     let used = dir_size(&root)?;
     let root_mib = used * 13 / 10 / (1 << 20) + 256;
     let root_img = w.join("root.img");
     run(Command::new("mke2fs")
         .env("E2FSPROGS_FAKE_TIME", EPOCH.to_string())
+        .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
         .args(["-q", "-F", "-t", "ext4", "-L", "muster-root", "-U", "6d757374-6572-4f53-8000-0000000000ff"])
         .args(["-E", "hash_seed=6d757374-6572-4f53-8000-0000000000fe,root_owner=0:0", "-d"])
         .arg(&root)
@@ -748,7 +767,10 @@ pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest
         .arg(&esp_img))?;
     set_times(&esp)?;
     let mut mc = Command::new("mcopy");
-    mc.env("MTOOLS_SKIP_CHECK", "1").args(["-s", "-m", "-i"]).arg(&esp_img);
+    mc.env("MTOOLS_SKIP_CHECK", "1")
+        .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
+        .args(["-s", "-m", "-i"])
+        .arg(&esp_img);
     for e in std::fs::read_dir(&esp).map_err(io("reading the ESP stage"))?.flatten() {
         mc.arg(e.path());
     }
