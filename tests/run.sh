@@ -34,8 +34,11 @@ ensure_pkgs curl jq prometheus victoria-metrics iproute2 util-linux
 # The Debian packages: dpkg-deb (dpkg), strip and readelf (binutils), lintian, and
 # systemd-analyze (systemd) to verify their units.
 ensure_pkgs dpkg binutils lintian systemd
+# The Kubernetes join hashes checked against independent computations (sha256sum, openssl).
+ensure_pkgs coreutils openssl
 # Network boot, images and the QEMU lab: QEMU (from bookworm-backports), iPXE, busybox-static,
-# xorriso + isolinux, dnsmasq (the ProxyDHCP test's LAN DHCP server).
+# xorriso + isolinux, dnsmasq (the ProxyDHCP test's LAN DHCP server), OVMF, and what the node
+# OS image is built with (mmdebstrap, e2fsprogs, dosfstools, mtools, fdisk, syslinux).
 scripts/install-netboot-deps.sh
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}

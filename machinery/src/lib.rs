@@ -20,6 +20,7 @@ pub mod boot;
 pub mod config;
 pub mod health;
 pub mod install;
+pub mod k8s;
 pub mod kernel_args;
 pub mod metrics;
 pub mod model;
