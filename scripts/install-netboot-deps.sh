@@ -15,6 +15,14 @@ for p in qemu-system-x86 ipxe-qemu ipxe busybox-static xorriso isolinux syslinux
     iproute2 util-linux ovmf mmdebstrap e2fsprogs dosfstools mtools fdisk syslinux qemu-utils; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# `mke2fs -d` makes the same file system from the same tree only from e2fsprogs 1.47.1 on (it
+# honours SOURCE_DATE_EPOCH for inode times): bookworm's 1.47.0 is upgraded from backports.
+e2fs=$(dpkg-query -W -f='${Version}' e2fsprogs 2>/dev/null || true)
+old_e2fs=false
+if [ "$codename" = bookworm ] && { [ -z "$e2fs" ] || dpkg --compare-versions "$e2fs" lt 1.47.1; }; then
+    old_e2fs=true
+    missing+=(e2fsprogs)
+fi
 ((${#missing[@]})) || exit 0
 
 # The machine's own Debian source for "$codename", as "URI|Signed-By": deb822 .sources files
@@ -55,5 +63,8 @@ $SUDO apt-get update -qq
 export DEBIAN_FRONTEND=noninteractive
 if [ "$codename" = bookworm ]; then
     $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+    if $old_e2fs; then
+        $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs >/dev/null
+    fi
 fi
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

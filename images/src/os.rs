@@ -18,10 +18,12 @@
 //! PID, UTS and IPC namespaces, the file systems are made from directories (`mke2fs -d`,
 //! `mcopy`), the partition table by `sfdisk` on the image file.
 //!
-//! Reproducible: the root file system (mmdebstrap's tarball, `rootfs_sha256` in the manifest)
-//! is the same for the same package versions. The disk image's bytes are not: bookworm's
-//! `mke2fs -d` (e2fsprogs 1.47.0) copies each inode's change time from the unpacked tree, which
-//! is the time of the build.
+//! Reproducible: the same package versions give the same root file system (mmdebstrap's
+//! tarball, `rootfs_sha256` in the manifest) and the same disk image, every date clamped to
+//! 2000-01-01 (`SOURCE_DATE_EPOCH`). For the ext4 file system that needs e2fsprogs 1.47.1 or
+//! later (bookworm-backports on bookworm): bookworm's own `mke2fs -d` copies each inode's
+//! change time from the unpacked tree, the time of the build; the build says so when it runs
+//! with such an mke2fs.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::{io, run, Error, FileInfo, Progress, EPOCH};
 
 /// Bump when the image's layout or node files change in a way inputs do not show.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// The packages on top of Debian's `minbase` variant.
 pub const PACKAGES: &[&str] = &[
@@ -462,6 +464,21 @@ fn node_files(baked: &Baked) -> Result<Vec<(&'static str, u32, String)>, Error> 
     Ok(files)
 }
 
+const MKE2FS_CONF: &str = "\
+[defaults]
+\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+\tdefault_mntopts = acl,user_xattr
+\tenable_periodic_fsck = 0
+\tblocksize = 4096
+\tinode_size = 256
+\tinode_ratio = 16384
+
+[fs_types]
+\text4 = {
+\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+";
+
 const GROWROOT_UNIT: &str = "\
 [Unit]
 Description=Grow the root partition and file system to the end of the disk
@@ -642,8 +659,11 @@ pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest
     let (_, rootfs_sha) = file_digest(&tar)?;
     let files_text: String = files.iter().map(|(p, m, t)| format!("{p} {m:o}\n{t}\n")).collect();
     let inputs = hex_digest(
-        format!("{FORMAT}\n{key}\n{rootfs_sha}\n{files_text}\n{GROWROOT}{KERNEL_HOOK}{}\n", cmdline())
-            .as_bytes(),
+        format!(
+            "{FORMAT}\n{key}\n{rootfs_sha}\n{files_text}\n{GROWROOT}{KERNEL_HOOK}{MKE2FS_CONF}{}\n",
+            cmdline()
+        )
+        .as_bytes(),
     );
     let manifest_path = o.out.join(crate::MANIFEST);
     if let Ok(text) = std::fs::read_to_string(&manifest_path) {
@@ -747,10 +767,23 @@ pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest
         "+",
     ]))?;
     progress.step(4, STEPS, "file systems: ext4 root (mke2fs -d), FAT32 ESP (mcopy)");
+    if !mke2fs_clamps_times() {
+        eprintln!(
+            "note: this mke2fs is older than 1.47.1: the image will not be bit-for-bit reproducible \
+             (install e2fsprogs from bookworm-backports)"
+        );
+    }
     let used = dir_size(&root)?;
     let root_mib = used * 13 / 10 / (1 << 20) + 256;
     let root_img = w.join("root.img");
+    // The file system's features are Muster's, not the building machine's mke2fs.conf: those
+    // of Debian bookworm's own ext4 defaults, which its kernel and e2fsck know (a newer
+    // mke2fs.conf adds orphan_file, whose in-use flag bookworm's e2fsck reads after a power
+    // loss as damage and forces a check and a reboot).
+    let conf = w.join("mke2fs.conf");
+    std::fs::write(&conf, MKE2FS_CONF).map_err(io("writing mke2fs.conf"))?;
     run(Command::new("mke2fs")
+        .env("MKE2FS_CONFIG", &conf)
         .env("E2FSPROGS_FAKE_TIME", EPOCH.to_string())
         .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
         .args(["-q", "-F", "-t", "ext4", "-L", "muster-root", "-U", "6d757374-6572-4f53-8000-0000000000ff"])
@@ -813,6 +846,8 @@ pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest
     run(Command::new("syslinux")
         .args(["--offset", "1048576", "--directory", "/syslinux", "--install"])
         .arg(&raw_tmp))?;
+    // syslinux and mcopy date some entries now: every entry gets the epoch instead.
+    date_fat_entries(&raw_tmp, 1 << 20)?;
     {
         let mbr = std::fs::read(gptmbr).map_err(io("reading gptmbr.bin"))?;
         let code =
@@ -855,6 +890,121 @@ pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest
     let json = serde_json::to_vec_pretty(&m).map_err(|e| Error::Input(format!("manifest: {e}")))?;
     crate::write_file(&manifest_path, &json)?;
     Ok(m)
+}
+
+/// Dates every file and directory of the FAT32 file system at `offset` of `raw` 2000-01-01
+/// 00:00 (creation, access and modification fields): syslinux's installer dates its files, and
+/// mcopy its directories, with the time of the build.
+fn date_fat_entries(raw: &Path, offset: u64) -> Result<(), Error> {
+    let bad = |what: &str| Error::Input(format!("the ESP written by syslinux: {what}"));
+    let mut f =
+        std::fs::OpenOptions::new().read(true).write(true).open(raw).map_err(io("opening the raw image"))?;
+    let read_at = |f: &mut std::fs::File, at: u64, n: usize| -> Result<Vec<u8>, Error> {
+        let mut b = vec![0u8; n];
+        f.seek(SeekFrom::Start(at)).map_err(io("seeking in the ESP"))?;
+        f.read_exact(&mut b).map_err(io("reading the ESP"))?;
+        Ok(b)
+    };
+    let bpb = read_at(&mut f, offset, 512)?;
+    let u16_at = |b: &[u8], o: usize| u64::from(u16::from_le_bytes([b[o], b[o + 1]]));
+    let u32_at = |b: &[u8], o: usize| u64::from(u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]));
+    let (bps, spc, rsvd, nfats, fatsz, root) = (
+        u16_at(&bpb, 11),
+        u64::from(bpb[13]),
+        u16_at(&bpb, 14),
+        u64::from(bpb[16]),
+        u32_at(&bpb, 36),
+        u32_at(&bpb, 44),
+    );
+    if bps == 0 || spc == 0 || fatsz == 0 {
+        return Err(bad("not FAT32"));
+    }
+    let data = offset + (rsvd + nfats * fatsz) * bps;
+    let cluster_bytes = spc * bps;
+    let fat_at = offset + rsvd * bps;
+    // The clusters of a chain, at most 64 (directories here are one or two).
+    let chain = |f: &mut std::fs::File, mut c: u64| -> Result<Vec<u64>, Error> {
+        let mut out = Vec::new();
+        while (2..0x0FFF_FFF8).contains(&c) && out.len() < 64 {
+            out.push(c);
+            let e = read_at(f, fat_at + 4 * c, 4)?;
+            c = u32_at(&e, 0) & 0x0FFF_FFFF;
+        }
+        Ok(out)
+    };
+    let entries = |f: &mut std::fs::File, clusters: &[u64]| -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let mut out = Vec::new();
+        for c in clusters {
+            let at = data + (c - 2) * cluster_bytes;
+            let b = read_at(f, at, usize::try_from(cluster_bytes).unwrap_or(0))?;
+            for (i, e) in b.chunks(32).enumerate() {
+                out.push((at + 32 * i as u64, e.to_vec()));
+            }
+        }
+        Ok(out)
+    };
+    // Every entry of every directory, from the root down (`.` and `..` included).
+    let date = 0x2821u16.to_le_bytes();
+    let mut dirs = vec![root];
+    let mut seen = 0;
+    let mut dated = 0;
+    while let Some(d) = dirs.pop() {
+        seen += 1;
+        if seen > 1024 {
+            return Err(bad("too many directories"));
+        }
+        let clusters = chain(&mut f, d)?;
+        for (at, mut e) in entries(&mut f, &clusters)? {
+            if e[0] == 0 {
+                break;
+            }
+            // A deleted entry (syslinux's installer leaves one) keeps only its mark.
+            if e[0] == 0xE5 {
+                let mut blank = [0u8; 32];
+                blank[0] = 0xE5;
+                f.seek(SeekFrom::Start(at)).map_err(io("seeking in the ESP"))?;
+                f.write_all(&blank).map_err(io("dating the ESP's files"))?;
+                continue;
+            }
+            // Long-name parts carry no dates.
+            if e[11] & 0x3F == 0x0F {
+                continue;
+            }
+            if e[11] & 0x10 != 0 && e[0] != b'.' {
+                dirs.push((u16_at(&e, 20) << 16) | u16_at(&e, 26));
+            }
+            e[13] = 0;
+            e[14..16].copy_from_slice(&[0, 0]);
+            e[16..18].copy_from_slice(&date);
+            e[18..20].copy_from_slice(&date);
+            e[22..24].copy_from_slice(&[0, 0]);
+            e[24..26].copy_from_slice(&date);
+            f.seek(SeekFrom::Start(at)).map_err(io("seeking in the ESP"))?;
+            f.write_all(&e).map_err(io("dating the ESP's files"))?;
+            if &e[..11] == b"LDLINUX SYS" || &e[..11] == b"LDLINUX C32" {
+                dated += 1;
+            }
+        }
+    }
+    if dated != 2 {
+        return Err(bad(&format!("found {dated} of ldlinux.sys and ldlinux.c32")));
+    }
+    f.sync_all().map_err(io("syncing the raw image"))
+}
+
+/// Whether `mke2fs` is e2fsprogs 1.47.1 or later (SOURCE_DATE_EPOCH clamps inode times).
+fn mke2fs_clamps_times() -> bool {
+    let out = Command::new("mke2fs").arg("-V").output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+    // "mke2fs 1.47.2 (1-Jan-2025)"
+    let v: Vec<u32> = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    v >= vec![1, 47, 1]
 }
 
 /// Bytes of every regular file under `dir` (not following links).

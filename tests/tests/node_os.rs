@@ -257,3 +257,36 @@ fn network_boot_install_to_disk_boot_from_it_as_the_same_machine_then_reset() {
     assert_ne!(again["id"], id.as_str());
     assert_eq!(ctl.machines().unwrap().len(), 1, "the reset machine's record is gone");
 }
+
+/// The same inputs (package versions, the agent's package) give the same image, bit for bit:
+/// a second build from the same cached root file system into another directory.
+#[test]
+fn the_same_inputs_give_the_same_image() {
+    let image = os_image().unwrap();
+    let root = muster_tests::bin_dir().join("muster-e2e");
+    let deb = std::fs::read_dir(root.join("debian"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("muster-agent_")))
+        .unwrap();
+    let tmp = Keep::new();
+    let again = tmp.path().join("os");
+    // Under the same lock as os_image(): the cache is shared.
+    let out = std::process::Command::new("flock")
+        .arg(root.join("os.lock"))
+        .arg(muster_tests::bin("muster").unwrap())
+        .args(["image", "os", "--quiet", "--agent-deb"])
+        .arg(&deb)
+        .arg("--cache")
+        .arg(root.join("cache"))
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "muster image os: {}", String::from_utf8_lossy(&out.stderr));
+    let first = std::fs::read_to_string(image.join("SHA256SUMS")).unwrap();
+    let second = std::fs::read_to_string(again.join("SHA256SUMS")).unwrap();
+    assert_eq!(first, second, "two builds from the same inputs differ");
+    assert_eq!(first.lines().count(), 3, "{first}");
+}
