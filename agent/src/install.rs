@@ -605,27 +605,49 @@ impl Installer {
     /// Starts an install (unless one runs). After `installed` is on its way, waits until the
     /// controller has acknowledged two heartbeats sent after it (it handles a stream's
     /// messages in order, so it has recorded the install), then reboots.
+    /// Runs `job` on a thread of its own unless this agent does not own its node (refused,
+    /// reported as failed for `image`) or another install or reset runs.
+    fn spawn(
+        &self,
+        image: &str,
+        what: &str,
+        status: tokio::sync::watch::Receiver<crate::AgentStatus>,
+        job: impl FnOnce(Job) + Send + 'static,
+    ) {
+        let Some(disks) = self.disks.clone() else {
+            return self.refuse(
+                image,
+                format!("this agent does not own its node (--no-apply-config): it {what} nothing"),
+            );
+        };
+        if self.busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!(image, "an install or reset is already running");
+            return;
+        }
+        let busy = Busy(self.busy.clone());
+        let job_ = Job {
+            disks,
+            tx: self.tx.clone(),
+            last: self.last.clone(),
+            forgotten: self.forgotten.clone(),
+            status,
+        };
+        std::thread::spawn(move || {
+            let _busy = busy;
+            job(job_);
+        });
+    }
+
+    /// Starts an install. After `installed` is on its way, waits until the controller has
+    /// acknowledged it (see [`Job::finish`]), then reboots.
     pub(crate) fn start_install(
         &self,
         req: muster_proto::pb::Install,
         identity: Identity,
         status: tokio::sync::watch::Receiver<crate::AgentStatus>,
     ) {
-        let Some(disks) = self.disks.clone() else {
-            return self.refuse(
-                &req.image,
-                "this agent does not own its node (--no-apply-config): it installs nothing".into(),
-            );
-        };
-        if self.busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            tracing::info!(image = %req.image, "an install or reset is already running");
-            return;
-        }
-        let (tx, busy, last, forgotten) =
-            (self.tx.clone(), self.busy.clone(), self.last.clone(), self.forgotten.clone());
-        std::thread::spawn(move || {
-            let _busy = Busy(busy);
-            let image = req.image.clone();
+        let image = req.image.clone();
+        self.spawn(&req.image, "installs", status, move |job| {
             let r = Request {
                 url: req.url,
                 size: req.size,
@@ -635,11 +657,11 @@ impl Installer {
                 disk: req.disk,
             };
             tracing::info!(image = %image, disk = %r.disk, url = %r.url, "installing {image} to disk {}", r.disk);
-            let result = pick_disk(&disks, &r.disk, r.raw_size).and_then(|name| {
-                install(&disks, &name, &r, &identity, |phase| {
+            let result = pick_disk(&job.disks, &r.disk, r.raw_size).and_then(|name| {
+                install(&job.disks, &name, &r, &identity, |phase| {
                     tracing::info!(phase, disk = %name, "install: {phase} /dev/{name}");
                     if phase == "writing" {
-                        let _ = tx.send(muster_proto::pb::InstallStatus {
+                        job.report(muster_proto::pb::InstallStatus {
                             image: image.clone(),
                             phase: phase.into(),
                             disk: format!("/dev/{name}"),
@@ -658,7 +680,7 @@ impl Installer {
                         "installed to {}; rebooting from it",
                         done.device
                     );
-                    let report = muster_proto::pb::InstallStatus {
+                    job.finish(muster_proto::pb::InstallStatus {
                         image,
                         phase: "installed".into(),
                         disk: done.device,
@@ -666,16 +688,11 @@ impl Installer {
                         write_ms: done.timings.write_ms,
                         verify_ms: done.timings.verify_ms,
                         ..Default::default()
-                    };
-                    if let Ok(mut l) = last.lock() {
-                        *l = Some(report.clone());
-                    }
-                    let _ = tx.send(report);
-                    reboot_after_ack(&disks, status, &forgotten);
+                    });
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "install failed: {e}");
-                    let _ = tx.send(muster_proto::pb::InstallStatus {
+                    job.report(muster_proto::pb::InstallStatus {
                         image,
                         phase: "failed".into(),
                         error: e,
@@ -693,39 +710,22 @@ impl Installer {
         state: StateDir,
         status: tokio::sync::watch::Receiver<crate::AgentStatus>,
     ) {
-        let Some(disks) = self.disks.clone() else {
-            return self.refuse(
-                "",
-                "this agent does not own its node (--no-apply-config): it resets nothing".into(),
-            );
-        };
-        if self.busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        let (tx, busy, last, forgotten) =
-            (self.tx.clone(), self.busy.clone(), self.last.clone(), self.forgotten.clone());
-        std::thread::spawn(move || {
-            let _busy = Busy(busy);
+        self.spawn("", "resets", status, move |job| {
             tracing::info!(disk = %req.disk, wipe = req.wipe, "resetting {} (wipe: {})", req.disk, req.wipe);
-            match reset(&disks, &req.disk, req.wipe) {
+            match reset(&job.disks, &req.disk, req.wipe) {
                 Ok(()) => {
                     if let Err(e) = state.wipe() {
                         tracing::warn!(error = %e, "could not clear the state dir");
                     }
-                    let report = muster_proto::pb::InstallStatus {
+                    job.finish(muster_proto::pb::InstallStatus {
                         phase: "reset".into(),
                         disk: req.disk,
                         ..Default::default()
-                    };
-                    if let Ok(mut l) = last.lock() {
-                        *l = Some(report.clone());
-                    }
-                    let _ = tx.send(report);
-                    reboot_after_ack(&disks, status, &forgotten);
+                    });
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reset failed: {e}");
-                    let _ = tx.send(muster_proto::pb::InstallStatus {
+                    job.report(muster_proto::pb::InstallStatus {
                         phase: "failed".into(),
                         disk: req.disk,
                         error: format!("reset: {e}"),
@@ -734,6 +734,32 @@ impl Installer {
                 }
             }
         });
+    }
+}
+
+/// What an install's or reset's thread works and reports with.
+struct Job {
+    disks: LinuxDisks,
+    tx: tokio::sync::mpsc::UnboundedSender<muster_proto::pb::InstallStatus>,
+    last: std::sync::Arc<std::sync::Mutex<Option<muster_proto::pb::InstallStatus>>>,
+    forgotten: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    status: tokio::sync::watch::Receiver<crate::AgentStatus>,
+}
+
+impl Job {
+    /// A progress or failure report.
+    fn report(&self, st: muster_proto::pb::InstallStatus) {
+        let _ = self.tx.send(st);
+    }
+
+    /// The job's last word: kept to be sent again on a new stream, then the node reboots once
+    /// the controller has it (see [`reboot_after_ack`]).
+    fn finish(self, st: muster_proto::pb::InstallStatus) {
+        if let Ok(mut l) = self.last.lock() {
+            *l = Some(st.clone());
+        }
+        self.report(st);
+        reboot_after_ack(&self.disks, self.status, &self.forgotten);
     }
 }
 

@@ -75,28 +75,32 @@ fn main() -> ExitCode {
     if let Some(file) = &flags.apply_once {
         return apply_once(file, &flags.root, flags.report_only);
     }
-    // A system installed to disk by Muster: the identity its installer left comes first (it
-    // writes the controller's settings to the env file read below).
+    let mut sources = Sources::read(&flags);
+    // A system installed to disk by Muster: the identity its installer left goes into the state
+    // dir (the one its settings name) and the controller's settings into the env file, which
+    // is read again then.
     if !flags.only_flags && !flags.no_apply_config {
-        let state = muster_agent::identity::StateDir::new(
-            flags.state_dir.clone().unwrap_or_else(|| muster_agent::settings::DEFAULT_STATE_DIR.into()),
-        );
+        let state_dir = match (&flags.state_dir, sources.get("state_dir")) {
+            (Some(d), _) => d.clone(),
+            (None, Ok(Some((d, _)))) => d.into(),
+            (None, _) => muster_agent::settings::DEFAULT_STATE_DIR.into(),
+        };
         let root = muster_agent::install::root_device().unwrap_or_default();
         match muster_agent::install::import_identity(
             std::path::Path::new("/sys/class/block"),
             std::path::Path::new("/dev"),
             &root,
-            &state,
+            &muster_agent::identity::StateDir::new(state_dir),
             &flags.env_file,
         ) {
             Ok(Some(id)) => {
-                tracing::info!(machine = %id, "took the identity this system's installer left: machine {id}")
+                tracing::info!(machine = %id, "took the identity this system's installer left: machine {id}");
+                sources = Sources::read(&flags);
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "could not take the installer's identity: {e}"),
         }
     }
-    let sources = Sources::read(&flags);
     for (key, origin) in sources.origins() {
         // The message repeats the fields: the journal shows a message without its fields.
         tracing::info!(setting = key, from = %origin, "setting found: {key} from {origin}");

@@ -84,8 +84,24 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 
 /// Runs a command; its stdout, or an error with its stderr.
 fn run(cmd: &mut Command) -> Result<Vec<u8>, Error> {
+    run_input(cmd, None)
+}
+
+/// [`run`], with `input` on the command's standard input (else none).
+fn run_input(cmd: &mut Command, input: Option<&[u8]>) -> Result<Vec<u8>, Error> {
+    use std::process::Stdio;
     let desc = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|e| Error::Command { cmd: desc.clone(), detail: e.to_string() })?;
+    let stdin = if input.is_some() { Stdio::piped() } else { Stdio::null() };
+    let mut child = cmd
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Command { cmd: desc.clone(), detail: e.to_string() })?;
+    if let (Some(data), Some(mut i)) = (input, child.stdin.take()) {
+        i.write_all(data).map_err(io(format!("writing to {desc}")))?;
+    }
+    let out = child.wait_with_output().map_err(io(format!("waiting for {desc}")))?;
     if !out.status.success() {
         return Err(Error::Command {
             cmd: desc,

@@ -28,12 +28,11 @@
 use std::collections::BTreeMap;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use ring::digest;
 use serde::{Deserialize, Serialize};
 
-use crate::{io, run, Error, FileInfo, Progress, EPOCH};
+use crate::{io, run, run_input, Error, FileInfo, Progress, EPOCH};
 
 /// Bump when the image's layout or node files change in a way inputs do not show.
 const FORMAT: u32 = 2;
@@ -126,25 +125,10 @@ pub struct OsManifest {
     pub files: Vec<FileInfo>,
 }
 
-fn hex_digest(data: &[u8]) -> String {
-    hex::encode(digest::digest(&digest::SHA256, data))
-}
-
 /// SHA-256 and size of a file, read in 1 MiB chunks.
 pub fn file_digest(path: &Path) -> Result<(u64, String), Error> {
-    let mut f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf).map_err(io(format!("reading {}", path.display())))?;
-        if k == 0 {
-            break;
-        }
-        ctx.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((n, hex::encode(ctx.finish())))
+    let f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    muster_machinery::install::sha256_of(f).map_err(io(format!("reading {}", path.display())))
 }
 
 /// The release this machine runs (`VERSION_CODENAME` of /etc/os-release).
@@ -332,7 +316,7 @@ fn rootfs(
 ) -> Result<(PathBuf, String), Error> {
     let dir = o.cache.join("os");
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-    let key = hex_digest(
+    let key = crate::sha256(
         format!("{FORMAT}\n{suite}\n{}\n{ESSENTIAL_HOOK}\n{sources}\n{deb_sha}\n", PACKAGES.join(","))
             .as_bytes(),
     );
@@ -588,27 +572,6 @@ fn copy_into(src: &Path, dst: &mut std::fs::File, offset: u64) -> Result<(), Err
     Ok(())
 }
 
-fn run_stdin(cmd: &mut Command, input: &str) -> Result<(), Error> {
-    let desc = format!("{cmd:?}").replace('"', "");
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::Command { cmd: desc.clone(), detail: e.to_string() })?;
-    if let Some(mut i) = child.stdin.take() {
-        i.write_all(input.as_bytes()).map_err(io(format!("writing to {desc}")))?;
-    }
-    let out = child.wait_with_output().map_err(io(format!("waiting for {desc}")))?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            cmd: desc,
-            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
-        });
-    }
-    Ok(())
-}
-
 /// Builds (or, when its inputs are unchanged, keeps) the node OS image in `o.out`.
 pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest, Error> {
     need_root()?;
@@ -658,7 +621,7 @@ pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest
     let (tar, key) = rootfs(o, &suite, &sources, &deb_sha, progress)?;
     let (_, rootfs_sha) = file_digest(&tar)?;
     let files_text: String = files.iter().map(|(p, m, t)| format!("{p} {m:o}\n{t}\n")).collect();
-    let inputs = hex_digest(
+    let inputs = crate::sha256(
         format!(
             "{FORMAT}\n{key}\n{rootfs_sha}\n{files_text}\n{GROWROOT}{KERNEL_HOOK}{MKE2FS_CONF}{}\n",
             cmdline()
@@ -831,9 +794,9 @@ pub fn build_os(o: &OsOptions, progress: &mut dyn Progress) -> Result<OsManifest
         layout::ROOT_GUID,
         layout::ROOT_NAME,
     );
-    run_stdin(
+    run_input(
         Command::new("sfdisk").args(["--quiet", "--no-reread", "--no-tell-kernel"]).arg(&raw_tmp),
-        &sfdisk,
+        Some(sfdisk.as_bytes()),
     )?;
     {
         let mut f =

@@ -252,6 +252,23 @@ pub fn parse_gpt(head: &[u8]) -> Option<(String, Vec<GptPartition>)> {
     Some((disk_guid, parts))
 }
 
+/// Size and SHA-256 (hex) of everything `r` yields: how images and their downloads are named
+/// (`muster image os`'s SHA256SUMS, the controller's image records).
+pub fn sha256_of(mut r: impl std::io::Read) -> std::io::Result<(u64, String)> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        ctx.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((n, hex::encode(ctx.finish())))
+}
+
 /// The start of the identity partition's content.
 pub const IDENTITY_MAGIC: &[u8] = b"MUSTER-IDENTITY-1\n";
 

@@ -87,44 +87,61 @@ pub fn controller_with(
 pub fn os_image() -> Result<PathBuf> {
     let root = crate::bin_dir().join("muster-e2e");
     std::fs::create_dir_all(&root)?;
-    let lock = std::fs::File::create(root.join("os.lock"))?;
-    let debs = root.join("debian");
+    let lock = root.join("os.lock");
+    let deb = agent_deb(&root.join("debian"), Some(&lock))?;
+    let out = root.join("os");
+    build_os(&deb, &root.join("cache"), &out, Some(&lock))?;
+    Ok(out)
+}
+
+/// `muster` run under `flock LOCK` when a lock is given (builds shared by parallel tests).
+fn muster(lock: Option<&Path>) -> Result<Command> {
     let muster = bin("muster")?;
-    let status = Command::new("flock")
-        .arg(root.join("os.lock"))
-        .arg(&muster)
+    Ok(match lock {
+        Some(l) => {
+            let mut c = Command::new("flock");
+            c.arg(l).arg(muster);
+            c
+        }
+        None => Command::new(muster),
+    })
+}
+
+/// Builds the agent under test's Debian package into `dir`; its path.
+pub fn agent_deb(dir: &Path, lock: Option<&Path>) -> Result<PathBuf> {
+    let status = muster(lock)?
         .args(["image", "deb", "--agent"])
         .arg(crate::agent_bin()?)
         .arg("--out")
-        .arg(&debs)
+        .arg(dir)
         .stdout(std::process::Stdio::null())
         .status()
         .context("building the agent's .deb")?;
     if !status.success() {
         bail!("muster image deb failed ({status})");
     }
-    let deb = std::fs::read_dir(&debs)?
+    std::fs::read_dir(dir)?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("muster-agent_")))
-        .context("no muster-agent_*.deb was built")?;
-    let out = root.join("os");
-    let status = Command::new("flock")
-        .arg(root.join("os.lock"))
-        .arg(&muster)
+        .context("no muster-agent_*.deb was built")
+}
+
+/// `muster image os --quiet` from `deb`, with its root file system cached in `cache`.
+pub fn build_os(deb: &Path, cache: &Path, out: &Path, lock: Option<&Path>) -> Result<()> {
+    let status = muster(lock)?
         .args(["image", "os", "--quiet", "--agent-deb"])
-        .arg(&deb)
+        .arg(deb)
         .arg("--cache")
-        .arg(root.join("cache"))
+        .arg(cache)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .status()
         .context("building the node OS image")?;
-    drop(lock);
     if !status.success() {
         bail!("muster image os failed ({status})");
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A copy-on-write clone of a qcow2 image of `size` (a hypervisor's "clone from template").

@@ -10,7 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use muster_tests::e2e::{
-    clone_disk, controller_with, os_image, strip_ansi, user_net, wait_machine, Keep, BOOT_TIMEOUT, GUEST_GRPC,
+    agent_deb, build_os, clone_disk, controller_with, os_image, strip_ansi, user_net, wait_machine, Keep,
+    BOOT_TIMEOUT, GUEST_GRPC,
 };
 use muster_tests::vm::{mac, Boot, Vm, VmSpec, GUEST_FWD_ADDR, OVMF_VARS};
 use muster_tests::wait_for;
@@ -264,27 +265,12 @@ fn network_boot_install_to_disk_boot_from_it_as_the_same_machine_then_reset() {
 fn the_same_inputs_give_the_same_image() {
     let image = os_image().unwrap();
     let root = muster_tests::bin_dir().join("muster-e2e");
-    let deb = std::fs::read_dir(root.join("debian"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("muster-agent_")))
-        .unwrap();
+    let lock = root.join("os.lock");
+    // The same package os_image() built from, and its cache (under its lock).
+    let deb = agent_deb(&root.join("debian"), Some(&lock)).unwrap();
     let tmp = Keep::new();
     let again = tmp.path().join("os");
-    // Under the same lock as os_image(): the cache is shared.
-    let out = std::process::Command::new("flock")
-        .arg(root.join("os.lock"))
-        .arg(muster_tests::bin("muster").unwrap())
-        .args(["image", "os", "--quiet", "--agent-deb"])
-        .arg(&deb)
-        .arg("--cache")
-        .arg(root.join("cache"))
-        .arg("--out")
-        .arg(&again)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "muster image os: {}", String::from_utf8_lossy(&out.stderr));
+    build_os(&deb, &root.join("cache"), &again, Some(&lock)).unwrap();
     let first = std::fs::read_to_string(image.join("SHA256SUMS")).unwrap();
     let second = std::fs::read_to_string(again.join("SHA256SUMS")).unwrap();
     assert_eq!(first, second, "two builds from the same inputs differ");

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use muster_machinery::install::{check_fits, DiskInfo, DiskSelector};
 use muster_machinery::model::MachineId;
 use muster_proto::pb;
-use ring::digest;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
@@ -130,19 +129,8 @@ pub fn add_image(dir: &Path, file: &Path, name: &str, now_ms: i64) -> Result<Ima
     Ok(meta)
 }
 
-fn digest_of(mut r: impl std::io::Read, path: &Path) -> Result<(u64, String), ImageError> {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = r.read(&mut buf).map_err(io_err(path))?;
-        if k == 0 {
-            break;
-        }
-        ctx.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((n, hex::encode(ctx.finish())))
+fn digest_of(r: impl std::io::Read, path: &Path) -> Result<(u64, String), ImageError> {
+    muster_machinery::install::sha256_of(r).map_err(io_err(path))
 }
 
 /// The images in `dir`, by name.
@@ -311,7 +299,7 @@ impl Controller {
         match m.install.state {
             InstallState::Requested | InstallState::Writing if m.approved && !m.revoked => {
                 let images = self.inner.images.get()?;
-                let img = list_images(&images.dir).ok()?.into_iter().find(|i| i.name == m.install.image)?;
+                let img = self.image(&m.install.image).ok()?;
                 Some(pb::ControllerMessage {
                     msg: Some(Msg::Install(pb::Install {
                         image: img.name.clone(),
@@ -420,6 +408,7 @@ impl Controller {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use ring::digest;
 
     #[test]
     fn images_are_added_with_both_digests_and_listed() {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use muster_tests::e2e::{
-    clone_disk, controller_with, pxe_bundle, user_net, wait_machine, GUEST_GRPC, GUEST_HTTP,
+    agent_deb, build_os, clone_disk, controller_with, pxe_bundle, user_net, wait_machine, GUEST_GRPC,
+    GUEST_HTTP,
 };
 use muster_tests::vm::{mac, Boot, Vm, VmSpec, GUEST_FWD_ADDR, OVMF_VARS};
 use muster_tests::{bin, wait_for};
@@ -31,17 +32,7 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn build(out: &Path, cache: &Path, deb: &Path) -> Result<f64> {
     let t = Instant::now();
-    let st = Command::new(bin("muster")?)
-        .args(["image", "os", "--quiet", "--agent-deb"])
-        .arg(deb)
-        .arg("--cache")
-        .arg(cache)
-        .arg("--out")
-        .arg(out)
-        .status()?;
-    if !st.success() {
-        bail!("muster image os failed");
-    }
+    build_os(deb, cache, out, None)?;
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -61,22 +52,7 @@ fn main() -> Result<()> {
         Some(i) => PathBuf::from(args.get(i + 1).context("--cache DIR")?),
         None => tmp.path().join("cache"),
     };
-    let debs = tmp.path().join("debian");
-    let st = Command::new(bin("muster")?)
-        .args(["image", "deb", "--agent"])
-        .arg(muster_tests::agent_bin()?)
-        .arg("--out")
-        .arg(&debs)
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("muster image deb failed");
-    }
-    let deb = std::fs::read_dir(&debs)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("muster-agent_")))
-        .context("no agent .deb")?;
+    let deb = agent_deb(&tmp.path().join("debian"), None)?;
     let out = tmp.path().join("os");
     let cold = build(&out, &cache, &deb)?;
     std::fs::remove_dir_all(&out)?;
