@@ -503,20 +503,18 @@ pub fn import_identity(
     // The controller's settings go into the env file unless it names them (an image may have
     // baked some settings, e.g. only a boot token).
     let existing = std::fs::read_to_string(env_file).unwrap_or_default();
-    let has = |key: &str| {
-        existing.lines().any(|l| l.trim_start().trim_start_matches("export ").starts_with(&format!("{key}=")))
-    };
+    let has = |key: &str| crate::settings::env_file_sets(env_file, key);
     let mut text = existing.clone();
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    if !has("MUSTER_CONTROLLER") {
+    if !has("controller") {
         text.push_str(&format!(
             "# From the identity this system's installer left.\nMUSTER_CONTROLLER={}\n",
             id.controller
         ));
     }
-    if !id.ca_hash.is_empty() && !has("MUSTER_CA_HASH") {
+    if !id.ca_hash.is_empty() && !has("ca_hash") {
         text.push_str(&format!("MUSTER_CA_HASH={}\n", id.ca_hash));
     }
     if text != existing {
@@ -964,12 +962,14 @@ mod tests {
         assert_eq!(import_identity(&class, &devs, "9:9", &state, &env).unwrap(), None);
         // An image that baked only a boot token: the controller's lines are added.
         std::fs::create_dir_all(env.parent().unwrap()).unwrap();
-        std::fs::write(&env, "MUSTER_TOKEN=t").unwrap();
+        // (An empty value is no value, as the agent reads it: the controller's line is added.)
+        std::fs::write(&env, "MUSTER_TOKEN=t\nMUSTER_CONTROLLER=").unwrap();
         let got = import_identity(&class, &devs, "254:3", &state, &env).unwrap();
         assert_eq!(got.as_deref(), Some("0123456789abcdef"));
         assert_eq!(state.load_key().unwrap().as_deref(), Some(identity().key_pem.as_str()));
         let text = std::fs::read_to_string(&env).unwrap();
-        assert!(text.starts_with("MUSTER_TOKEN=t\n"), "{text}");
+        assert!(text.starts_with("MUSTER_TOKEN=t\nMUSTER_CONTROLLER=\n"), "{text}");
+        assert!(crate::settings::env_file_sets(&env, "controller"), "{text}");
         assert!(
             text.contains("\nMUSTER_CONTROLLER=https://10.0.2.100:7443\nMUSTER_CA_HASH=sha256:00\n"),
             "{text}"

@@ -321,6 +321,12 @@ fn read_fw_cfg(dir: &std::path::Path) -> BTreeMap<&'static str, Entry> {
     m
 }
 
+/// Whether the env file at `path` gives `key` (`controller`, `ca_hash`, …) a value, as the
+/// agent reads it (an empty value is none; a file that does not parse gives nothing).
+pub fn env_file_sets(path: &std::path::Path, key: &str) -> bool {
+    matches!(read_env_file(path).get(key), Some(Ok(_)))
+}
+
 fn read_env_file(path: &std::path::Path) -> BTreeMap<&'static str, Entry> {
     let mut m = BTreeMap::new();
     let bad = |problem: String| {
